@@ -1,0 +1,272 @@
+//! `pginval check`: the configuration against the live database — wal_level, the
+//! rules' tables and columns, whether REPLICA IDENTITY sends what each rule needs,
+//! the publication and the slot. `run` performs the same checks before it streams.
+//!
+//! Reads the catalog only; never creates or alters anything.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use tokio_postgres::Client;
+
+use crate::config::{Config, Problem, write_problem};
+use crate::replication::catalog::{self, quote_ident, quote_table};
+use crate::replication::relation::ReplicaIdentity;
+use crate::rules::template::ImageSelector;
+
+/// What `check` found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Errors: `run` refuses to start while any is present.
+    pub problems: Vec<Problem>,
+    /// Facts worth knowing that do not stop `run`.
+    pub notes: Vec<String>,
+}
+
+/// `check` could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The database could not be reached or a catalog query failed.
+    #[error("cannot check the source database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+}
+
+impl CheckReport {
+    /// Writes the report, problems with their lines and fixes.
+    pub fn display<'a>(&'a self, config: &'a Config) -> impl fmt::Display + 'a {
+        struct Shown<'a>(&'a CheckReport, &'a Config);
+        impl fmt::Display for Shown<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                for note in &self.0.notes {
+                    writeln!(f, "  ok: {note}")?;
+                }
+                for p in &self.0.problems {
+                    write_problem(f, &self.1.path, p)?;
+                }
+                Ok(())
+            }
+        }
+        Shown(self, config)
+    }
+}
+
+/// Connects with the configuration's source settings and checks everything.
+pub async fn check(config: &Config) -> Result<CheckReport, CheckError> {
+    let client = catalog::connect(&config.source.pg).await?;
+    Ok(check_with(&client, config).await?)
+}
+
+/// Checks the configuration against the database behind `client`.
+pub async fn check_with(
+    client: &Client,
+    config: &Config,
+) -> Result<CheckReport, tokio_postgres::Error> {
+    let mut report = CheckReport::default();
+    let problems = &mut report.problems;
+
+    let wal_level = catalog::wal_level(client).await?;
+    if wal_level == "logical" {
+        report.notes.push("wal_level = logical".into());
+    } else {
+        problems.push(Problem::new(
+            None,
+            format!(
+                "the server runs with wal_level = {wal_level}; logical replication needs logical"
+            ),
+            Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into()),
+        ));
+    }
+    if !catalog::can_replicate(client).await? {
+        problems.push(Problem::new(
+            None,
+            "the configured role has neither REPLICATION nor SUPERUSER".to_string(),
+            Some("ALTER ROLE <the role in [source] url> WITH REPLICATION;".into()),
+        ));
+    }
+
+    let mut unpublishable = BTreeSet::new();
+    for rule in &config.rules.rules {
+        let line = Some(rule.line);
+        let qualified = quote_table(&rule.schema, &rule.table);
+        let Some(info) = catalog::table_info(client, &rule.schema, &rule.table).await? else {
+            problems.push(Problem::new(
+                line,
+                format!("{rule}: table {} does not exist", rule.qualified_table()),
+                Some("create the table, or fix `table` (write it as \"schema.table\" when it is not in public)".into()),
+            ));
+            continue;
+        };
+        for column in rule.columns() {
+            if !info.columns.iter().any(|c| c == column) {
+                problems.push(Problem::new(
+                    line,
+                    format!(
+                        "{rule}: column `{column}` does not exist in {}",
+                        rule.qualified_table()
+                    ),
+                    Some(format!("use one of: {}", info.columns.join(", "))),
+                ));
+            }
+        }
+        if !info.replicates_updates {
+            unpublishable.insert((rule.schema.clone(), rule.table.clone()));
+            let why = match info.replica_identity {
+                ReplicaIdentity::Nothing => "its REPLICA IDENTITY is NOTHING".to_string(),
+                ReplicaIdentity::Index => "its REPLICA IDENTITY index is gone".to_string(),
+                _ => "it has no primary key".to_string(),
+            };
+            problems.push(Problem::new(
+                line,
+                format!(
+                    "{rule}: PostgreSQL cannot replicate UPDATE and DELETE of {} because {why}; pginval will not publish it (publishing it would make the application's own UPDATE and DELETE fail)",
+                    rule.qualified_table()
+                ),
+                Some(format!(
+                    "ALTER TABLE {qualified} ADD PRIMARY KEY (<key columns>);\nor: ALTER TABLE {qualified} REPLICA IDENTITY FULL;\nor: ALTER TABLE {qualified} REPLICA IDENTITY USING INDEX <unique index>;"
+                )),
+            ));
+            continue;
+        }
+        if info.replica_identity != ReplicaIdentity::Full {
+            // `{col}` and `{old.col}` need the old value of `col` on UPDATE and DELETE;
+            // Postgres sends old values only for the identity columns.
+            let missing: BTreeSet<&str> = rule
+                .templates()
+                .flat_map(|t| t.columns())
+                .filter(|(image, _)| *image != ImageSelector::New)
+                .map(|(_, c)| c)
+                .filter(|c| info.columns.iter().any(|x| x == c))
+                .filter(|c| !info.identity_columns.iter().any(|x| x == c))
+                .collect();
+            if !missing.is_empty() {
+                problems.push(Problem::new(
+                    line,
+                    format!(
+                        "{rule}: templates read {} but REPLICA IDENTITY {} of {} sends only ({}) in old rows, so an UPDATE that changes {} or a DELETE could not invalidate the old key",
+                        join_ticked(&missing),
+                        info.replica_identity,
+                        rule.qualified_table(),
+                        info.identity_columns.join(", "),
+                        if missing.len() == 1 { "it" } else { "them" },
+                    ),
+                    Some(format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL;")),
+                ));
+                continue;
+            }
+        }
+        report.notes.push(format!(
+            "{rule}: table found, REPLICA IDENTITY {} covers every template",
+            info.replica_identity
+        ));
+    }
+
+    let pub_name = &config.source.publication;
+    match catalog::publication(client, pub_name).await? {
+        None => report.notes.push(format!(
+            "publication {pub_name} does not exist yet; run creates it for the rules' tables"
+        )),
+        Some(publ) => {
+            let missing: Vec<String> = config
+                .rules
+                .tables()
+                .into_iter()
+                .filter(|t| !unpublishable.contains(t))
+                .filter(|t| !publ.all_tables && !publ.tables.contains(t))
+                .map(|(s, t)| quote_table(&s, &t))
+                .collect();
+            if !missing.is_empty() {
+                problems.push(Problem::new(
+                    None,
+                    format!(
+                        "publication {pub_name} does not include {}: their changes would never reach pginval",
+                        missing.join(", ")
+                    ),
+                    Some(format!(
+                        "ALTER PUBLICATION {} ADD TABLE {};",
+                        quote_ident(pub_name),
+                        missing.join(", ")
+                    )),
+                ));
+            }
+            let ops = [
+                ("insert", publ.insert),
+                ("update", publ.update),
+                ("delete", publ.delete),
+                ("truncate", publ.truncate),
+            ];
+            let off: Vec<&str> = ops.iter().filter(|(_, on)| !on).map(|(n, _)| *n).collect();
+            if !off.is_empty() {
+                problems.push(Problem::new(
+                    None,
+                    format!("publication {pub_name} does not publish {}", off.join(", ")),
+                    Some(format!(
+                        "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
+                        quote_ident(pub_name)
+                    )),
+                ));
+            }
+            if missing.is_empty() && off.is_empty() {
+                report
+                    .notes
+                    .push(format!("publication {pub_name} covers the rules' tables"));
+            }
+        }
+    }
+
+    let slot_name = &config.source.slot;
+    let database = catalog::current_database(client).await?;
+    match catalog::slot(client, slot_name).await? {
+        None => report.notes.push(format!(
+            "slot {slot_name} does not exist yet; run creates it (pgoutput)"
+        )),
+        Some(slot) => {
+            if slot.slot_type != "logical" || slot.plugin.as_deref() != Some("pgoutput") {
+                problems.push(Problem::new(
+                    None,
+                    format!(
+                        "slot {slot_name} is a {} slot with plugin {}; pginval needs a logical pgoutput slot",
+                        slot.slot_type,
+                        slot.plugin.as_deref().unwrap_or("none")
+                    ),
+                    Some(format!("choose another `slot` under [source], or drop it: SELECT pg_drop_replication_slot('{slot_name}');")),
+                ));
+            } else if slot.database.as_deref() != Some(database.as_str()) {
+                problems.push(Problem::new(
+                    None,
+                    format!(
+                        "slot {slot_name} belongs to database {}, not {database}",
+                        slot.database.as_deref().unwrap_or("?")
+                    ),
+                    Some("choose another `slot` name under [source]".into()),
+                ));
+            } else if slot.wal_status.as_deref() == Some("lost") {
+                problems.push(Problem::new(
+                    None,
+                    format!("slot {slot_name} is lost: the WAL it needed was removed"),
+                    Some(format!(
+                        "drop it (SELECT pg_drop_replication_slot('{slot_name}');) and flush the cache, since changes were missed"
+                    )),
+                ));
+            } else {
+                report.notes.push(format!(
+                    "slot {slot_name} exists (confirmed {}{})",
+                    slot.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                    if slot.active {
+                        ", in use by another process"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn join_ticked(items: &BTreeSet<&str>) -> String {
+    items
+        .iter()
+        .map(|c| format!("`{c}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,61 @@
+//! The command line: commands, global options and exit codes.
+//!
+//! Parsing only; what each command does lives in `main` and the library.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit code: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: a runtime failure (database or Redis unreachable, stream error).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code: bad configuration or usage.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Keeps Redis caches in step with PostgreSQL through logical replication.
+#[derive(Debug, Parser)]
+#[command(name = "pginval", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level or filter (e.g. `info`, `pginval=debug`); `RUST_LOG` is used when unset.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream changes and invalidate Redis until stopped (SIGINT/SIGTERM).
+    #[command(
+        after_help = "Example:\n  pginval run --config rules.toml\n  PGINVAL_SOURCE_URL=postgres://pginval:pw@db/app pginval run"
+    )]
+    Run(ConfigArg),
+    /// Validate the configuration and check it against the live database.
+    #[command(
+        after_help = "Exit codes: 0 ok, 2 configuration problems, 1 other failures.\n\nExample:\n  pginval check --config rules.toml"
+    )]
+    Check(ConfigArg),
+}
+
+/// The `--config` option shared by every command.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Path of the configuration file.
+    #[arg(long, short, env = "PGINVAL_CONFIG", default_value = "rules.toml")]
+    pub config: PathBuf,
+}

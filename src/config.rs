@@ -1,0 +1,567 @@
+//! Loading `rules.toml`: parsing with positions, environment overrides and offline
+//! validation that reports every problem at once, each with its line and a fix.
+//!
+//! Never connects anywhere: checks against the live database are in `check`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::rules::compile::{self, RuleSet};
+use crate::rules::model::RuleModel;
+
+/// Environment variable that overrides `[source] url`.
+pub const ENV_SOURCE_URL: &str = "PGINVAL_SOURCE_URL";
+/// Environment variable that overrides `[redis] url`.
+pub const ENV_REDIS_URL: &str = "PGINVAL_REDIS_URL";
+
+/// `[source]`: the PostgreSQL database to follow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// libpq-style DSN, URL (`postgres://user:pw@host:5432/db`) or key=value form.
+    /// `PGINVAL_SOURCE_URL` overrides it. Required (here or in the environment).
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    /// Logical replication slot; created with the pgoutput plugin when missing.
+    #[serde(default = "default_name")]
+    pub slot: Spanned<String>,
+    /// Publication; created `FOR TABLE` the rules' tables when missing.
+    #[serde(default = "default_name")]
+    pub publication: Spanned<String>,
+    /// How often a standby status update is sent even when nothing changes, in
+    /// seconds; keep it well below the server's `wal_sender_timeout` (60 s default).
+    #[serde(default = "default_status_interval")]
+    pub status_interval_secs: u64,
+}
+
+/// `[redis]`: where the cache lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db`; `PGINVAL_REDIS_URL` overrides it.
+    #[serde(default = "default_redis_url")]
+    pub url: Spanned<String>,
+}
+
+/// `[tags]`: how cache tags are stored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagsConfig {
+    /// Key of the Redis SET that holds a tag's cache keys; must contain `{tag}`.
+    #[serde(default = "default_tag_key")]
+    pub key: Spanned<String>,
+}
+
+fn default_name() -> Spanned<String> {
+    Spanned::new(0..0, "pginval".to_owned())
+}
+fn default_status_interval() -> u64 {
+    10
+}
+fn default_redis_url() -> Spanned<String> {
+    Spanned::new(0..0, "redis://127.0.0.1:6379/0".to_owned())
+}
+fn default_tag_key() -> Spanned<String> {
+    Spanned::new(0..0, "cache_tag:{tag}".to_owned())
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            url: None,
+            slot: default_name(),
+            publication: default_name(),
+            status_interval_secs: default_status_interval(),
+        }
+    }
+}
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: default_redis_url(),
+        }
+    }
+}
+impl Default for TagsConfig {
+    fn default() -> Self {
+        TagsConfig {
+            key: default_tag_key(),
+        }
+    }
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages).
+    pub path: PathBuf,
+    /// The source database.
+    pub source: Source,
+    /// The Redis server.
+    pub redis_url: String,
+    /// Tag-set key layout, containing `{tag}`.
+    pub tag_key: String,
+    /// The compiled rules.
+    pub rules: RuleSet,
+}
+
+/// The validated `[source]` section.
+#[derive(Clone)]
+pub struct Source {
+    /// Parsed connection settings (the password stays inside, never printed).
+    pub pg: tokio_postgres::Config,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Interval of unprompted standby status updates.
+    pub status_interval: Duration,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source")
+            .field("host", &self.pg.get_hosts())
+            .field("user", &self.pg.get_user())
+            .field("dbname", &self.pg.get_dbname())
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One problem found in a configuration, with where it is and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line in the file, when the problem has a place.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it.
+    pub fix: Option<String>,
+}
+
+impl Problem {
+    /// A problem at a line, with an optional fix.
+    pub fn new(line: Option<usize>, message: impl Into<String>, fix: Option<String>) -> Problem {
+        Problem {
+            line,
+            message: message.into(),
+            fix,
+        }
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// All problems, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "{} has {n} problem{}:",
+            self.path.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write_problem(f, &self.path, p)?;
+        }
+        Ok(())
+    }
+}
+
+/// Formats one problem as `file:line: message` plus an indented `fix:` line.
+pub fn write_problem(f: &mut impl fmt::Write, path: &Path, p: &Problem) -> fmt::Result {
+    match p.line {
+        Some(line) => writeln!(f, "  {}:{line}: {}", path.display(), p.message)?,
+        None => writeln!(f, "  {}: {}", path.display(), p.message)?,
+    }
+    if let Some(fix) = &p.fix {
+        for (i, l) in fix.lines().enumerate() {
+            let lead = if i == 0 { "fix: " } else { "     " };
+            writeln!(f, "      {lead}{l}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Maps byte offsets to 1-based line numbers.
+#[derive(Debug, Clone)]
+pub struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    /// Indexes `text`.
+    pub fn new(text: &str) -> LineIndex {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex { starts }
+    }
+
+    /// The line holding byte `offset`.
+    pub fn line(&self, offset: usize) -> usize {
+        self.starts.partition_point(|&s| s <= offset).max(1)
+    }
+
+    /// The line of a span, or `None` for a default value that has no place.
+    pub fn line_of(&self, span: &std::ops::Range<usize>) -> Option<usize> {
+        (span.end > 0).then(|| self.line(span.start))
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file has problems.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file, applying environment overrides.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Config::parse(path, &text, |name| std::env::var(name).ok())?)
+    }
+
+    /// Parses and validates configuration text; `env` supplies override variables.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let lines = LineIndex::new(text);
+        let mut problems = Vec::new();
+        let fail = |problems| ConfigError {
+            path: path.to_owned(),
+            problems,
+        };
+
+        let doc = match DeTable::parse(text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                let line = e.span().map(|s| lines.line(s.start));
+                return Err(fail(vec![Problem::new(
+                    line,
+                    format!("not valid TOML: {}", e.message()),
+                    Some("fix the TOML syntax at that line".into()),
+                )]));
+            }
+        };
+
+        let mut source = SourceConfig::default();
+        let mut redis = RedisConfig::default();
+        let mut tags = TagsConfig::default();
+        let mut rule_models = Vec::new();
+        for (key, value) in doc.get_ref() {
+            let line = lines.line_of(&key.span());
+            match key.get_ref().as_ref() {
+                "source" => section(value, &lines, &mut problems, "[source]", &mut source),
+                "redis" => section(value, &lines, &mut problems, "[redis]", &mut redis),
+                "tags" => section(value, &lines, &mut problems, "[tags]", &mut tags),
+                "rules" => match value.get_ref() {
+                    DeValue::Array(items) => {
+                        for (i, item) in items.iter().enumerate() {
+                            let rule_line = lines.line_of(&item.span()).unwrap_or(1);
+                            match RuleModel::deserialize(item.clone().into_deserializer()) {
+                                Ok(m) => rule_models.push((rule_line, m)),
+                                Err(e) => problems.push(Problem::new(
+                                    e.span().map(|s| lines.line(s.start)).or(Some(rule_line)),
+                                    format!("rule #{}: {}", i + 1, one_line(e.message())),
+                                    Some(RULE_FIELDS_HINT.into()),
+                                )),
+                            }
+                        }
+                    }
+                    other => problems.push(Problem::new(
+                        line,
+                        format!(
+                            "`rules` must be an array of tables, found {}",
+                            other.type_str()
+                        ),
+                        Some("write each rule as a [[rules]] table".into()),
+                    )),
+                },
+                other => problems.push(Problem::new(
+                    line,
+                    format!("unknown section `{other}`"),
+                    Some("the sections are [source], [redis], [tags] and [[rules]]".into()),
+                )),
+            }
+        }
+
+        // Environment overrides, then validation of the final values.
+        let url_line = source.url.as_ref().and_then(|u| lines.line_of(&u.span()));
+        let source_url =
+            env(ENV_SOURCE_URL).or_else(|| source.url.as_ref().map(|u| u.get_ref().clone()));
+        let pg = match source_url {
+            None => {
+                problems.push(Problem::new(
+                    None,
+                    "no source database: [source] url is missing",
+                    Some(format!(
+                        "add `url = \"postgres://user@host:5432/db\"` under [source], or set {ENV_SOURCE_URL}"
+                    )),
+                ));
+                None
+            }
+            Some(url) => {
+                match tokio_postgres::Config::from_str(&url) {
+                    Ok(pg) => Some(pg),
+                    Err(e) => {
+                        problems.push(Problem::new(
+                        url_line,
+                        format!("[source] url is not a valid PostgreSQL connection string: {e}"),
+                        Some("use postgres://user:password@host:5432/dbname or host=... dbname=...".into()),
+                    ));
+                        None
+                    }
+                }
+            }
+        };
+        for (what, name) in [("slot", &source.slot), ("publication", &source.publication)] {
+            if !valid_identifier(name.get_ref()) {
+                problems.push(Problem::new(
+                    lines.line_of(&name.span()),
+                    format!("[source] {what} `{}` is not a valid name", name.get_ref()),
+                    Some("use 1 to 63 lower-case letters, digits and underscores".into()),
+                ));
+            }
+        }
+        if source.status_interval_secs == 0 || source.status_interval_secs > 3600 {
+            problems.push(Problem::new(
+                None,
+                "[source] status_interval_secs must be between 1 and 3600",
+                Some("the default, 10, suits the default wal_sender_timeout of 60 s".into()),
+            ));
+        }
+
+        let redis_url = env(ENV_REDIS_URL).unwrap_or_else(|| redis.url.get_ref().clone());
+        if let Err(e) = redis::Client::open(redis_url.as_str()) {
+            problems.push(Problem::new(
+                lines.line_of(&redis.url.span()),
+                format!("[redis] url is not a valid Redis URL: {e}"),
+                Some("use redis://[user:password@]host:6379/0 or rediss:// for TLS".into()),
+            ));
+        }
+        if tags.key.get_ref().matches("{tag}").count() != 1 {
+            problems.push(Problem::new(
+                lines.line_of(&tags.key.span()),
+                format!(
+                    "[tags] key `{}` must contain `{{tag}}` exactly once",
+                    tags.key.get_ref()
+                ),
+                Some("for example key = \"cache_tag:{tag}\"".into()),
+            ));
+        }
+        if rule_models.is_empty() && !problems.iter().any(|p| p.message.starts_with("rule #")) {
+            problems.push(Problem::new(
+                None,
+                "no [[rules]]: nothing would ever be invalidated",
+                Some(
+                    "add a rule such as\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]"
+                        .into(),
+                ),
+            ));
+        }
+        let rules = compile::compile(rule_models, &lines, &mut problems);
+
+        problems.sort_by_key(|p| p.line.unwrap_or(0));
+        match (problems.is_empty(), pg) {
+            (true, Some(pg)) => Ok(Config {
+                path: path.to_owned(),
+                source: Source {
+                    pg,
+                    slot: source.slot.into_inner(),
+                    publication: source.publication.into_inner(),
+                    status_interval: Duration::from_secs(source.status_interval_secs),
+                },
+                redis_url,
+                tag_key: tags.key.into_inner(),
+                rules,
+            }),
+            _ => Err(fail(problems)),
+        }
+    }
+}
+
+const RULE_FIELDS_HINT: &str = "a rule has `table` (\"schema.table\"), `keys` and `tags` (lists of templates like \"user:{id}\")";
+
+/// Deserializes one `[section]`, recording a problem instead of failing.
+fn section<T: for<'de> Deserialize<'de>>(
+    value: &Spanned<DeValue<'_>>,
+    lines: &LineIndex,
+    problems: &mut Vec<Problem>,
+    name: &str,
+    out: &mut T,
+) {
+    match T::deserialize(value.clone().into_deserializer()) {
+        Ok(v) => *out = v,
+        Err(e) => problems.push(Problem::new(
+            e.span()
+                .map(|s| lines.line(s.start))
+                .or_else(|| lines.line_of(&value.span())),
+            format!("{name}: {}", one_line(e.message())),
+            Some(format!(
+                "see the configuration reference in README.md for {name}"
+            )),
+        )),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A Postgres name pginval creates: lower-case, digits, underscores, at most 63 bytes.
+fn valid_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit()
+}
+
+/// A connection string with any password replaced by `***`, safe to print.
+pub fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    url.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k == "password" => "password=***".to_owned(),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("rules.toml"), text, |_| None)
+    }
+
+    const GOOD: &str = r#"
+[source]
+url = "postgres://postgres@127.0.0.1:5432/app"
+
+[[rules]]
+table = "users"
+keys = ["user:{id}", "user_full:{id}"]
+tags = ["user:{id}"]
+
+[[rules]]
+table = "blog.posts"
+keys = ["post:{id}", "user_posts:{author_id}"]
+"#;
+
+    #[test]
+    fn a_good_file_loads_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.source.slot, "pginval");
+        assert_eq!(c.source.publication, "pginval");
+        assert_eq!(c.tag_key, "cache_tag:{tag}");
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379/0");
+        assert_eq!(c.rules.rules.len(), 2);
+        assert_eq!(c.rules.rules[1].schema, "blog");
+        assert_eq!(c.rules.rules[1].line, 10);
+    }
+
+    #[test]
+    fn environment_overrides_urls() {
+        let c = Config::parse(Path::new("r.toml"), GOOD, |k| match k {
+            ENV_SOURCE_URL => Some("postgres://u@db:5433/other".into()),
+            ENV_REDIS_URL => Some("redis://cache:6380/2".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.source.pg.get_dbname(), Some("other"));
+        assert_eq!(c.redis_url, "redis://cache:6380/2");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_line() {
+        let text = r#"
+[source]
+url = "postgres://postgres@127.0.0.1:5432/app"
+slot = "Bad-Slot"
+
+[tags]
+key = "no_placeholder"
+
+[[rules]]
+tabel = "users"
+
+[[rules]]
+table = "posts"
+keys = ["post:{id"]
+"#;
+        let err = parse(text).unwrap_err();
+        let lines: Vec<_> = err.problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![Some(4), Some(7), Some(10), Some(14)], "{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("rules.toml:10: rule #1: unknown field `tabel`"),
+            "{shown}"
+        );
+        assert!(shown.contains("unclosed '{'"), "{shown}");
+        assert!(shown.contains("fix: "), "{shown}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_the_line() {
+        let err = parse("[source]\nurl = \"x\n").unwrap_err();
+        assert_eq!(err.problems[0].line, Some(2));
+    }
+
+    #[test]
+    fn missing_source_url_and_rules_are_problems() {
+        let err = parse("").unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/d"),
+            "postgres://u:***@h:5432/d"
+        );
+        assert_eq!(
+            redact("host=h password=secret user=u"),
+            "host=h password=*** user=u"
+        );
+        assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
+    }
+}

@@ -1,0 +1,25 @@
+//! pginval keeps Redis caches in step with PostgreSQL: it follows the database through
+//! logical replication (pgoutput), turns every committed row change into an entity
+//! event, and applies the rules of `rules.toml` to delete keys and flush cache tags.
+//!
+//! # Layout
+//!
+//! The modules follow the data, in order:
+//!
+//! - [`config`]: `rules.toml`: parsing with line numbers, env overrides, validation.
+//! - [`replication`]: wire → domain: the replication connection ([`replication::conn`]),
+//!   its frames ([`replication::protocol`]), the pgoutput decoder
+//!   ([`replication::pgoutput`]), the relation cache, `RowEvent`, and catalog queries.
+//! - [`rules`]: domain → intent: templates, compiled rules, invalidation sets.
+//! - [`sink`]: intent → effect: Redis pipelines and tag flushes.
+//! - [`pipeline`]: wires the stages and owns the acknowledgement rule.
+//! - [`check`]: the configuration against the live database.
+//! - [`cli`]: the command line.
+
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod pipeline;
+pub mod replication;
+pub mod rules;
+pub mod sink;

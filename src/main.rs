@@ -1,0 +1,123 @@
+//! The `pginval` binary: parse the command line, load the configuration, set up
+//! logging, run the command, and map the outcome to an exit code.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use pginval::cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, LogFormat};
+use pginval::config::{Config, LoadError};
+use pginval::pipeline::{self, RunError};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    ExitCode::from(runtime.block_on(execute(cli)))
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = match &cli.log_level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, u8> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        match e {
+            LoadError::Read { .. } => EXIT_CONFIG,
+            LoadError::Invalid(_) => EXIT_CONFIG,
+        }
+    })
+}
+
+async fn execute(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Check(args) => {
+            let config = match load(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match pginval::check::check(&config).await {
+                Ok(report) => {
+                    print!("{}", report.display(&config));
+                    if report.problems.is_empty() {
+                        println!("{}: ok", config.path.display());
+                        EXIT_OK
+                    } else {
+                        println!(
+                            "{}: {} problem(s) found",
+                            config.path.display(),
+                            report.problems.len()
+                        );
+                        EXIT_CONFIG
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    EXIT_FAILURE
+                }
+            }
+        }
+        Command::Run(args) => {
+            let config = match load(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let path = config.path.clone();
+            match pipeline::run(config, shutdown_signal()).await {
+                Ok(()) => EXIT_OK,
+                Err(RunError::Check(report)) => {
+                    eprintln!(
+                        "pginval will not start: {} has problems with the database:",
+                        path.display()
+                    );
+                    for p in &report.problems {
+                        let mut s = String::new();
+                        let _ = pginval::config::write_problem(&mut s, &path, p);
+                        eprint!("{s}");
+                    }
+                    EXIT_CONFIG
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "pginval stopped");
+                    EXIT_FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}

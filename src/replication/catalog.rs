@@ -1,0 +1,274 @@
+//! Catalog queries and DDL on the ordinary control connection (tokio-postgres):
+//! server settings, tables and their replica identity, the publication and the slot.
+//!
+//! Never streams changes; that is `conn`. Every identifier it interpolates is quoted.
+
+use tokio_postgres::{Client, NoTls};
+
+use super::relation::ReplicaIdentity;
+
+/// A table as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// Table OID.
+    pub oid: u32,
+    /// Column names (not dropped, not system), in order.
+    pub columns: Vec<String>,
+    /// REPLICA IDENTITY.
+    pub replica_identity: ReplicaIdentity,
+    /// The columns Postgres sends in old images: the primary key for DEFAULT, the
+    /// index's columns for USING INDEX, all for FULL, none for NOTHING.
+    pub identity_columns: Vec<String>,
+    /// Whether the table has a primary key.
+    pub has_primary_key: bool,
+    /// Whether Postgres can publish UPDATE and DELETE for it.
+    pub replicates_updates: bool,
+}
+
+/// A publication.
+#[derive(Debug, Clone)]
+pub struct PublicationInfo {
+    /// `FOR ALL TABLES`.
+    pub all_tables: bool,
+    /// Published `(schema, table)` pairs.
+    pub tables: Vec<(String, String)>,
+    /// Which operations it publishes.
+    pub insert: bool,
+    /// Publishes UPDATE.
+    pub update: bool,
+    /// Publishes DELETE.
+    pub delete: bool,
+    /// Publishes TRUNCATE.
+    pub truncate: bool,
+}
+
+/// A replication slot.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    /// Output plugin (pgoutput for pginval's).
+    pub plugin: Option<String>,
+    /// `logical` or `physical`.
+    pub slot_type: String,
+    /// Database of a logical slot.
+    pub database: Option<String>,
+    /// Whether a process is streaming from it.
+    pub active: bool,
+    /// The position confirmed by its consumer.
+    pub confirmed_flush_lsn: Option<String>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+}
+
+/// Opens the control connection and drives it on a background task.
+pub async fn connect(pg: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let mut pg = pg.clone();
+    if pg.get_application_name().is_none() {
+        pg.application_name("pginval-control");
+    }
+    let (client, connection) = pg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "control connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `schema.table`, quoted.
+pub fn quote_table(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
+/// The server's `wal_level`.
+pub async fn wal_level(client: &Client) -> Result<String, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await?
+        .get(0))
+}
+
+/// The server's major version (15, 16, ...).
+pub async fn server_major(client: &Client) -> Result<u32, tokio_postgres::Error> {
+    let num: String = client
+        .query_one("SELECT current_setting('server_version_num')", &[])
+        .await?
+        .get(0);
+    Ok(num.parse::<u32>().unwrap_or(0) / 10000)
+}
+
+/// Whether the current role may start replication (REPLICATION or superuser).
+pub async fn can_replicate(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// A table's columns and replica identity, or `None` when it does not exist.
+pub async fn table_info(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Option<TableInfo>, tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, c.relkind::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &table],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = row.get(0);
+    let ident: String = row.get(1);
+    let columns: Vec<String> = client
+        .query(
+            "SELECT attname::text FROM pg_attribute
+              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let index_columns = |flag: &'static str| {
+        format!(
+            "SELECT a.attname::text FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+              WHERE i.indrelid = $1 AND i.{flag} ORDER BY a.attnum"
+        )
+    };
+    let pk: Vec<String> = client
+        .query(&index_columns("indisprimary"), &[&oid])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let replica_identity =
+        ReplicaIdentity::from_code(ident.as_bytes().first().copied().unwrap_or(b'd'))
+            .unwrap_or(ReplicaIdentity::Default);
+    let identity_columns = match replica_identity {
+        ReplicaIdentity::Default => pk.clone(),
+        ReplicaIdentity::Full => columns.clone(),
+        ReplicaIdentity::Nothing => Vec::new(),
+        ReplicaIdentity::Index => client
+            .query(&index_columns("indisreplident"), &[&oid])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+    };
+    let replicates_updates = !identity_columns.is_empty();
+    Ok(Some(TableInfo {
+        oid,
+        columns,
+        replica_identity,
+        identity_columns,
+        has_primary_key: !pk.is_empty(),
+        replicates_updates,
+    }))
+}
+
+/// A publication, or `None` when it does not exist.
+pub async fn publication(
+    client: &Client,
+    name: &str,
+) -> Result<Option<PublicationInfo>, tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate
+               FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let tables = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(Some(PublicationInfo {
+        all_tables: row.get(0),
+        insert: row.get(1),
+        update: row.get(2),
+        delete: row.get(3),
+        truncate: row.get(4),
+        tables,
+    }))
+}
+
+/// A replication slot, or `None` when it does not exist.
+pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT plugin::text, slot_type, database::text, active,
+                    confirmed_flush_lsn::text, wal_status
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?
+        .map(|r| SlotInfo {
+            plugin: r.get(0),
+            slot_type: r.get(1),
+            database: r.get(2),
+            active: r.get(3),
+            confirmed_flush_lsn: r.get(4),
+            wal_status: r.get(5),
+        }))
+}
+
+/// The current database's name.
+pub async fn current_database(client: &Client) -> Result<String, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0))
+}
+
+/// `CREATE PUBLICATION name FOR TABLE ...`.
+pub async fn create_publication(
+    client: &Client,
+    name: &str,
+    tables: &[(String, String)],
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&create_publication_sql(name, tables))
+        .await
+}
+
+/// The SQL that creates pginval's publication for `tables`.
+pub fn create_publication_sql(name: &str, tables: &[(String, String)]) -> String {
+    let list = tables
+        .iter()
+        .map(|(s, t)| quote_table(s, t))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("CREATE PUBLICATION {} FOR TABLE {list};", quote_ident(name))
+}
+
+/// Creates a logical slot with the pgoutput plugin.
+pub async fn create_slot(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&name],
+        )
+        .await
+        .map(drop)
+}

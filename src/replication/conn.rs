@@ -1,0 +1,458 @@
+//! The replication connection: startup with `replication=database`, authentication
+//! (trust, cleartext, MD5, SCRAM-SHA-256), `START_REPLICATION`, then CopyBoth.
+//!
+//! Owns the socket and the framing of backend messages; knows nothing of pgoutput.
+//! Reads in large chunks and hands out CopyData payloads as slices of the read buffer.
+//! It never sends CopyFail: a stream is ended with CopyDone.
+
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_postgres::config::{Host, SslMode};
+
+/// How much the read buffer grows by at least: big reads keep the walsender from
+/// being woken per message.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// An error on the replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// The socket failed or closed.
+    #[error("replication connection to {target}: {source}")]
+    Io {
+        /// Where to.
+        target: String,
+        /// The IO error.
+        source: io::Error,
+    },
+    /// The server answered with an error.
+    #[error("server error {code}: {message}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Server {
+        /// SQLSTATE.
+        code: String,
+        /// Primary message.
+        message: String,
+        /// Detail, when given.
+        detail: Option<String>,
+    },
+    /// The server asked for something pginval does not do.
+    #[error("replication connection: {0}")]
+    Unsupported(String),
+    /// The server broke the protocol.
+    #[error("replication protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ReplicationError {
+    /// Whether reconnecting may help: connection loss, server shutdown or start-up, a
+    /// slot still held by another process. Authentication, permission and
+    /// configuration errors are final.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReplicationError::Io { .. } => true,
+            ReplicationError::Server { code, .. } => {
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || matches!(
+                        code.as_str(),
+                        "55006" | "53300" | "53100" | "40001" | "XX000"
+                    )
+            }
+            ReplicationError::Unsupported(_) | ReplicationError::Protocol(_) => false,
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A backend message as the replication client needs it.
+pub enum Backend {
+    /// CopyData payload (a replication frame), sliced from the read buffer.
+    CopyData(Bytes),
+    /// CopyBothResponse: the stream has started.
+    CopyBoth,
+    /// Any other message, parsed by `postgres-protocol`.
+    Other(backend::Message),
+}
+
+/// An open replication connection.
+pub struct ReplicationConnection {
+    io: Box<dyn Io>,
+    target: String,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl std::fmt::Debug for ReplicationConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationConnection")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicationConnection {
+    /// Connects, authenticates and waits for ReadyForQuery. Tries each host of the
+    /// configuration in turn.
+    pub async fn connect(
+        pg: &tokio_postgres::Config,
+        application_name: &str,
+    ) -> Result<ReplicationConnection, ReplicationError> {
+        if matches!(pg.get_ssl_mode(), SslMode::Require) {
+            return Err(ReplicationError::Unsupported(
+                "sslmode=require: TLS for the replication connection is not built yet; use sslmode=disable or prefer".into(),
+            ));
+        }
+        let user = pg.get_user().ok_or_else(|| {
+            ReplicationError::Unsupported("the connection string names no user".into())
+        })?;
+        let mut last_err = None;
+        let hosts = pg.get_hosts();
+        if hosts.is_empty() {
+            return Err(ReplicationError::Unsupported(
+                "the connection string names no host".into(),
+            ));
+        }
+        for (i, host) in hosts.iter().enumerate() {
+            let port = pg
+                .get_ports()
+                .get(i)
+                .or(pg.get_ports().first())
+                .copied()
+                .unwrap_or(5432);
+            let connect_timeout = pg
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(Duration::from_secs(30));
+            let opened = tokio::time::timeout(connect_timeout, open(host, port)).await;
+            let (io, target) = match opened {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => {
+                    last_err = Some(e);
+                    continue;
+                }
+                Err(_) => {
+                    last_err = Some(ReplicationError::Io {
+                        target: format!("{host:?}:{port}"),
+                        source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                    });
+                    continue;
+                }
+            };
+            let mut conn = ReplicationConnection {
+                io,
+                target,
+                rbuf: BytesMut::with_capacity(READ_CHUNK),
+                wbuf: BytesMut::with_capacity(1024),
+            };
+            match conn.startup(pg, user, application_name).await {
+                Ok(()) => return Ok(conn),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| ReplicationError::Unsupported("no host".into())))
+    }
+
+    async fn startup(
+        &mut self,
+        pg: &tokio_postgres::Config,
+        user: &str,
+        application_name: &str,
+    ) -> Result<(), ReplicationError> {
+        let dbname = pg.get_dbname().unwrap_or(user);
+        let app = pg.get_application_name().unwrap_or(application_name);
+        let params = [
+            ("user", user),
+            ("database", dbname),
+            ("replication", "database"),
+            ("application_name", app),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut self.wbuf)
+            .map_err(|e| self.io_err(e))?;
+        self.flush().await?;
+
+        let password = pg.get_password();
+        let need_password = || {
+            password.ok_or_else(|| {
+                ReplicationError::Unsupported(
+                    "the server asks for a password and none is configured (put it in the URL or PGPASSWORD-style `password=`)".into(),
+                )
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.next_message().await? {
+                Backend::Other(backend::Message::AuthenticationOk) => break,
+                Backend::Other(backend::Message::AuthenticationCleartextPassword) => {
+                    frontend::password_message(need_password()?, &mut self.wbuf)
+                        .map_err(|e| self.io_err(e))?;
+                }
+                Backend::Other(backend::Message::AuthenticationMd5Password(body)) => {
+                    let hash = md5_hash(user.as_bytes(), need_password()?, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)
+                        .map_err(|e| self.io_err(e))?;
+                }
+                Backend::Other(backend::Message::AuthenticationSasl(body)) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next().map_err(|e| self.io_err(e))? {
+                        has_scram |= m == SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(ReplicationError::Unsupported(
+                            "the server offers no SASL mechanism pginval supports (SCRAM-SHA-256)"
+                                .into(),
+                        ));
+                    }
+                    let s = ScramSha256::new(need_password()?, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)
+                        .map_err(|e| self.io_err(e))?;
+                    scram = Some(s);
+                }
+                Backend::Other(backend::Message::AuthenticationSaslContinue(body)) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL continue before SASL start".into())
+                    })?;
+                    s.update(body.data())
+                        .map_err(|e| ReplicationError::Protocol(format!("SCRAM: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)
+                        .map_err(|e| self.io_err(e))?;
+                }
+                Backend::Other(backend::Message::AuthenticationSaslFinal(body)) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL final before SASL start".into())
+                    })?;
+                    s.finish(body.data())
+                        .map_err(|e| ReplicationError::Protocol(format!("SCRAM: {e}")))?;
+                    continue;
+                }
+                Backend::Other(backend::Message::ErrorResponse(body)) => {
+                    return Err(server_error(&body));
+                }
+                Backend::Other(_) => {
+                    return Err(ReplicationError::Unsupported(
+                        "the server asks for an authentication method pginval does not support (use trust, password, md5 or scram-sha-256)".into(),
+                    ));
+                }
+                Backend::CopyData(_) | Backend::CopyBoth => {
+                    return Err(ReplicationError::Protocol(
+                        "copy data during startup".into(),
+                    ));
+                }
+            }
+            self.flush().await?;
+        }
+        loop {
+            match self.next_message().await? {
+                Backend::Other(backend::Message::ReadyForQuery(_)) => return Ok(()),
+                Backend::Other(backend::Message::ErrorResponse(body)) => {
+                    return Err(server_error(&body));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends `START_REPLICATION SLOT ... LOGICAL` and waits for CopyBothResponse.
+    pub async fn start_logical(
+        &mut self,
+        slot: &str,
+        start: u64,
+        options: &[(&str, &str)],
+    ) -> Result<(), ReplicationError> {
+        let opts = options
+            .iter()
+            .map(|(k, v)| format!("\"{k}\" '{}'", v.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "START_REPLICATION SLOT \"{slot}\" LOGICAL {} ({opts})",
+            super::protocol::format_lsn(start)
+        );
+        frontend::query(&sql, &mut self.wbuf).map_err(|e| self.io_err(e))?;
+        self.flush().await?;
+        loop {
+            match self.next_message().await? {
+                Backend::CopyBoth => return Ok(()),
+                Backend::Other(backend::Message::ErrorResponse(body)) => {
+                    return Err(server_error(&body));
+                }
+                Backend::Other(
+                    backend::Message::NoticeResponse(_) | backend::Message::ParameterStatus(_),
+                ) => {}
+                _ => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected answer to START_REPLICATION".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The next complete message already in the read buffer, without any IO.
+    pub fn buffered_message(&mut self) -> Result<Option<Backend>, ReplicationError> {
+        if self.rbuf.len() < 5 {
+            return Ok(None);
+        }
+        let tag = self.rbuf[0];
+        let len =
+            u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;
+        if len < 4 {
+            return Err(ReplicationError::Protocol(format!(
+                "message {:?} with length {len}",
+                tag as char
+            )));
+        }
+        let total = len + 1;
+        if self.rbuf.len() < total {
+            self.rbuf.reserve(total - self.rbuf.len());
+            return Ok(None);
+        }
+        match tag {
+            b'd' => {
+                let mut frame = self.rbuf.split_to(total).freeze();
+                frame.advance(5);
+                Ok(Some(Backend::CopyData(frame)))
+            }
+            b'W' => {
+                self.rbuf.advance(total);
+                Ok(Some(Backend::CopyBoth))
+            }
+            _ => match backend::Message::parse(&mut self.rbuf) {
+                Ok(Some(m)) => Ok(Some(Backend::Other(m))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(ReplicationError::Protocol(e.to_string())),
+            },
+        }
+    }
+
+    /// Reads more bytes from the socket into the buffer. Cancel-safe: when dropped
+    /// before completion nothing was read. An orderly close is an error here, since
+    /// the server never closes a stream it wants to continue.
+    pub async fn fill(&mut self) -> Result<(), ReplicationError> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        match self.io.read_buf(&mut self.rbuf).await {
+            Ok(0) => Err(self.io_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed the connection",
+            ))),
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.io_err(e)),
+        }
+    }
+
+    /// The next message, reading as needed.
+    pub async fn next_message(&mut self) -> Result<Backend, ReplicationError> {
+        loop {
+            if let Some(m) = self.buffered_message()? {
+                return Ok(m);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Sends one CopyData message with `payload`.
+    pub async fn send_copy_data(&mut self, payload: &[u8]) -> Result<(), ReplicationError> {
+        frontend::CopyData::new(payload)
+            .map_err(|e| self.io_err(e))?
+            .write(&mut self.wbuf);
+        self.flush().await
+    }
+
+    /// Ends the stream with CopyDone, waits (bounded) for the server to finish, then
+    /// closes the connection with Terminate.
+    pub async fn finish(mut self, wait: Duration) -> Result<(), ReplicationError> {
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await?;
+        let drain = async {
+            loop {
+                match self.next_message().await? {
+                    Backend::Other(backend::Message::ReadyForQuery(_)) => return Ok(()),
+                    Backend::Other(backend::Message::ErrorResponse(body)) => {
+                        return Err(server_error(&body));
+                    }
+                    _ => {}
+                }
+            }
+        };
+        let result = tokio::time::timeout(wait, drain).await.unwrap_or(Ok(()));
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+        result
+    }
+
+    async fn flush(&mut self) -> Result<(), ReplicationError> {
+        let buf = self.wbuf.split();
+        self.io.write_all(&buf).await.map_err(|e| self.io_err(e))?;
+        self.io.flush().await.map_err(|e| self.io_err(e))
+    }
+
+    fn io_err(&self, source: io::Error) -> ReplicationError {
+        ReplicationError::Io {
+            target: self.target.clone(),
+            source,
+        }
+    }
+}
+
+async fn open(host: &Host, port: u16) -> Result<(Box<dyn Io>, String), ReplicationError> {
+    match host {
+        Host::Tcp(name) => {
+            let target = format!("{name}:{port}");
+            let stream = TcpStream::connect((name.as_str(), port))
+                .await
+                .map_err(|source| ReplicationError::Io {
+                    target: target.clone(),
+                    source,
+                })?;
+            let _ = stream.set_nodelay(true);
+            Ok((Box::new(stream), target))
+        }
+        Host::Unix(dir) => {
+            let path = Path::new(dir).join(format!(".s.PGSQL.{port}"));
+            let target = path.display().to_string();
+            let stream =
+                UnixStream::connect(&path)
+                    .await
+                    .map_err(|source| ReplicationError::Io {
+                        target: target.clone(),
+                        source,
+                    })?;
+            Ok((Box::new(stream), target))
+        }
+    }
+}
+
+fn server_error(body: &backend::ErrorResponseBody) -> ReplicationError {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut detail = None;
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let value = || String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'C' => code = value(),
+            b'M' => message = value(),
+            b'D' => detail = Some(value()),
+            _ => {}
+        }
+    }
+    ReplicationError::Server {
+        code,
+        message,
+        detail,
+    }
+}

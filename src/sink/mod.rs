@@ -1,0 +1,3 @@
+//! Intent → effect: applying invalidations to Redis.
+
+pub mod redis;
