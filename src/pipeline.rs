@@ -315,6 +315,7 @@ impl Stream {
                         reply_requested,
                         ..
                     } => {
+                        tracing::trace!(wal_end = %format_lsn(wal_end), reply_requested, "keepalive");
                         self.server_end = self.server_end.max(wal_end);
                         if reply_requested {
                             self.send_status(false).await?;
@@ -347,6 +348,7 @@ impl Stream {
             lsn: format_lsn(lsn),
             source,
         })?;
+        tracing::trace!(lsn = %format_lsn(lsn), tag = %(data[0] as char), "message");
         match msg {
             Message::Begin(_) => self.tx = Some(Invalidation::default()),
             Message::Commit(commit) => {
