@@ -458,7 +458,7 @@ pub fn redact(url: &str) -> String {
     }
     url.split_whitespace()
         .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k == "password" => "password=***".to_owned(),
+            Some(("password", _)) => "password=***".to_owned(),
             _ => kv.to_owned(),
         })
         .collect::<Vec<_>>()

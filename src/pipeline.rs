@@ -20,7 +20,7 @@ use crate::replication::conn::{Backend, ReplicationConnection, ReplicationError}
 use crate::replication::event::RowEvent;
 use crate::replication::pgoutput::{self, DecodeError, Lsn, Message};
 use crate::replication::protocol::{self, FrameError, ServerFrame, format_lsn};
-use crate::replication::relation::RelationCache;
+use crate::replication::relation::{RelationCache, Table};
 use crate::rules::compile::{BoundPart, BoundRule};
 use crate::rules::invalidation::Invalidation;
 use crate::sink::redis::{RedisSink, SinkError};
@@ -161,6 +161,9 @@ async fn apply_batches(
         });
     }
 }
+
+/// A table with the rules bound to its columns.
+type TableRules = (Arc<Table>, Arc<[BoundRule]>);
 
 /// What woke the streaming loop.
 enum Wake {
@@ -422,11 +425,7 @@ impl Stream {
     }
 
     /// The table and its bound rules, or `None` when no rule concerns it.
-    fn rules_for(
-        &self,
-        oid: u32,
-    ) -> Result<Option<(Arc<crate::replication::relation::Table>, Arc<[BoundRule]>)>, RunError>
-    {
+    fn rules_for(&self, oid: u32) -> Result<Option<TableRules>, RunError> {
         let table = self
             .relations
             .get(oid)
