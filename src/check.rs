@@ -4,7 +4,7 @@
 //!
 //! Reads the catalog only; never creates or alters anything.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
 use tokio_postgres::Client;
@@ -21,6 +21,10 @@ pub struct CheckReport {
     pub problems: Vec<Problem>,
     /// Facts worth knowing that do not stop `run`.
     pub notes: Vec<String>,
+    /// Warnings: `run` starts, but a rule is weaker than it looks.
+    pub warnings: Vec<Problem>,
+    /// Primary key columns of the rules' tables, by `(schema, table)`.
+    pub primary_keys: HashMap<(String, String), Vec<String>>,
 }
 
 /// `check` could not complete.
@@ -39,6 +43,11 @@ impl CheckReport {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 for note in &self.0.notes {
                     writeln!(f, "  ok: {note}")?;
+                }
+                for w in &self.0.warnings {
+                    let mut warned = w.clone();
+                    warned.message = format!("warning: {}", w.message);
+                    write_problem(f, &self.1.path, &warned)?;
                 }
                 for p in &self.0.problems {
                     write_problem(f, &self.1.path, p)?;
@@ -85,6 +94,7 @@ pub async fn check_with(
     }
 
     let mut unpublishable = BTreeSet::new();
+    let mut partitioned = Vec::new();
     for rule in &config.rules.rules {
         let line = Some(rule.line);
         let qualified = quote_table(&rule.schema, &rule.table);
@@ -96,6 +106,13 @@ pub async fn check_with(
             ));
             continue;
         };
+        if info.partitioned {
+            partitioned.push(rule.qualified_table());
+        }
+        report.primary_keys.insert(
+            (rule.schema.clone(), rule.table.clone()),
+            info.primary_key.clone(),
+        );
         for column in rule.columns() {
             if !info.columns.iter().any(|c| c == column) {
                 problems.push(Problem::new(
@@ -154,6 +171,24 @@ pub async fn check_with(
                 continue;
             }
         }
+        if info.replica_identity != ReplicaIdentity::Full {
+            let blind: Vec<&str> = rule
+                .columns
+                .iter()
+                .map(String::as_str)
+                .filter(|c| !info.identity_columns.iter().any(|x| x == c))
+                .collect();
+            if !blind.is_empty() {
+                report.warnings.push(Problem::new(
+                    line,
+                    format!(
+                        "{rule}: without the old row Postgres cannot tell whether {} changed, so every UPDATE fires the rule",
+                        blind.join(", ")
+                    ),
+                    Some(format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL;")),
+                ));
+            }
+        }
         report.notes.push(format!(
             "{rule}: table found, REPLICA IDENTITY {} covers every template",
             info.replica_identity
@@ -201,6 +236,19 @@ pub async fn check_with(
                     format!("publication {pub_name} does not publish {}", off.join(", ")),
                     Some(format!(
                         "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
+                        quote_ident(pub_name)
+                    )),
+                ));
+            }
+            if !partitioned.is_empty() && !publ.via_root {
+                problems.push(Problem::new(
+                    None,
+                    format!(
+                        "{} partitioned, but publication {pub_name} publishes changes under the partitions' names, which no rule matches",
+                        partitioned.join(", ")
+                    ),
+                    Some(format!(
+                        "ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
                         quote_ident(pub_name)
                     )),
                 ));

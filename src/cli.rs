@@ -44,12 +44,50 @@ pub enum Command {
     #[command(
         after_help = "Example:\n  pginval run --config rules.toml\n  PGINVAL_SOURCE_URL=postgres://pginval:pw@db/app pginval run"
     )]
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Validate the configuration and check it against the live database.
     #[command(
         after_help = "Exit codes: 0 ok, 2 configuration problems, 1 other failures.\n\nExample:\n  pginval check --config rules.toml"
     )]
     Check(ConfigArg),
+    /// Show what one row change would invalidate and publish, without touching
+    /// PostgreSQL or Redis.
+    #[command(
+        after_help = "Columns left out of --old/--new count as not sent by Postgres.\n\nExample:\n  pginval explain --table posts --op update \\\n    --old '{\"id\":1,\"author_id\":3}' --new '{\"id\":1,\"author_id\":7}'"
+    )]
+    Explain(ExplainArgs),
+}
+
+/// Options of `run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Stream and log what would be invalidated, without touching Redis and without
+    /// moving the slot.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Options of `explain`.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The table, `table` or `schema.table`.
+    #[arg(long)]
+    pub table: String,
+    /// insert, update, delete or truncate.
+    #[arg(long, value_parser = ["insert", "update", "delete", "truncate"])]
+    pub op: String,
+    /// The old row image as JSON (what Postgres sends for UPDATE/DELETE).
+    #[arg(long)]
+    pub old: Option<String>,
+    /// The new row image as JSON.
+    #[arg(long)]
+    pub new: Option<String>,
 }
 
 /// The `--config` option shared by every command.

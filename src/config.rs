@@ -15,6 +15,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::rules::compile::{self, RuleSet};
 use crate::rules::model::RuleModel;
+use crate::sink::tags::TagLayout;
 
 /// Environment variable that overrides `[source] url`.
 pub const ENV_SOURCE_URL: &str = "PGINVAL_SOURCE_URL";
@@ -54,9 +55,65 @@ pub struct RedisConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TagsConfig {
-    /// Key of the Redis SET that holds a tag's cache keys; must contain `{tag}`.
+    /// "set" (default: a SET per tag at `key` whose members are cache keys),
+    /// "laravel" (Laravel 10+ Redis tagged cache: a ZSET `<prefix>tag:<tag>:entries`
+    /// whose members are item keys under `prefix`), or "symfony"
+    /// (RedisTagAwareAdapter: a SET `<prefix><namespace>:\0tags\0<tag>` whose members
+    /// are item ids under `prefix`).
+    #[serde(default = "default_layout")]
+    pub layout: Spanned<String>,
+    /// With layout "set": key of a tag's SET; must contain `{tag}`.
     #[serde(default = "default_tag_key")]
     pub key: Spanned<String>,
+    /// With "laravel" / "symfony": the key prefix of the cache store (Laravel: the
+    /// Redis connection prefix plus the cache prefix; Symfony: the client's prefix).
+    #[serde(default)]
+    pub prefix: String,
+    /// With "symfony": the adapter's namespace ("" when none).
+    #[serde(default)]
+    pub namespace: String,
+}
+
+/// `[events]`: entity events for rules with `entity`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Redis Pub/Sub channel to PUBLISH each event to.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Redis Stream to XADD each event to (field `event`, the JSON).
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// Approximate length the stream is trimmed to (`MAXLEN ~`).
+    #[serde(default = "default_stream_maxlen")]
+    pub stream_maxlen: u64,
+}
+
+/// `[limits]`: memory bounds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Rows of one rule one transaction may buffer before the rule's fallback
+    /// replaces them (a rule may override it).
+    #[serde(default = "default_max_keys")]
+    pub max_keys_per_transaction: usize,
+}
+
+fn default_layout() -> Spanned<String> {
+    Spanned::new(0..0, "set".to_owned())
+}
+fn default_stream_maxlen() -> u64 {
+    100_000
+}
+fn default_max_keys() -> usize {
+    100_000
+}
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_keys_per_transaction: default_max_keys(),
+        }
+    }
 }
 
 fn default_name() -> Spanned<String> {
@@ -92,7 +149,10 @@ impl Default for RedisConfig {
 impl Default for TagsConfig {
     fn default() -> Self {
         TagsConfig {
+            layout: default_layout(),
             key: default_tag_key(),
+            prefix: String::new(),
+            namespace: String::new(),
         }
     }
 }
@@ -106,10 +166,15 @@ pub struct Config {
     pub source: Source,
     /// The Redis server.
     pub redis_url: String,
-    /// Tag-set key layout, containing `{tag}`.
-    pub tag_key: String,
+    /// How tags are stored.
+    pub tags: TagLayout,
+    /// Entity events, when `[events]` names a channel or a stream.
+    pub events: Option<EventsConfig>,
     /// The compiled rules.
     pub rules: RuleSet,
+    /// Log what would be invalidated instead of doing it, and never move the slot
+    /// (`run --dry-run`; not a file setting).
+    pub dry_run: bool,
 }
 
 /// The validated `[source]` section.
@@ -278,6 +343,8 @@ impl Config {
         let mut source = SourceConfig::default();
         let mut redis = RedisConfig::default();
         let mut tags = TagsConfig::default();
+        let mut events: Option<EventsConfig> = None;
+        let mut limits = LimitsConfig::default();
         let mut rule_models = Vec::new();
         for (key, value) in doc.get_ref() {
             let line = lines.line_of(&key.span());
@@ -285,6 +352,19 @@ impl Config {
                 "source" => section(value, &lines, &mut problems, "[source]", &mut source),
                 "redis" => section(value, &lines, &mut problems, "[redis]", &mut redis),
                 "tags" => section(value, &lines, &mut problems, "[tags]", &mut tags),
+                "limits" => section(value, &lines, &mut problems, "[limits]", &mut limits),
+                "events" => {
+                    let mut e = EventsConfig::default();
+                    section(value, &lines, &mut problems, "[events]", &mut e);
+                    if e.channel.is_none() && e.stream.is_none() {
+                        problems.push(Problem::new(
+                            lines.line_of(&key.span()),
+                            "[events] names neither a channel nor a stream",
+                            Some("add channel = \"pginval:events\" and/or stream = \"pginval:events\"".into()),
+                        ));
+                    }
+                    events = Some(e);
+                }
                 "rules" => match value.get_ref() {
                     DeValue::Array(items) => {
                         for (i, item) in items.iter().enumerate() {
@@ -311,7 +391,7 @@ impl Config {
                 other => problems.push(Problem::new(
                     line,
                     format!("unknown section `{other}`"),
-                    Some("the sections are [source], [redis], [tags] and [[rules]]".into()),
+                    Some("the sections are [source], [redis], [tags], [events], [limits] and [[rules]]".into()),
                 )),
             }
         }
@@ -370,14 +450,45 @@ impl Config {
                 Some("use redis://[user:password@]host:6379/0 or rediss:// for TLS".into()),
             ));
         }
-        if tags.key.get_ref().matches("{tag}").count() != 1 {
+        let tag_layout = match tags.layout.get_ref().as_str() {
+            "set" => {
+                if tags.key.get_ref().matches("{tag}").count() != 1 {
+                    problems.push(Problem::new(
+                        lines.line_of(&tags.key.span()),
+                        format!(
+                            "[tags] key `{}` must contain `{{tag}}` exactly once",
+                            tags.key.get_ref()
+                        ),
+                        Some("for example key = \"cache_tag:{tag}\"".into()),
+                    ));
+                }
+                TagLayout::Set {
+                    key: tags.key.get_ref().clone(),
+                }
+            }
+            "laravel" => TagLayout::Laravel {
+                prefix: tags.prefix.clone(),
+            },
+            "symfony" => TagLayout::Symfony {
+                prefix: tags.prefix.clone(),
+                namespace: tags.namespace.clone(),
+            },
+            other => {
+                problems.push(Problem::new(
+                    lines.line_of(&tags.layout.span()),
+                    format!("[tags] layout `{other}` is not known"),
+                    Some("use \"set\", \"laravel\" or \"symfony\"".into()),
+                ));
+                TagLayout::Set {
+                    key: tags.key.get_ref().clone(),
+                }
+            }
+        };
+        if limits.max_keys_per_transaction == 0 {
             problems.push(Problem::new(
-                lines.line_of(&tags.key.span()),
-                format!(
-                    "[tags] key `{}` must contain `{{tag}}` exactly once",
-                    tags.key.get_ref()
-                ),
-                Some("for example key = \"cache_tag:{tag}\"".into()),
+                None,
+                "[limits] max_keys_per_transaction must be at least 1",
+                Some("the default is 100000".into()),
             ));
         }
         if rule_models.is_empty() && !problems.iter().any(|p| p.message.starts_with("rule #")) {
@@ -390,7 +501,20 @@ impl Config {
                 ),
             ));
         }
-        let rules = compile::compile(rule_models, &lines, &mut problems);
+        let defaults = compile::RuleDefaults {
+            max_keys_per_transaction: limits.max_keys_per_transaction.max(1),
+        };
+        let rules = compile::compile(rule_models, defaults, &lines, &mut problems);
+        if events.is_some() && !rules.rules.iter().any(|r| r.entity.is_some()) {
+            problems.push(Problem::new(
+                None,
+                "[events] is configured but no rule sets `entity`, so no event is ever published",
+                Some(
+                    "add entity = \"user\" (the entity name) to the rules whose changes are events"
+                        .into(),
+                ),
+            ));
+        }
 
         problems.sort_by_key(|p| p.line.unwrap_or(0));
         match (problems.is_empty(), pg) {
@@ -403,8 +527,10 @@ impl Config {
                     status_interval: Duration::from_secs(source.status_interval_secs),
                 },
                 redis_url,
-                tag_key: tags.key.into_inner(),
+                tags: tag_layout,
+                events,
                 rules,
+                dry_run: false,
             }),
             _ => Err(fail(problems)),
         }
@@ -492,7 +618,12 @@ keys = ["post:{id}", "user_posts:{author_id}"]
         let c = parse(GOOD).unwrap();
         assert_eq!(c.source.slot, "pginval");
         assert_eq!(c.source.publication, "pginval");
-        assert_eq!(c.tag_key, "cache_tag:{tag}");
+        assert_eq!(
+            c.tags,
+            TagLayout::Set {
+                key: "cache_tag:{tag}".into()
+            }
+        );
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379/0");
         assert_eq!(c.rules.rules.len(), 2);
         assert_eq!(c.rules.rules[1].schema, "blog");

@@ -14,11 +14,13 @@
 //! - [`sink`]: intent → effect: Redis pipelines and tag flushes.
 //! - [`pipeline`]: wires the stages and owns the acknowledgement rule.
 //! - [`check`]: the configuration against the live database.
+//! - [`explain`]: what one row change would do, without any IO.
 //! - [`cli`]: the command line.
 
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod explain;
 pub mod pipeline;
 pub mod replication;
 pub mod rules;

@@ -81,12 +81,21 @@ async fn execute(cli: Cli) -> u8 {
             }
         }
         Command::Run(args) => {
-            let config = match load(&args.config) {
+            // Signals are caught from here on, also during the start-up checks.
+            let shutdown = match shutdown_signal() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: cannot install signal handlers: {e}");
+                    return EXIT_FAILURE;
+                }
+            };
+            let mut config = match load(&args.config.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            config.dry_run = args.dry_run;
             let path = config.path.clone();
-            match pipeline::run(config, shutdown_signal()).await {
+            match pipeline::run(config, shutdown).await {
                 Ok(()) => EXIT_OK,
                 Err(RunError::Check(report)) => {
                     eprintln!(
@@ -106,19 +115,41 @@ async fn execute(cli: Cli) -> u8 {
                 }
             }
         }
+        Command::Explain(args) => {
+            let config = match load(&args.config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let change = pginval::explain::Change {
+                table: args.table,
+                op: args.op,
+                old: args.old,
+                new: args.new,
+            };
+            match pginval::explain::explain(&config, &change) {
+                Ok(text) => {
+                    print!("{text}");
+                    EXIT_OK
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    EXIT_CONFIG
+                }
+            }
+        }
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// A future that completes on SIGINT or SIGTERM; the handlers are installed now.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutdown requested");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+    })
 }

@@ -18,15 +18,16 @@ use crate::config::Config;
 use crate::replication::catalog;
 use crate::replication::conn::{Backend, ReplicationConnection, ReplicationError};
 use crate::replication::event::RowEvent;
-use crate::replication::pgoutput::{self, DecodeError, Lsn, Message};
-use crate::replication::protocol::{self, FrameError, ServerFrame, format_lsn};
-use crate::replication::relation::{RelationCache, Table};
-use crate::rules::compile::{BoundPart, BoundRule};
+use crate::replication::pgoutput::{self, DecodeError, LogicalMessage, Lsn, Message};
+use crate::replication::protocol::{self, FrameError, ServerFrame, format_lsn, parse_lsn};
+use crate::replication::relation::{RelationCache, ReplicaIdentity, Table};
+use crate::rules::compile::BoundRule;
 use crate::rules::invalidation::Invalidation;
+use crate::sink::redelete::Redelete;
 use crate::sink::redis::{RedisSink, SinkError};
 
-/// Stop reading WAL once this many keys, tags and patterns wait for Redis: Postgres
-/// keeps the WAL meanwhile, pginval's memory stays bounded.
+/// Stop reading WAL once this many keys, tags, patterns and events wait for Redis:
+/// Postgres keeps the WAL meanwhile, pginval's memory stays bounded.
 const MAX_PENDING: usize = 200_000;
 /// Least time between two status updates sent because the flush position moved.
 const MIN_STATUS_GAP: Duration = Duration::from_millis(200);
@@ -35,6 +36,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// First and longest wait between reconnection attempts.
 const RECONNECT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(200), Duration::from_secs(10));
+/// Prefix of `pg_logical_emit_message` hints addressed to pginval.
+pub const HINT_PREFIX: &[u8] = b"pginval";
 
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -65,15 +68,35 @@ pub enum RunError {
     /// Redis could not be set up.
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// The sink task ended unexpectedly.
+    #[error("the redis sink stopped")]
+    SinkStopped,
 }
 
 /// Committed transactions waiting to go to Redis together.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Batch {
     inv: Invalidation,
+    /// Entity events, stamped with their commits.
+    events: Vec<String>,
     /// End LSN of the last commit in the batch.
     end_lsn: Lsn,
     transactions: u64,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.inv.len() + self.events.len()
+    }
+}
+
+/// What the sink has acknowledged so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Applied {
+    /// Batches applied, in order.
+    batches: u64,
+    /// Highest end LSN among them.
+    lsn: Lsn,
 }
 
 /// Runs pginval until `shutdown` completes: checks, prepares the publication and the
@@ -87,18 +110,35 @@ pub async fn run(
     if !report.problems.is_empty() {
         return Err(RunError::Check(report));
     }
-    prepare(&control, &config).await?;
+    for w in &report.warnings {
+        tracing::warn!(line = w.line, "{}", w.message);
+    }
+    let start = prepare(&control, &config).await?;
     drop(control);
 
-    let mut sink = RedisSink::new(&config.redis_url, &config.tag_key)?;
+    let mut sink = RedisSink::new(
+        &config.redis_url,
+        config.tags.clone(),
+        config.events.clone(),
+        config.dry_run,
+    )?;
     if let Err(e) = sink.ping().await {
         tracing::warn!(error = %e, "redis is not reachable yet; changes will wait for it");
     }
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
-    let (acked_tx, acked_rx) = watch::channel::<Lsn>(0);
+    let (acked_tx, acked_rx) = watch::channel(Applied {
+        batches: 0,
+        lsn: start,
+    });
     let sink_task = tokio::spawn(apply_batches(sink, batch_rx, acked_tx));
 
-    let mut state = Stream::new(Arc::new(config), batch_tx, acked_rx);
+    let mut state = Stream::new(
+        Arc::new(config),
+        report.primary_keys,
+        start,
+        batch_tx,
+        acked_rx,
+    );
     tokio::pin!(shutdown);
     let mut backoff = RECONNECT_BACKOFF.0;
     let result = loop {
@@ -106,6 +146,7 @@ pub async fn run(
             Ok(()) => break Ok(()),
             Err(RunError::Replication(e)) if e.is_retryable() => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "replication connection lost; reconnecting");
+                state.conn = None;
                 tokio::select! {
                     biased;
                     _ = &mut shutdown => break state.drain_on_shutdown().await,
@@ -121,8 +162,9 @@ pub async fn run(
     result
 }
 
-/// Creates the publication and the slot when they are missing.
-async fn prepare(control: &tokio_postgres::Client, config: &Config) -> Result<(), RunError> {
+/// Creates the publication and the slot when they are missing; returns the slot's
+/// confirmed position (where streaming resumes).
+async fn prepare(control: &tokio_postgres::Client, config: &Config) -> Result<Lsn, RunError> {
     let source = &config.source;
     if catalog::publication(control, &source.publication)
         .await?
@@ -132,38 +174,79 @@ async fn prepare(control: &tokio_postgres::Client, config: &Config) -> Result<()
         catalog::create_publication(control, &source.publication, &tables).await?;
         tracing::info!(publication = %source.publication, tables = tables.len(), "created publication");
     }
-    if catalog::slot(control, &source.slot).await?.is_none() {
-        catalog::create_slot(control, &source.slot).await?;
-        tracing::info!(slot = %source.slot, "created replication slot (pgoutput)");
-    }
-    Ok(())
+    let slot = match catalog::slot(control, &source.slot).await? {
+        Some(slot) => slot,
+        None => {
+            catalog::create_slot(control, &source.slot).await?;
+            tracing::info!(slot = %source.slot, "created replication slot (pgoutput)");
+            catalog::slot(control, &source.slot)
+                .await?
+                .ok_or(RunError::Replication(ReplicationError::Protocol(
+                    "the slot vanished right after its creation".into(),
+                )))?
+        }
+    };
+    Ok(slot
+        .confirmed_flush_lsn
+        .as_deref()
+        .and_then(parse_lsn)
+        .unwrap_or(0))
 }
 
-/// The sink task: applies batches in order and publishes the end LSN of each one
-/// Redis acknowledged.
+/// The sink task: applies batches in order, publishes what Redis acknowledged, and
+/// performs the delayed second deletes.
 async fn apply_batches(
     mut sink: RedisSink,
     mut rx: mpsc::Receiver<Batch>,
-    acked: watch::Sender<Lsn>,
+    acked: watch::Sender<Applied>,
 ) {
-    while let Some(batch) = rx.recv().await {
-        sink.apply_until_ok(&batch.inv).await;
-        tracing::debug!(
-            lsn = %format_lsn(batch.end_lsn),
-            transactions = batch.transactions,
-            entries = batch.inv.len(),
-            "batch applied"
-        );
-        acked.send_if_modified(|lsn| {
-            let moved = batch.end_lsn > *lsn;
-            *lsn = (*lsn).max(batch.end_lsn);
-            moved
-        });
+    let mut redelete = Redelete::default();
+    let mut dropped_reported = 0;
+    loop {
+        let due = redelete.next_due();
+        tokio::select! {
+            biased;
+            batch = rx.recv() => {
+                let Some(batch) = batch else { return };
+                sink.apply_until_ok(&batch.inv, &batch.events).await;
+                tracing::debug!(
+                    lsn = %format_lsn(batch.end_lsn),
+                    transactions = batch.transactions,
+                    entries = batch.len(),
+                    "batch applied"
+                );
+                let now = tokio::time::Instant::now();
+                for (key, ms) in &batch.inv.redelete {
+                    redelete.schedule(now, key, Duration::from_millis(*ms));
+                }
+                if redelete.dropped > dropped_reported {
+                    tracing::warn!(dropped = redelete.dropped, "second-delete schedule full; some second deletes skipped");
+                    dropped_reported = redelete.dropped;
+                }
+                acked.send_modify(|a| {
+                    a.batches += 1;
+                    a.lsn = a.lsn.max(batch.end_lsn);
+                });
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                let keys = redelete.take_due(tokio::time::Instant::now());
+                let count = keys.len();
+                let mut inv = Invalidation::default();
+                inv.keys.extend(keys);
+                sink.apply_until_ok(&inv, &[]).await;
+                tracing::debug!(keys = count, "second delete applied");
+            }
+        }
     }
 }
 
-/// A table with the rules bound to its columns.
-type TableRules = (Arc<Table>, Arc<[BoundRule]>);
+/// A table with the rules bound to its columns and its primary key's positions.
+#[derive(Clone)]
+struct TableRules {
+    table: Arc<Table>,
+    rules: Arc<[BoundRule]>,
+    id_columns: Arc<[usize]>,
+}
 
 /// What woke the streaming loop.
 enum Wake {
@@ -171,22 +254,24 @@ enum Wake {
     StatusTimer,
     Acked(bool),
     Sent,
+    SinkGone,
     Read(Result<(), ReplicationError>),
 }
 
 /// Streaming state that survives reconnections.
 struct Stream {
     config: Arc<Config>,
+    primary_keys: HashMap<(String, String), Vec<String>>,
     batches: mpsc::Sender<Batch>,
-    acked: watch::Receiver<Lsn>,
+    acked: watch::Receiver<Applied>,
     relations: RelationCache,
-    bound: HashMap<u32, Arc<[BoundRule]>>,
+    bound: HashMap<u32, TableRules>,
     /// The open transaction's invalidations (None between COMMIT and BEGIN).
     tx: Option<Invalidation>,
     /// Committed, not yet handed to the sink.
     pending: Option<Batch>,
-    /// End LSN of the last batch handed to the sink.
-    sent: Lsn,
+    /// Batches handed to the sink.
+    sent_batches: u64,
     /// The flush position confirmed to Postgres.
     confirmed: Lsn,
     /// The latest keepalive position: safe to confirm once nothing is pending.
@@ -197,33 +282,42 @@ struct Stream {
 impl Stream {
     fn new(
         config: Arc<Config>,
+        primary_keys: HashMap<(String, String), Vec<String>>,
+        start: Lsn,
         batches: mpsc::Sender<Batch>,
-        acked: watch::Receiver<Lsn>,
+        acked: watch::Receiver<Applied>,
     ) -> Stream {
         Stream {
             config,
+            primary_keys,
             batches,
             acked,
             relations: RelationCache::default(),
             bound: HashMap::new(),
             tx: None,
             pending: None,
-            sent: 0,
-            confirmed: 0,
-            server_end: 0,
+            sent_batches: 0,
+            confirmed: start,
+            server_end: start,
             conn: None,
         }
     }
 
-    /// Nothing received is waiting: no open transaction, no batch unsent or unacknowledged.
+    /// Nothing received is waiting: no open transaction, no batch unsent or
+    /// unacknowledged.
     fn idle(&self) -> bool {
-        self.tx.is_none() && self.pending.is_none() && *self.acked.borrow() >= self.sent
+        self.tx.is_none()
+            && self.pending.is_none()
+            && self.acked.borrow().batches == self.sent_batches
     }
 
     /// The highest position the ack rule allows now.
     fn confirmable(&self) -> Lsn {
-        let acked = *self.acked.borrow();
-        let mut lsn = self.confirmed.max(acked);
+        if self.config.dry_run {
+            // A dry run must not move the slot: a real run later still sees everything.
+            return self.confirmed;
+        }
+        let mut lsn = self.confirmed.max(self.acked.borrow().lsn);
         if self.idle() {
             lsn = lsn.max(self.server_end);
         }
@@ -241,7 +335,11 @@ impl Stream {
         conn.start_logical(
             &source.slot,
             0,
-            &[("proto_version", "1"), ("publication_names", &publication)],
+            &[
+                ("proto_version", "1"),
+                ("publication_names", &publication),
+                ("messages", "true"),
+            ],
         )
         .await?;
         tracing::info!(slot = %source.slot, publication = %source.publication, "streaming");
@@ -260,7 +358,7 @@ impl Stream {
             // transactions while the stream has more buffered, and go out when it has not.
             self.drain_buffered().await?;
             let conn = self.conn.as_mut().expect("connected");
-            let backlog = self.pending.as_ref().map_or(0, |b| b.inv.len());
+            let backlog = self.pending.as_ref().map_or(0, Batch::len);
             let wake = tokio::select! {
                 biased;
                 // Shutdown first: nothing else is started once it is asked for.
@@ -270,31 +368,36 @@ impl Stream {
                 // Redis acknowledged a batch: the flush position may move.
                 changed = self.acked.changed() => Wake::Acked(changed.is_ok()),
                 // Hand the committed batch to the sink as soon as it has room.
-                permit = self.batches.reserve(), if self.pending.is_some() => {
-                    if let (Ok(permit), Some(batch)) = (permit, self.pending.take()) {
-                        self.sent = batch.end_lsn;
-                        permit.send(batch);
+                permit = self.batches.reserve(), if self.pending.is_some() => match permit {
+                    Ok(permit) => {
+                        if let Some(batch) = self.pending.take() {
+                            self.sent_batches += 1;
+                            permit.send(batch);
+                        }
+                        Wake::Sent
                     }
-                    Wake::Sent
-                }
+                    Err(_) => Wake::SinkGone,
+                },
                 // More WAL, unless Redis is so far behind that the backlog is full.
                 read = conn.fill(), if backlog < MAX_PENDING => Wake::Read(read),
             };
             match wake {
                 Wake::Shutdown => return self.drain_on_shutdown().await,
                 Wake::StatusTimer => {
-                    self.send_status(false).await?;
+                    self.send_status().await?;
                     last_status = Instant::now();
                 }
-                Wake::Acked(true)
+                Wake::Acked(true) => {
                     if self.confirmable() > self.confirmed
-                        && last_status.elapsed() >= MIN_STATUS_GAP =>
-                {
-                    self.send_status(false).await?;
-                    last_status = Instant::now();
+                        && last_status.elapsed() >= MIN_STATUS_GAP
+                    {
+                        self.send_status().await?;
+                        last_status = Instant::now();
+                    }
                 }
+                Wake::Acked(false) | Wake::SinkGone => return Err(RunError::SinkStopped),
                 Wake::Read(read) => read?,
-                Wake::Acked(_) | Wake::Sent => {}
+                Wake::Sent => {}
             }
         }
     }
@@ -318,27 +421,14 @@ impl Stream {
                         reply_requested,
                         ..
                     } => {
-                        tracing::trace!(wal_end = %format_lsn(wal_end), reply_requested, "keepalive");
                         self.server_end = self.server_end.max(wal_end);
                         if reply_requested {
-                            self.send_status(false).await?;
+                            self.send_status().await?;
                         }
                     }
                 },
-                Backend::Other(postgres_protocol::message::backend::Message::ErrorResponse(_)) => {
-                    return Err(
-                        ReplicationError::Protocol("server error during streaming".into()).into(),
-                    );
-                }
                 Backend::Other(postgres_protocol::message::backend::Message::CopyDone) => {
-                    return Err(ReplicationError::Io {
-                        target: "walsender".into(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::ConnectionAborted,
-                            "server ended the stream",
-                        ),
-                    }
-                    .into());
+                    return Err(ReplicationError::StreamEnded.into());
                 }
                 Backend::Other(_) | Backend::CopyBoth => {}
             }
@@ -351,73 +441,137 @@ impl Stream {
             lsn: format_lsn(lsn),
             source,
         })?;
-        tracing::trace!(lsn = %format_lsn(lsn), tag = %(data[0] as char), "message");
         match msg {
             Message::Begin(_) => self.tx = Some(Invalidation::default()),
             Message::Commit(commit) => {
-                let inv = self.tx.take().unwrap_or_default();
-                if inv.fallbacks > 0 {
+                let mut inv = self.tx.take().unwrap_or_default();
+                if !inv.fallbacks.is_empty() {
+                    let reasons: Vec<String> = inv
+                        .fallbacks
+                        .iter()
+                        .map(|(r, n)| format!("{}={n}", r.as_str()))
+                        .collect();
                     tracing::warn!(
                         lsn = %format_lsn(commit.end_lsn),
-                        fallbacks = inv.fallbacks,
-                        "exact invalidation impossible for some rows; over-invalidated by pattern"
+                        fallbacks = %reasons.join(","),
+                        "exact invalidation impossible; applied the rules' fallbacks (over-invalidation)"
                     );
                 }
-                let batch = self.pending.get_or_insert_with(|| Batch {
-                    inv: Invalidation::default(),
-                    end_lsn: 0,
-                    transactions: 0,
-                });
+                let events: Vec<String> = if inv.events.is_empty() {
+                    Vec::new()
+                } else {
+                    let at = format_lsn(commit.commit_lsn);
+                    let time =
+                        humantime::format_rfc3339_micros(protocol::pg_time(commit.commit_time))
+                            .to_string();
+                    inv.events
+                        .drain(..)
+                        .map(|e| e.to_json(&at, &time))
+                        .collect()
+                };
+                let batch = self.pending.get_or_insert_with(Batch::default);
                 batch.inv.merge(inv);
-                batch.end_lsn = commit.end_lsn;
+                batch.events.extend(events);
+                batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
                 batch.transactions += 1;
             }
             Message::Relation(rel) => {
                 let table = self.relations.update(&rel);
-                let bound: Arc<[BoundRule]> = self.config.rules.bind(&table).into();
-                for rule in bound.iter() {
-                    for t in rule.keys.iter().chain(&rule.tags) {
-                        for part in &t.parts {
-                            if let BoundPart::Missing(column) = part {
-                                tracing::warn!(
-                                    table = %table, rule = rule.number, template = t.template.source(), column,
-                                    "column missing from the stream; this template will over-invalidate by pattern"
-                                );
-                            }
-                        }
-                    }
+                let rules: Arc<[BoundRule]> = self.config.rules.bind(&table).into();
+                for rule in rules.iter().filter(|r| r.broken) {
+                    tracing::warn!(
+                        table = %table, rule = rule.rule.number,
+                        "a column the rule reads is missing from the table; every change will use the rule's fallback"
+                    );
                 }
-                self.bound.insert(rel.oid, bound);
+                let id_columns = self.id_columns(&table).into();
+                self.bound.insert(
+                    rel.oid,
+                    TableRules {
+                        table,
+                        rules,
+                        id_columns,
+                    },
+                );
             }
             Message::Insert(m) => {
-                if let Some((table, rules)) = self.rules_for(m.relation)? {
-                    let ev = RowEvent::insert(table, m);
-                    self.tx_mut().add_row(&rules, &ev);
+                if let Some(t) = self.rules_for(m.relation)? {
+                    let ev = RowEvent::insert(t.table, m);
+                    self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
                 }
             }
             Message::Update(m) => {
-                if let Some((table, rules)) = self.rules_for(m.relation)? {
-                    let ev = RowEvent::update(table, m);
-                    self.tx_mut().add_row(&rules, &ev);
+                if let Some(t) = self.rules_for(m.relation)? {
+                    let ev = RowEvent::update(t.table, m);
+                    self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
                 }
             }
             Message::Delete(m) => {
-                if let Some((table, rules)) = self.rules_for(m.relation)? {
-                    let ev = RowEvent::delete(table, m);
-                    self.tx_mut().add_row(&rules, &ev);
+                if let Some(t) = self.rules_for(m.relation)? {
+                    let ev = RowEvent::delete(t.table, m);
+                    self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
                 }
             }
             Message::Truncate(m) => {
                 for oid in m.relations {
-                    if let Some((table, rules)) = self.rules_for(oid)? {
-                        tracing::warn!(table = %table, "TRUNCATE: invalidating every key and tag of its rules by pattern");
-                        self.tx_mut().add_truncate(&rules);
+                    if let Some(t) = self.rules_for(oid)? {
+                        tracing::warn!(table = %t.table, "TRUNCATE: applying the table's rule fallbacks");
+                        self.tx_mut().add_truncate(&t.rules);
                     }
                 }
             }
+            Message::Message(m) if m.prefix == HINT_PREFIX => self.apply_hint(&m),
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
         }
         Ok(())
+    }
+
+    /// A `pg_logical_emit_message(.., 'pginval', '{"keys":[..],"tags":[..]}')` hint:
+    /// transactional hints join their transaction; others apply on their own.
+    fn apply_hint(&mut self, m: &LogicalMessage) {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Hint {
+            #[serde(default)]
+            keys: Vec<String>,
+            #[serde(default)]
+            tags: Vec<String>,
+        }
+        let hint: Hint = match serde_json::from_slice(&m.content) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(
+                    lsn = %format_lsn(m.lsn), error = %e,
+                    "ignored a pginval hint that is not {{\"keys\": [...], \"tags\": [...]}}"
+                );
+                return;
+            }
+        };
+        if m.transactional {
+            self.tx_mut().add_hint(hint.keys, hint.tags);
+        } else {
+            let batch = self.pending.get_or_insert_with(Batch::default);
+            batch.inv.add_hint(hint.keys, hint.tags);
+            batch.end_lsn = batch.end_lsn.max(m.lsn);
+        }
+    }
+
+    /// Tuple positions of a table's primary key, for entity event ids: from the
+    /// catalog (a FULL identity marks every column as key in the stream), else the
+    /// stream's key flags.
+    fn id_columns(&self, table: &Table) -> Vec<usize> {
+        let key = (table.schema.clone(), table.name.clone());
+        match self.primary_keys.get(&key) {
+            Some(pk) if !pk.is_empty() => pk.iter().filter_map(|c| table.column_index(c)).collect(),
+            _ if table.replica_identity != ReplicaIdentity::Full => table
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_key)
+                .map(|(i, _)| i)
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn tx_mut(&mut self) -> &mut Invalidation {
@@ -426,27 +580,19 @@ impl Stream {
 
     /// The table and its bound rules, or `None` when no rule concerns it.
     fn rules_for(&self, oid: u32) -> Result<Option<TableRules>, RunError> {
-        let table = self
-            .relations
-            .get(oid)
-            .ok_or(RunError::UnknownRelation(oid))?;
-        let rules = self
-            .bound
-            .get(&oid)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(Vec::new()));
-        Ok((!rules.is_empty()).then(|| (table.clone(), rules)))
+        let t = self.bound.get(&oid).ok_or(RunError::UnknownRelation(oid))?;
+        Ok((!t.rules.is_empty()).then(|| t.clone()))
     }
 
     /// Sends a standby status update with the highest position the ack rule allows.
-    async fn send_status(&mut self, reply_requested: bool) -> Result<(), RunError> {
+    async fn send_status(&mut self) -> Result<(), RunError> {
         let lsn = self.confirmable();
         if lsn > self.confirmed {
             tracing::trace!(lsn = %format_lsn(lsn), "confirming");
         }
         self.confirmed = lsn;
         if let Some(conn) = self.conn.as_mut() {
-            let msg = protocol::standby_status(lsn, protocol::pg_now_micros(), reply_requested);
+            let msg = protocol::standby_status(lsn, protocol::pg_now_micros(), false);
             conn.send_copy_data(&msg).await?;
         }
         Ok(())
@@ -455,19 +601,25 @@ impl Stream {
     /// Shutdown: hand over the committed batch, wait (bounded) for Redis to
     /// acknowledge everything, confirm it, and end the stream with CopyDone.
     async fn drain_on_shutdown(&mut self) -> Result<(), RunError> {
+        // An open transaction never committed as far as pginval saw: replayed later.
         self.tx = None;
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
-        if let Some(batch) = self.pending.take() {
-            let end = batch.end_lsn;
-            match tokio::time::timeout_at(deadline, self.batches.send(batch)).await {
-                Ok(Ok(())) => self.sent = end,
+        if self.pending.is_some() {
+            match tokio::time::timeout_at(deadline, self.batches.reserve()).await {
+                Ok(Ok(permit)) => {
+                    if let Some(batch) = self.pending.take() {
+                        self.sent_batches += 1;
+                        permit.send(batch);
+                    }
+                }
+                // The batch stays pending, so nothing past it is confirmed.
                 _ => tracing::warn!(
                     "shutdown: the last batch could not be handed to redis; it will be replayed"
                 ),
             }
         }
-        let sent = self.sent;
-        let drained = tokio::time::timeout_at(deadline, self.acked.wait_for(|a| *a >= sent))
+        let sent = self.sent_batches;
+        let drained = tokio::time::timeout_at(deadline, self.acked.wait_for(|a| a.batches >= sent))
             .await
             .map(|r| r.is_ok());
         if drained != Ok(true) {
@@ -476,7 +628,7 @@ impl Stream {
             );
         }
         if self.conn.is_some() {
-            self.send_status(false).await?;
+            self.send_status().await?;
         }
         if let Some(conn) = self.conn.take() {
             conn.finish(Duration::from_secs(2)).await?;

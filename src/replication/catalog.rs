@@ -19,10 +19,13 @@ pub struct TableInfo {
     /// The columns Postgres sends in old images: the primary key for DEFAULT, the
     /// index's columns for USING INDEX, all for FULL, none for NOTHING.
     pub identity_columns: Vec<String>,
-    /// Whether the table has a primary key.
-    pub has_primary_key: bool,
+    /// The primary key's columns (empty when there is none).
+    pub primary_key: Vec<String>,
     /// Whether Postgres can publish UPDATE and DELETE for it.
     pub replicates_updates: bool,
+    /// A partitioned table (its changes are published under the partitions' names
+    /// unless the publication has `publish_via_partition_root`).
+    pub partitioned: bool,
 }
 
 /// A publication.
@@ -40,6 +43,8 @@ pub struct PublicationInfo {
     pub delete: bool,
     /// Publishes TRUNCATE.
     pub truncate: bool,
+    /// `publish_via_partition_root`.
+    pub via_root: bool,
 }
 
 /// A replication slot.
@@ -92,15 +97,6 @@ pub async fn wal_level(client: &Client) -> Result<String, tokio_postgres::Error>
         .get(0))
 }
 
-/// The server's major version (15, 16, ...).
-pub async fn server_major(client: &Client) -> Result<u32, tokio_postgres::Error> {
-    let num: String = client
-        .query_one("SELECT current_setting('server_version_num')", &[])
-        .await?
-        .get(0);
-    Ok(num.parse::<u32>().unwrap_or(0) / 10000)
-}
-
 /// Whether the current role may start replication (REPLICATION or superuser).
 pub async fn can_replicate(client: &Client) -> Result<bool, tokio_postgres::Error> {
     Ok(client
@@ -131,6 +127,7 @@ pub async fn table_info(
     };
     let oid: u32 = row.get(0);
     let ident: String = row.get(1);
+    let relkind: String = row.get(2);
     let columns: Vec<String> = client
         .query(
             "SELECT attname::text FROM pg_attribute
@@ -159,6 +156,7 @@ pub async fn table_info(
             .unwrap_or(ReplicaIdentity::Default);
     let identity_columns = match replica_identity {
         ReplicaIdentity::Default => pk.clone(),
+
         ReplicaIdentity::Full => columns.clone(),
         ReplicaIdentity::Nothing => Vec::new(),
         ReplicaIdentity::Index => client
@@ -174,7 +172,8 @@ pub async fn table_info(
         columns,
         replica_identity,
         identity_columns,
-        has_primary_key: !pk.is_empty(),
+        primary_key: pk,
+        partitioned: relkind == "p",
         replicates_updates,
     }))
 }
@@ -186,7 +185,7 @@ pub async fn publication(
 ) -> Result<Option<PublicationInfo>, tokio_postgres::Error> {
     let Some(row) = client
         .query_opt(
-            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot
                FROM pg_publication WHERE pubname = $1",
             &[&name],
         )
@@ -209,6 +208,7 @@ pub async fn publication(
         update: row.get(2),
         delete: row.get(3),
         truncate: row.get(4),
+        via_root: row.get(5),
         tables,
     }))
 }
@@ -259,7 +259,10 @@ pub fn create_publication_sql(name: &str, tables: &[(String, String)]) -> String
         .map(|(s, t)| quote_table(s, t))
         .collect::<Vec<_>>()
         .join(", ");
-    format!("CREATE PUBLICATION {} FOR TABLE {list};", quote_ident(name))
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true);",
+        quote_ident(name)
+    )
 }
 
 /// Creates a logical slot with the pgoutput plugin.

@@ -21,6 +21,10 @@ use tokio_postgres::config::{Host, SslMode};
 /// How much the read buffer grows by at least: big reads keep the walsender from
 /// being woken per message.
 const READ_CHUNK: usize = 256 * 1024;
+/// Largest backend message accepted; a bigger length is a corrupt stream, not a
+/// reason to allocate gigabytes. (A walsender message holds at most one WAL record's
+/// decoded change, bounded by Postgres' 1 GB value limit.)
+const MAX_MESSAGE: usize = 1 << 30;
 
 /// An error on the replication connection.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +53,9 @@ pub enum ReplicationError {
     /// The server broke the protocol.
     #[error("replication protocol error: {0}")]
     Protocol(String),
+    /// The server ended the stream (CopyDone) without being asked to.
+    #[error("the server ended the replication stream")]
+    StreamEnded,
 }
 
 impl ReplicationError {
@@ -57,7 +64,7 @@ impl ReplicationError {
     /// configuration errors are final.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ReplicationError::Io { .. } => true,
+            ReplicationError::Io { .. } | ReplicationError::StreamEnded => true,
             ReplicationError::Server { code, .. } => {
                 code.starts_with("08")
                     || code.starts_with("57P")
@@ -236,9 +243,6 @@ impl ReplicationConnection {
                         .map_err(|e| ReplicationError::Protocol(format!("SCRAM: {e}")))?;
                     continue;
                 }
-                Backend::Other(backend::Message::ErrorResponse(body)) => {
-                    return Err(server_error(&body));
-                }
                 Backend::Other(_) => {
                     return Err(ReplicationError::Unsupported(
                         "the server asks for an authentication method pginval does not support (use trust, password, md5 or scram-sha-256)".into(),
@@ -253,12 +257,8 @@ impl ReplicationConnection {
             self.flush().await?;
         }
         loop {
-            match self.next_message().await? {
-                Backend::Other(backend::Message::ReadyForQuery(_)) => return Ok(()),
-                Backend::Other(backend::Message::ErrorResponse(body)) => {
-                    return Err(server_error(&body));
-                }
-                _ => {}
+            if let Backend::Other(backend::Message::ReadyForQuery(_)) = self.next_message().await? {
+                return Ok(());
             }
         }
     }
@@ -284,9 +284,6 @@ impl ReplicationConnection {
         loop {
             match self.next_message().await? {
                 Backend::CopyBoth => return Ok(()),
-                Backend::Other(backend::Message::ErrorResponse(body)) => {
-                    return Err(server_error(&body));
-                }
                 Backend::Other(
                     backend::Message::NoticeResponse(_) | backend::Message::ParameterStatus(_),
                 ) => {}
@@ -299,7 +296,8 @@ impl ReplicationConnection {
         }
     }
 
-    /// The next complete message already in the read buffer, without any IO.
+    /// The next complete message already in the read buffer, without any IO. An
+    /// ErrorResponse is returned as the error it carries.
     pub fn buffered_message(&mut self) -> Result<Option<Backend>, ReplicationError> {
         if self.rbuf.len() < 5 {
             return Ok(None);
@@ -307,7 +305,7 @@ impl ReplicationConnection {
         let tag = self.rbuf[0];
         let len =
             u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;
-        if len < 4 {
+        if !(4..=MAX_MESSAGE).contains(&len) {
             return Err(ReplicationError::Protocol(format!(
                 "message {:?} with length {len}",
                 tag as char
@@ -329,6 +327,7 @@ impl ReplicationConnection {
                 Ok(Some(Backend::CopyBoth))
             }
             _ => match backend::Message::parse(&mut self.rbuf) {
+                Ok(Some(backend::Message::ErrorResponse(body))) => Err(server_error(&body)),
                 Ok(Some(m)) => Ok(Some(Backend::Other(m))),
                 Ok(None) => Ok(None),
                 Err(e) => Err(ReplicationError::Protocol(e.to_string())),
@@ -378,12 +377,10 @@ impl ReplicationConnection {
         self.flush().await?;
         let drain = async {
             loop {
-                match self.next_message().await? {
-                    Backend::Other(backend::Message::ReadyForQuery(_)) => return Ok(()),
-                    Backend::Other(backend::Message::ErrorResponse(body)) => {
-                        return Err(server_error(&body));
-                    }
-                    _ => {}
+                if let Backend::Other(backend::Message::ReadyForQuery(_)) =
+                    self.next_message().await?
+                {
+                    return Ok(());
                 }
             }
         };

@@ -5,12 +5,67 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
 
 use crate::config::{LineIndex, Problem};
+use crate::replication::event::Op;
 use crate::replication::relation::Table;
 
 use super::model::RuleModel;
 use super::template::{ImageSelector, Part, Template};
+
+/// Which operations fire a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ops {
+    /// INSERT.
+    pub insert: bool,
+    /// UPDATE.
+    pub update: bool,
+    /// DELETE.
+    pub delete: bool,
+    /// TRUNCATE.
+    pub truncate: bool,
+}
+
+impl Ops {
+    /// Every operation.
+    pub const ALL: Ops = Ops {
+        insert: true,
+        update: true,
+        delete: true,
+        truncate: true,
+    };
+
+    /// Whether `op` fires the rule.
+    pub fn fires(&self, op: Op) -> bool {
+        match op {
+            Op::Insert => self.insert,
+            Op::Update => self.update,
+            Op::Delete => self.delete,
+        }
+    }
+}
+
+/// What a rule does to its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// UNLINK them.
+    Delete,
+    /// Lower their TTL to this (never extend it).
+    Expire(Duration),
+}
+
+/// What a rule invalidates when exact invalidation is impossible.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fallback {
+    /// Tags to flush.
+    pub tags: Vec<String>,
+    /// Key globs to delete.
+    pub patterns: Vec<String>,
+}
 
 /// A validated rule.
 #[derive(Debug, Clone)]
@@ -27,24 +82,54 @@ pub struct Rule {
     pub keys: Vec<Template>,
     /// Tag templates.
     pub tags: Vec<Template>,
+    /// Key pattern templates.
+    pub patterns: Vec<Template>,
+    /// Condition columns: UPDATE fires only when one of them changed (empty: always).
+    pub columns: Vec<String>,
+    /// Operations that fire the rule.
+    pub ops: Ops,
+    /// Declared fallback, when there is one.
+    pub fallback: Option<Fallback>,
+    /// Rows one transaction may buffer for this rule before the fallback is used.
+    pub max_keys_per_transaction: usize,
+    /// Delete or expire.
+    pub action: Action,
+    /// Delete the keys again after this delay.
+    pub redelete_after: Option<Duration>,
+    /// Entity name for entity events.
+    pub entity: Option<String>,
 }
 
 impl Rule {
-    /// Every template of the rule, keys then tags.
+    /// Every template of the rule: keys, tags, patterns.
     pub fn templates(&self) -> impl Iterator<Item = &Template> {
-        self.keys.iter().chain(&self.tags)
+        self.keys.iter().chain(&self.tags).chain(&self.patterns)
     }
 
-    /// The column names the rule's templates read.
+    /// The column names the rule's templates and conditions read.
     pub fn columns(&self) -> BTreeSet<&str> {
         self.templates()
             .flat_map(|t| t.columns().map(|(_, c)| c))
+            .chain(self.columns.iter().map(String::as_str))
             .collect()
     }
 
     /// `schema.table`.
     pub fn qualified_table(&self) -> String {
         format!("{}.{}", self.schema, self.table)
+    }
+
+    /// The fallback in force: the declared one, or every template with `{...}` as `*`.
+    pub fn effective_fallback(&self) -> Fallback {
+        self.fallback.clone().unwrap_or_else(|| Fallback {
+            tags: self.tags.iter().map(Template::wildcard_pattern).collect(),
+            patterns: self
+                .keys
+                .iter()
+                .chain(&self.patterns)
+                .map(Template::wildcard_pattern)
+                .collect(),
+        })
     }
 }
 
@@ -75,18 +160,30 @@ impl RuleSet {
         self.rules
             .iter()
             .filter(|r| r.schema == table.schema && r.table == table.name)
-            .map(|r| BoundRule {
-                number: r.number,
-                keys: r
-                    .keys
+            .map(|r| {
+                let bind = |list: &[Template]| {
+                    list.iter()
+                        .map(|t| BoundTemplate::bind(t, table))
+                        .collect::<Vec<_>>()
+                };
+                let keys = bind(&r.keys);
+                let tags = bind(&r.tags);
+                let patterns = bind(&r.patterns);
+                let broken = keys
                     .iter()
-                    .map(|t| BoundTemplate::bind(t, table))
-                    .collect(),
-                tags: r
-                    .tags
-                    .iter()
-                    .map(|t| BoundTemplate::bind(t, table))
-                    .collect(),
+                    .chain(&tags)
+                    .chain(&patterns)
+                    .any(BoundTemplate::is_broken);
+                BoundRule {
+                    rule: Arc::new(r.clone()),
+                    keys,
+                    tags,
+                    patterns,
+                    // A condition column missing from the stream: every update counts as a change.
+                    condition: r.columns.iter().map(|c| table.column_index(c)).collect(),
+                    broken,
+                    fallback: r.effective_fallback(),
+                }
             })
             .collect()
     }
@@ -119,6 +216,13 @@ pub enum BoundPart {
 }
 
 impl BoundTemplate {
+    /// Whether a placeholder's column is missing from the table.
+    pub fn is_broken(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, BoundPart::Missing(_)))
+    }
+
     fn bind(template: &Template, table: &Table) -> BoundTemplate {
         let parts = template
             .parts()
@@ -141,32 +245,48 @@ impl BoundTemplate {
     }
 }
 
-/// The rules of one table, bound to its columns.
+/// A rule bound to the columns of its table as the stream describes it.
 #[derive(Debug, Clone)]
 pub struct BoundRule {
-    /// Rule number, for logs.
-    pub number: usize,
+    /// The rule.
+    pub rule: Arc<Rule>,
     /// Key templates.
     pub keys: Vec<BoundTemplate>,
     /// Tag templates.
     pub tags: Vec<BoundTemplate>,
+    /// Key pattern templates.
+    pub patterns: Vec<BoundTemplate>,
+    /// Tuple positions of the condition columns (`None`: missing from the stream).
+    pub condition: Vec<Option<usize>>,
+    /// Some template reads a column missing from the stream (a schema change).
+    pub broken: bool,
+    /// The fallback in force.
+    pub fallback: Fallback,
+}
+
+/// Defaults for every rule, from the rest of the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RuleDefaults {
+    /// `[limits] max_keys_per_transaction`.
+    pub max_keys_per_transaction: usize,
 }
 
 /// Validates rule models into rules, recording problems with their lines.
 pub fn compile(
     models: Vec<(usize, RuleModel)>,
+    defaults: RuleDefaults,
     lines: &LineIndex,
     problems: &mut Vec<Problem>,
 ) -> RuleSet {
     let mut rules = Vec::new();
     for (i, (line, model)) in models.into_iter().enumerate() {
         let number = i + 1;
-        let table_line = lines.line_of(&model.table.span()).or(Some(line));
+        let at = |span: std::ops::Range<usize>| lines.line_of(&span).or(Some(line));
         let (schema, table) = match split_table(model.table.get_ref()) {
             Some(pair) => pair,
             None => {
                 problems.push(Problem::new(
-                    table_line,
+                    at(model.table.span()),
                     format!(
                         "rule #{number}: table `{}` is not `table` or `schema.table`",
                         model.table.get_ref()
@@ -179,42 +299,160 @@ pub fn compile(
                 continue;
             }
         };
-        if model.keys.is_empty() && model.tags.is_empty() {
+        let name = format!("rule #{number} ({schema}.{table})");
+        if model.keys.is_empty()
+            && model.tags.is_empty()
+            && model.patterns.is_empty()
+            && model.entity.is_none()
+        {
             problems.push(Problem::new(
                 Some(line),
-                format!("rule #{number} ({schema}.{table}) has neither keys nor tags"),
-                Some("add keys = [\"...:{id}\"] or tags = [\"...\"]".into()),
+                format!("{name} has no keys, tags, patterns or entity"),
+                Some(
+                    "add keys = [\"...:{id}\"], tags = [\"...\"] or patterns = [\"...:*\"]".into(),
+                ),
             ));
         }
-        let mut parse_all = |list: Vec<toml::Spanned<String>>, what: &str| -> Vec<Template> {
+        let mut parse_all = |list: Vec<Spanned<String>>, what: &str| -> Vec<Template> {
             list.into_iter()
-                .filter_map(|t| match Template::parse(t.get_ref()) {
-                    Ok(tpl) => Some(tpl),
-                    Err(e) => {
-                        problems.push(Problem::new(
-                            lines.line_of(&t.span()).or(Some(line)),
-                            format!(
-                                "rule #{number} ({schema}.{table}): {what} template \"{}\": {e}",
-                                t.get_ref()
-                            ),
-                            None,
-                        ));
-                        None
+                .filter_map(|t| {
+                    let parsed = if t.get_ref().is_empty() {
+                        Err(format!("empty {what} template"))
+                    } else {
+                        Template::parse(t.get_ref())
+                            .map_err(|e| format!("{what} template \"{}\": {e}", t.get_ref()))
+                    };
+                    match parsed {
+                        Ok(tpl) => Some(tpl),
+                        Err(e) => {
+                            problems.push(Problem::new(at(t.span()), format!("{name}: {e}"), None));
+                            None
+                        }
                     }
                 })
                 .collect()
         };
         let keys = parse_all(model.keys, "key");
         let tags = parse_all(model.tags, "tag");
-        for t in keys.iter().chain(&tags) {
-            if t.source().is_empty() {
+        let patterns = parse_all(model.patterns, "pattern");
+
+        let ops = match &model.on {
+            None => Ops::ALL,
+            Some(on) => {
+                let mut ops = Ops {
+                    insert: false,
+                    update: false,
+                    delete: false,
+                    truncate: false,
+                };
+                for op in on.get_ref() {
+                    match op.as_str() {
+                        "insert" => ops.insert = true,
+                        "update" => ops.update = true,
+                        "delete" => ops.delete = true,
+                        "truncate" => ops.truncate = true,
+                        other => problems.push(Problem::new(
+                            at(on.span()),
+                            format!("{name}: `on` has unknown operation \"{other}\""),
+                            Some(
+                                "use any of \"insert\", \"update\", \"delete\", \"truncate\""
+                                    .into(),
+                            ),
+                        )),
+                    }
+                }
+                if on.get_ref().is_empty() {
+                    problems.push(Problem::new(
+                        at(on.span()),
+                        format!("{name}: `on` is empty, so the rule never fires"),
+                        Some("remove `on` to fire on every operation".into()),
+                    ));
+                }
+                ops
+            }
+        };
+        let mut duration = |field: &Option<Spanned<String>>, what: &str| -> Option<Duration> {
+            let value = field.as_ref()?;
+            match humantime::parse_duration(value.get_ref()) {
+                Ok(d) if !d.is_zero() => Some(d),
+                _ => {
+                    problems.push(Problem::new(
+                        at(value.span()),
+                        format!("{name}: {what} \"{}\" is not a duration", value.get_ref()),
+                        Some("write a positive duration like \"500ms\", \"5s\" or \"2m\"".into()),
+                    ));
+                    None
+                }
+            }
+        };
+        let expire_in = duration(&model.expire_in, "expire_in");
+        let redelete_after = duration(&model.redelete_after, "redelete_after");
+        let action = match model
+            .action
+            .as_ref()
+            .map(|a| (a.get_ref().as_str(), a.span()))
+        {
+            None | Some(("delete", _)) => {
+                if let Some(e) = &model.expire_in {
+                    problems.push(Problem::new(
+                        at(e.span()),
+                        format!("{name}: expire_in is set but action is not \"expire\""),
+                        Some("add action = \"expire\" or remove expire_in".into()),
+                    ));
+                }
+                Action::Delete
+            }
+            Some(("expire", span)) => match expire_in {
+                Some(d) => Action::Expire(d),
+                None => {
+                    if model.expire_in.is_none() {
+                        problems.push(Problem::new(
+                            at(span),
+                            format!("{name}: action = \"expire\" needs expire_in"),
+                            Some("add expire_in = \"5s\" (the TTL the keys are lowered to)".into()),
+                        ));
+                    }
+                    Action::Delete
+                }
+            },
+            Some((other, span)) => {
                 problems.push(Problem::new(
-                    Some(line),
-                    format!("rule #{number} ({schema}.{table}): empty template"),
-                    Some("remove it or write a key such as \"user:{id}\"".into()),
+                    at(span),
+                    format!("{name}: unknown action \"{other}\""),
+                    Some("use \"delete\" (default) or \"expire\"".into()),
+                ));
+                Action::Delete
+            }
+        };
+        let max_keys_per_transaction = match &model.max_keys_per_transaction {
+            Some(n) if *n.get_ref() == 0 => {
+                problems.push(Problem::new(
+                    at(n.span()),
+                    format!("{name}: max_keys_per_transaction must be at least 1"),
+                    None,
+                ));
+                defaults.max_keys_per_transaction
+            }
+            Some(n) => *n.get_ref(),
+            None => defaults.max_keys_per_transaction,
+        };
+        let fallback = model.fallback.map(|f| {
+            let span = f.span();
+            let f = f.into_inner();
+            if f.tags.is_empty() && f.patterns.is_empty() {
+                problems.push(Problem::new(
+                    at(span),
+                    format!("{name}: fallback names no tags and no patterns"),
+                    Some("add fallback = { patterns = [\"user:*\"] } or remove it".into()),
                 ));
             }
-        }
+            Fallback {
+                tags: f.tags,
+                patterns: f.patterns,
+            }
+        });
+        let columns = model.columns.into_iter().map(Spanned::into_inner).collect();
+        let entity = model.entity.map(Spanned::into_inner);
         rules.push(Rule {
             number,
             line,
@@ -222,6 +460,14 @@ pub fn compile(
             table,
             keys,
             tags,
+            patterns,
+            columns,
+            ops,
+            fallback,
+            max_keys_per_transaction,
+            action,
+            redelete_after,
+            entity,
         });
     }
     RuleSet { rules }

@@ -1,95 +1,377 @@
 //! Rendering bound rules against row events into an `Invalidation`: the deduplicated
-//! keys, tags and fallback patterns one transaction (or a batch of them) makes stale.
+//! keys, tags, patterns and entity events one transaction (or a batch of them) makes
+//! stale or announces.
 //!
-//! Never talks to Redis. Where a template cannot render exactly, it yields its
-//! wildcard pattern instead (over-invalidation), and counts that as a fallback.
+//! Never talks to Redis. Where exact invalidation is impossible (a value that was not
+//! sent, a column gone from the table, a TRUNCATE, too many rows in one transaction)
+//! the rule's fallback is used instead (over-invalidation), and counted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::{Map, Value as Json};
 
 use crate::replication::event::{Cell, Op, RowEvent};
 
-use super::compile::{BoundPart, BoundRule, BoundTemplate};
-use super::template::{ImageSelector, push_value};
+use super::compile::{Action, BoundPart, BoundRule, BoundTemplate};
+use super::template::{ImageSelector, push_glob_escaped, push_value};
 
-/// What a set of committed changes makes stale.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What to do with a tag's members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagAction {
+    /// Delete them.
+    Delete,
+    /// Lower their TTL to this many milliseconds.
+    Expire(u64),
+}
+
+/// Why a fallback was used (a metric and log label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FallbackReason {
+    /// A needed value was not sent.
+    ValueNotSent,
+    /// A template's column is missing from the table.
+    SchemaChange,
+    /// TRUNCATE.
+    Truncate,
+    /// More rows in one transaction than the rule's limit.
+    TooManyRows,
+}
+
+impl FallbackReason {
+    /// Short label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::ValueNotSent => "value_not_sent",
+            FallbackReason::SchemaChange => "schema_change",
+            FallbackReason::Truncate => "truncate",
+            FallbackReason::TooManyRows => "too_many_rows",
+        }
+    }
+}
+
+/// An entity event waiting for its transaction's commit position and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingEvent {
+    /// Entity name.
+    pub entity: Arc<str>,
+    /// insert, update, delete, truncate, or overflow (too many rows: refresh all).
+    pub op: &'static str,
+    /// Primary key value(s), `null` when unknown.
+    pub id: Json,
+    /// Changed columns with their new values (deleted rows: the old values), `null`
+    /// when not known.
+    pub fields: Json,
+    /// `schema.table`.
+    pub table: Arc<str>,
+}
+
+impl PendingEvent {
+    /// The event's JSON, stamped with its transaction's commit.
+    pub fn to_json(&self, lsn: &str, commit_time: &str) -> String {
+        serde_json::json!({
+            "entity": &*self.entity,
+            "op": self.op,
+            "id": self.id,
+            "fields": self.fields,
+            "table": &*self.table,
+            "lsn": lsn,
+            "commit_time": commit_time,
+        })
+        .to_string()
+    }
+}
+
+/// What a set of committed changes makes stale, and the events it announces.
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Invalidation {
     /// Cache keys to delete.
     pub keys: HashSet<String>,
-    /// Tags whose sets are to be flushed.
-    pub tags: HashSet<String>,
-    /// Key globs to delete by SCAN (fallback).
+    /// Cache keys whose TTL is to be lowered to this many milliseconds.
+    pub expire_keys: HashMap<String, u64>,
+    /// Tags to flush.
+    pub tags: HashMap<String, TagAction>,
+    /// Key globs to delete by SCAN.
     pub key_patterns: HashSet<String>,
-    /// Tag globs whose sets are to be flushed by SCAN (fallback).
+    /// Tag globs whose tags are to be flushed, found by SCAN.
     pub tag_patterns: HashSet<String>,
-    /// How many times exact invalidation was impossible and a pattern was used.
-    pub fallbacks: u64,
+    /// Keys to delete a second time after this many milliseconds.
+    pub redelete: HashMap<String, u64>,
+    /// Entity events, in change order.
+    pub events: Vec<PendingEvent>,
+    /// Fallbacks used, by reason.
+    pub fallbacks: HashMap<FallbackReason, u64>,
+    /// Rows seen per rule in the open transaction (for `max_keys_per_transaction`).
+    rows: HashMap<usize, usize>,
 }
 
 impl Invalidation {
-    /// Nothing to do.
+    /// Nothing to do in Redis.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-            && self.tags.is_empty()
-            && self.key_patterns.is_empty()
-            && self.tag_patterns.is_empty()
+        self.len() == 0
     }
 
-    /// Adds everything of `other`, deduplicating.
-    pub fn merge(&mut self, other: Invalidation) {
-        if self.is_empty() && self.fallbacks == 0 {
+    /// Number of distinct entries waiting for Redis.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+            + self.expire_keys.len()
+            + self.tags.len()
+            + self.key_patterns.len()
+            + self.tag_patterns.len()
+            + self.redelete.len()
+            + self.events.len()
+    }
+
+    /// Total fallbacks used.
+    pub fn fallback_count(&self) -> u64 {
+        self.fallbacks.values().sum()
+    }
+
+    /// Adds everything of `other`, deduplicating. Deleting a key wins over expiring it.
+    pub fn merge(&mut self, mut other: Invalidation) {
+        other.rows.clear();
+        if self.is_empty() && self.fallbacks.is_empty() {
             *self = other;
             return;
         }
         self.keys.extend(other.keys);
-        self.tags.extend(other.tags);
+        for (k, ms) in other.expire_keys {
+            let e = self.expire_keys.entry(k).or_insert(ms);
+            *e = (*e).min(ms);
+        }
+        for (t, a) in other.tags {
+            add_tag(&mut self.tags, t, a);
+        }
         self.key_patterns.extend(other.key_patterns);
         self.tag_patterns.extend(other.tag_patterns);
-        self.fallbacks += other.fallbacks;
+        for (k, ms) in other.redelete {
+            let e = self.redelete.entry(k).or_insert(ms);
+            *e = (*e).max(ms);
+        }
+        self.events.extend(other.events);
+        for (r, n) in other.fallbacks {
+            *self.fallbacks.entry(r).or_default() += n;
+        }
     }
 
-    /// Number of distinct entries (keys + tags + patterns).
-    pub fn len(&self) -> usize {
-        self.keys.len() + self.tags.len() + self.key_patterns.len() + self.tag_patterns.len()
-    }
-
-    /// Applies `rules` to one row change.
-    pub fn add_row(&mut self, rules: &[BoundRule], event: &RowEvent) {
+    /// Applies `rules` to one row change. `id_columns` are the tuple positions of the
+    /// table's primary key (for entity events).
+    pub fn add_row(&mut self, rules: &[BoundRule], event: &RowEvent, id_columns: &[usize]) {
         for rule in rules {
-            for t in &rule.keys {
-                render(
-                    t,
-                    event,
-                    &mut self.keys,
-                    &mut self.key_patterns,
-                    &mut self.fallbacks,
-                );
+            if !rule.rule.ops.fires(event.op) || !condition_holds(rule, event) {
+                continue;
             }
+            let rows = self.rows.entry(rule.rule.number).or_default();
+            *rows += 1;
+            let rows = *rows;
+            if rows > rule.rule.max_keys_per_transaction {
+                if rows == rule.rule.max_keys_per_transaction + 1 {
+                    self.add_fallback(rule, FallbackReason::TooManyRows);
+                    if let Some(entity) = &rule.rule.entity {
+                        self.events.push(PendingEvent {
+                            entity: entity.as_str().into(),
+                            op: "overflow",
+                            id: Json::Null,
+                            fields: Json::Null,
+                            table: rule.rule.qualified_table().into(),
+                        });
+                    }
+                }
+                continue;
+            }
+            if rule.broken {
+                self.add_fallback(rule, FallbackReason::SchemaChange);
+            }
+            let mut unknown = false;
+            for t in &rule.keys {
+                match rule.rule.action {
+                    Action::Delete => {
+                        unknown |= render(t, event, false, &mut |key| {
+                            if let Some(delay) = rule.rule.redelete_after {
+                                let ms = delay.as_millis() as u64;
+                                let e = self.redelete.entry(key.clone()).or_insert(ms);
+                                *e = (*e).max(ms);
+                            }
+                            self.keys.insert(key);
+                        })
+                    }
+                    Action::Expire(ttl) => {
+                        let ms = ttl.as_millis() as u64;
+                        unknown |= render(t, event, false, &mut |key| {
+                            let e = self.expire_keys.entry(key).or_insert(ms);
+                            *e = (*e).min(ms);
+                        })
+                    }
+                }
+            }
+            let tag_action = match rule.rule.action {
+                Action::Delete => TagAction::Delete,
+                Action::Expire(ttl) => TagAction::Expire(ttl.as_millis() as u64),
+            };
             for t in &rule.tags {
-                render(
-                    t,
-                    event,
-                    &mut self.tags,
-                    &mut self.tag_patterns,
-                    &mut self.fallbacks,
-                );
+                unknown |= render(t, event, false, &mut |tag| {
+                    add_tag(&mut self.tags, tag, tag_action)
+                });
+            }
+            for t in &rule.patterns {
+                unknown |= render(t, event, true, &mut |p| {
+                    self.key_patterns.insert(p);
+                });
+            }
+            if unknown && !rule.broken {
+                self.add_fallback(rule, FallbackReason::ValueNotSent);
+            }
+            if let Some(entity) = &rule.rule.entity {
+                self.events
+                    .push(entity_event(entity, rule, event, id_columns));
             }
         }
     }
 
-    /// TRUNCATE: no rows are sent, so every key and tag a rule could produce goes,
-    /// by pattern.
+    /// TRUNCATE: no rows are sent, so every rule that fires on truncate uses its fallback.
     pub fn add_truncate(&mut self, rules: &[BoundRule]) {
-        for rule in rules {
-            for t in &rule.keys {
-                self.key_patterns.insert(t.template.wildcard_pattern());
-                self.fallbacks += 1;
-            }
-            for t in &rule.tags {
-                self.tag_patterns.insert(t.template.wildcard_pattern());
-                self.fallbacks += 1;
+        for rule in rules.iter().filter(|r| r.rule.ops.truncate) {
+            self.add_fallback(rule, FallbackReason::Truncate);
+            if let Some(entity) = &rule.rule.entity {
+                self.events.push(PendingEvent {
+                    entity: entity.as_str().into(),
+                    op: "truncate",
+                    id: Json::Null,
+                    fields: Json::Null,
+                    table: rule.rule.qualified_table().into(),
+                });
             }
         }
+    }
+
+    /// Adds keys and tags an application named in a `pg_logical_emit_message` hint.
+    pub fn add_hint(
+        &mut self,
+        keys: impl IntoIterator<Item = String>,
+        tags: impl IntoIterator<Item = String>,
+    ) {
+        self.keys.extend(keys);
+        for t in tags {
+            add_tag(&mut self.tags, t, TagAction::Delete);
+        }
+    }
+
+    fn add_fallback(&mut self, rule: &BoundRule, reason: FallbackReason) {
+        *self.fallbacks.entry(reason).or_default() += 1;
+        for t in &rule.fallback.tags {
+            if t.contains(['*', '?', '[']) {
+                self.tag_patterns.insert(t.clone());
+            } else {
+                add_tag(&mut self.tags, t.clone(), TagAction::Delete);
+            }
+        }
+        self.key_patterns
+            .extend(rule.fallback.patterns.iter().cloned());
+    }
+}
+
+fn add_tag(tags: &mut HashMap<String, TagAction>, tag: String, action: TagAction) {
+    let e = tags.entry(tag).or_insert(action);
+    *e = match (*e, action) {
+        (TagAction::Delete, _) | (_, TagAction::Delete) => TagAction::Delete,
+        (TagAction::Expire(a), TagAction::Expire(b)) => TagAction::Expire(a.min(b)),
+    };
+}
+
+/// Column conditions: UPDATE fires only when a condition column changed. An unknown
+/// old value counts as changed (fail-safe); an unchanged TOAST value as unchanged.
+fn condition_holds(rule: &BoundRule, event: &RowEvent) -> bool {
+    if rule.condition.is_empty() || event.op != Op::Update {
+        return true;
+    }
+    let (Some(old), Some(new)) = (&event.old, &event.new) else {
+        return true;
+    };
+    rule.condition.iter().any(|index| {
+        let Some(i) = *index else { return true };
+        match (old.get(i), new.get(i)) {
+            (_, Some(Cell::Unknown)) => false,
+            (Some(Cell::Unknown) | None, _) | (_, None) => true,
+            (Some(a), Some(b)) => a != b,
+        }
+    })
+}
+
+fn cell_json(cell: Option<&Cell>) -> Option<Json> {
+    match cell? {
+        Cell::Null => Some(Json::Null),
+        Cell::Text(b) => Some(Json::String(String::from_utf8_lossy(b).into_owned())),
+        Cell::Unknown => None,
+    }
+}
+
+fn entity_event(
+    entity: &str,
+    rule: &BoundRule,
+    event: &RowEvent,
+    id_columns: &[usize],
+) -> PendingEvent {
+    let columns = &event.table.columns;
+    let row = event.new.as_ref().or(event.old.as_ref());
+    let id_of = |i: usize| {
+        let v = row.and_then(|r| cell_json(r.get(i)));
+        // An unchanged-TOAST key in the new image: the old image has it.
+        v.or_else(|| event.old.as_ref().and_then(|r| cell_json(r.get(i))))
+    };
+    let id = match id_columns {
+        [] => Json::Null,
+        [one] => id_of(*one).unwrap_or(Json::Null),
+        many => Json::Object(
+            many.iter()
+                .filter_map(|&i| {
+                    Some((columns.get(i)?.name.clone(), id_of(i).unwrap_or(Json::Null)))
+                })
+                .collect(),
+        ),
+    };
+    let mut fields = Map::new();
+    let known = match (event.op, &event.old, &event.new) {
+        (Op::Insert, _, Some(new)) | (Op::Update, None, Some(new)) => {
+            for (c, cell) in columns.iter().zip(new) {
+                if let Some(v) = cell_json(Some(cell)) {
+                    fields.insert(c.name.clone(), v);
+                }
+            }
+            true
+        }
+        (Op::Update, Some(old), Some(new)) => {
+            for ((c, o), n) in columns.iter().zip(old).zip(new) {
+                let changed = match (o, n) {
+                    (_, Cell::Unknown) => false,
+                    (Cell::Unknown, _) => true,
+                    (a, b) => a != b,
+                };
+                if changed && let Some(v) = cell_json(Some(n)) {
+                    fields.insert(c.name.clone(), v);
+                }
+            }
+            true
+        }
+        (Op::Delete, Some(old), _) => {
+            for (c, cell) in columns.iter().zip(old) {
+                if let Some(v) = cell_json(Some(cell)) {
+                    fields.insert(c.name.clone(), v);
+                }
+            }
+            true
+        }
+        _ => false,
+    };
+    PendingEvent {
+        entity: entity.into(),
+        op: event.op.as_str(),
+        id,
+        fields: if known {
+            Json::Object(fields)
+        } else {
+            Json::Null
+        },
+        table: rule.rule.qualified_table().into(),
     }
 }
 
@@ -100,30 +382,23 @@ enum Image {
     Old,
 }
 
-/// Renders `t` against every image of `event` into `out`; when some value is not
-/// known, inserts the template's wildcard into `patterns` instead.
-fn render(
-    t: &BoundTemplate,
-    event: &RowEvent,
-    out: &mut HashSet<String>,
-    patterns: &mut HashSet<String>,
-    fallbacks: &mut u64,
-) {
+/// Renders `t` against every image of `event`, calling `out` for each result.
+/// Returns true when some value was not sent, so exact rendering was impossible.
+/// `glob`: the template is a pattern; values are glob-escaped.
+fn render(t: &BoundTemplate, event: &RowEvent, glob: bool, out: &mut dyn FnMut(String)) -> bool {
+    if t.is_broken() {
+        return false;
+    }
     let primaries = [
         event.new.as_ref().map(|_| Image::New),
         event.old.as_ref().map(|_| Image::Old),
     ];
+    let mut unknown = false;
     for primary in primaries.into_iter().flatten() {
-        match render_one(t, event, primary) {
-            Rendered::Key(key) => {
-                out.insert(key);
-            }
+        match render_one(t, event, primary, glob) {
+            Rendered::Key(key) => out(key),
             Rendered::Nothing => {}
-            Rendered::Unknown => {
-                patterns.insert(t.template.wildcard_pattern());
-                *fallbacks += 1;
-                return;
-            }
+            Rendered::Unknown => unknown = true,
         }
         // A template that names only explicit images renders the same for both primaries.
         if !t.parts.iter().any(|p| {
@@ -138,6 +413,7 @@ fn render(
             break;
         }
     }
+    unknown
 }
 
 enum Rendered {
@@ -148,7 +424,7 @@ enum Rendered {
     Unknown,
 }
 
-fn render_one(t: &BoundTemplate, event: &RowEvent, primary: Image) -> Rendered {
+fn render_one(t: &BoundTemplate, event: &RowEvent, primary: Image, glob: bool) -> Rendered {
     let mut key = String::with_capacity(t.template.source().len() + 16);
     for part in &t.parts {
         match part {
@@ -161,6 +437,9 @@ fn render_one(t: &BoundTemplate, event: &RowEvent, primary: Image) -> Rendered {
                     ImageSelector::New => Image::New,
                 };
                 match lookup(event, image, *index) {
+                    Lookup::Text(text) if glob => {
+                        push_glob_escaped(&mut key, &String::from_utf8_lossy(text))
+                    }
                     Lookup::Text(text) => push_value(&mut key, text),
                     Lookup::Absent => return Rendered::Nothing,
                     Lookup::Unknown => return Rendered::Unknown,
@@ -187,10 +466,8 @@ fn lookup(event: &RowEvent, image: Image, index: usize) -> Lookup<'_> {
         Image::Old => cell(&event.old, index),
     };
     match found {
-        None => {
-            // `{old.x}` on an INSERT (or `{new.x}` on a DELETE): that image does not exist.
-            Lookup::Absent
-        }
+        // `{old.x}` on an INSERT (or `{new.x}` on a DELETE): that image does not exist.
+        None => Lookup::Absent,
         Some(None) => Lookup::Unknown,
         Some(Some(Cell::Text(b))) => Lookup::Text(b),
         Some(Some(Cell::Null)) => Lookup::Absent,
@@ -210,12 +487,13 @@ fn lookup(event: &RowEvent, image: Image, index: usize) -> Lookup<'_> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use bytes::Bytes;
 
     use super::*;
     use crate::replication::relation::{ReplicaIdentity, Table, TableColumn};
-    use crate::rules::compile::{Rule, RuleSet};
+    use crate::rules::compile::{Action, Fallback, Ops, Rule, RuleSet};
     use crate::rules::template::Template;
 
     fn table() -> Arc<Table> {
@@ -233,18 +511,32 @@ mod tests {
         })
     }
 
+    fn rule(keys: &[&str], tags: &[&str]) -> Rule {
+        let parse = |list: &[&str]| list.iter().map(|k| Template::parse(k).unwrap()).collect();
+        Rule {
+            number: 1,
+            line: 1,
+            schema: "public".into(),
+            table: "posts".into(),
+            keys: parse(keys),
+            tags: parse(tags),
+            patterns: vec![],
+            columns: vec![],
+            ops: Ops::ALL,
+            fallback: None,
+            max_keys_per_transaction: 1000,
+            action: Action::Delete,
+            redelete_after: None,
+            entity: None,
+        }
+    }
+
+    fn bind(rule: Rule) -> Vec<BoundRule> {
+        RuleSet { rules: vec![rule] }.bind(&table())
+    }
+
     fn rules(keys: &[&str], tags: &[&str]) -> Vec<BoundRule> {
-        let set = RuleSet {
-            rules: vec![Rule {
-                number: 1,
-                line: 1,
-                schema: "public".into(),
-                table: "posts".into(),
-                keys: keys.iter().map(|k| Template::parse(k).unwrap()).collect(),
-                tags: tags.iter().map(|k| Template::parse(k).unwrap()).collect(),
-            }],
-        };
-        set.bind(&table())
+        bind(rule(keys, tags))
     }
 
     fn text(s: &'static str) -> Cell {
@@ -257,51 +549,59 @@ mod tests {
         v
     }
 
-    #[test]
-    fn update_moving_author_invalidates_old_and_new_author_keys() {
-        let ev = RowEvent {
+    fn update(old: Vec<Cell>, new: Vec<Cell>) -> RowEvent {
+        RowEvent {
             table: table(),
             op: Op::Update,
-            old: Some(vec![text("1"), text("3"), text("b")]),
-            new: Some(vec![text("1"), text("7"), text("b")]),
-        };
+            old: Some(old),
+            new: Some(new),
+        }
+    }
+
+    #[test]
+    fn update_moving_author_invalidates_old_and_new_author_keys() {
+        let ev = update(
+            vec![text("1"), text("3"), text("b")],
+            vec![text("1"), text("7"), text("b")],
+        );
         let mut inv = Invalidation::default();
-        inv.add_row(&rules(&["post:{id}", "user_posts:{author_id}"], &[]), &ev);
+        inv.add_row(
+            &rules(&["post:{id}", "user_posts:{author_id}"], &[]),
+            &ev,
+            &[0],
+        );
         assert_eq!(keys(&inv), vec!["post:1", "user_posts:3", "user_posts:7"]);
-        assert_eq!(inv.fallbacks, 0);
+        assert_eq!(inv.fallback_count(), 0);
     }
 
     #[test]
     fn explicit_images_pick_one_side() {
-        let ev = RowEvent {
-            table: table(),
-            op: Op::Update,
-            old: Some(vec![text("1"), text("3"), text("b")]),
-            new: Some(vec![text("1"), text("7"), text("b")]),
-        };
+        let ev = update(
+            vec![text("1"), text("3"), text("b")],
+            vec![text("1"), text("7"), text("b")],
+        );
         let mut inv = Invalidation::default();
         inv.add_row(
             &rules(&["was:{old.author_id}", "now:{new.author_id}"], &[]),
             &ev,
+            &[0],
         );
         assert_eq!(keys(&inv), vec!["now:7", "was:3"]);
     }
 
     #[test]
     fn unchanged_toast_renders_from_the_old_image() {
-        let ev = RowEvent {
-            table: table(),
-            op: Op::Update,
-            old: Some(vec![text("1"), text("3"), text("long")]),
-            new: Some(vec![text("1"), text("3"), Cell::Unknown]),
-        };
+        let ev = update(
+            vec![text("1"), text("3"), text("long")],
+            vec![text("1"), text("3"), Cell::Unknown],
+        );
         let mut inv = Invalidation::default();
-        inv.add_row(&rules(&["b:{body}"], &[]), &ev);
+        inv.add_row(&rules(&["b:{body}"], &[]), &ev, &[0]);
         assert_eq!(keys(&inv), vec!["b:long"]);
     }
 
     #[test]
-    fn unknown_value_falls_back_to_the_wildcard_pattern() {
+    fn unknown_value_falls_back_to_the_rules_wildcards() {
         let ev = RowEvent {
             table: table(),
             op: Op::Delete,
@@ -312,11 +612,12 @@ mod tests {
         inv.add_row(
             &rules(&["post:{id}", "user_posts:{author_id}"], &["a:{author_id}"]),
             &ev,
+            &[0],
         );
         assert_eq!(keys(&inv), vec!["post:1"]);
         assert!(inv.key_patterns.contains("user_posts:*"));
         assert!(inv.tag_patterns.contains("a:*"));
-        assert_eq!(inv.fallbacks, 2);
+        assert_eq!(inv.fallbacks[&FallbackReason::ValueNotSent], 1);
     }
 
     #[test]
@@ -328,17 +629,156 @@ mod tests {
             new: Some(vec![text("1"), Cell::Null, text("x")]),
         };
         let mut inv = Invalidation::default();
-        inv.add_row(&rules(&["user_posts:{author_id}"], &["post:{id}"]), &ev);
+        inv.add_row(
+            &rules(&["user_posts:{author_id}"], &["post:{id}"]),
+            &ev,
+            &[0],
+        );
         assert!(inv.keys.is_empty());
         assert_eq!(inv.tags.len(), 1);
-        assert_eq!(inv.fallbacks, 0);
+        assert_eq!(inv.fallback_count(), 0);
     }
 
     #[test]
-    fn truncate_uses_every_template_as_a_pattern() {
+    fn truncate_uses_the_fallback() {
         let mut inv = Invalidation::default();
         inv.add_truncate(&rules(&["post:{id}"], &["category:{author_id}"]));
         assert!(inv.key_patterns.contains("post:*"));
         assert!(inv.tag_patterns.contains("category:*"));
+        let mut declared = rule(&["post:{id}"], &[]);
+        declared.fallback = Some(Fallback {
+            tags: vec!["posts".into()],
+            patterns: vec!["post:*".into(), "feed:*".into()],
+        });
+        let mut inv = Invalidation::default();
+        inv.add_truncate(&bind(declared));
+        assert!(inv.tags.contains_key("posts"));
+        assert_eq!(inv.key_patterns.len(), 2);
+    }
+
+    #[test]
+    fn column_conditions_fire_only_when_a_listed_column_changed() {
+        let mut r = rule(&["post:{id}"], &[]);
+        r.columns = vec!["author_id".into()];
+        let bound = bind(r);
+        let mut inv = Invalidation::default();
+        let same = update(
+            vec![text("1"), text("3"), text("a")],
+            vec![text("1"), text("3"), text("b")],
+        );
+        inv.add_row(&bound, &same, &[0]);
+        assert!(inv.keys.is_empty(), "body changed, author_id did not");
+        let toast = update(
+            vec![text("1"), text("3"), text("a")],
+            vec![text("1"), Cell::Unknown, text("b")],
+        );
+        inv.add_row(&bound, &toast, &[0]);
+        assert!(inv.keys.is_empty(), "unchanged TOAST counts as unchanged");
+        let no_old = RowEvent {
+            old: None,
+            ..same.clone()
+        };
+        inv.add_row(&bound, &no_old, &[0]);
+        assert_eq!(keys(&inv), vec!["post:1"], "without the old image: changed");
+        let moved = update(
+            vec![text("2"), text("3"), text("a")],
+            vec![text("2"), text("4"), text("a")],
+        );
+        inv.add_row(&bound, &moved, &[0]);
+        assert_eq!(keys(&inv), vec!["post:1", "post:2"]);
+    }
+
+    #[test]
+    fn operation_filter_skips_other_operations() {
+        let mut r = rule(&["post:{id}"], &[]);
+        r.ops = Ops {
+            insert: false,
+            update: false,
+            delete: true,
+            truncate: false,
+        };
+        let bound = bind(r);
+        let mut inv = Invalidation::default();
+        inv.add_row(
+            &bound,
+            &update(
+                vec![text("1"), text("3"), text("a")],
+                vec![text("1"), text("4"), text("a")],
+            ),
+            &[0],
+        );
+        inv.add_truncate(&bound);
+        assert!(inv.is_empty());
+    }
+
+    #[test]
+    fn too_many_rows_switch_to_the_fallback_and_stop_buffering() {
+        let mut r = rule(&["post:{id}"], &[]);
+        r.max_keys_per_transaction = 10;
+        let bound = bind(r);
+        let mut inv = Invalidation::default();
+        for i in 0..1000 {
+            let id = Cell::Text(Bytes::from(i.to_string()));
+            let ev = RowEvent {
+                table: table(),
+                op: Op::Insert,
+                old: None,
+                new: Some(vec![id, text("1"), text("x")]),
+            };
+            inv.add_row(&bound, &ev, &[0]);
+        }
+        assert_eq!(inv.keys.len(), 10);
+        assert!(inv.key_patterns.contains("post:*"));
+        assert_eq!(inv.fallbacks[&FallbackReason::TooManyRows], 1);
+    }
+
+    #[test]
+    fn expire_rules_collect_ttls_and_delete_wins_on_merge() {
+        let mut r = rule(&["post:{id}"], &[]);
+        r.action = Action::Expire(Duration::from_secs(5));
+        let ev = update(
+            vec![text("1"), text("3"), text("a")],
+            vec![text("1"), text("3"), text("b")],
+        );
+        let mut inv = Invalidation::default();
+        inv.add_row(&bind(r), &ev, &[0]);
+        assert_eq!(inv.expire_keys.get("post:1"), Some(&5000));
+        assert!(inv.keys.is_empty());
+    }
+
+    #[test]
+    fn patterns_escape_values() {
+        let mut r = rule(&[], &[]);
+        r.patterns = vec![Template::parse("user:{author_id}:*").unwrap()];
+        let ev = update(
+            vec![text("1"), text("a*"), text("a")],
+            vec![text("1"), text("a*"), text("b")],
+        );
+        let mut inv = Invalidation::default();
+        inv.add_row(&bind(r), &ev, &[0]);
+        assert!(
+            inv.key_patterns.contains("user:a\\*:*"),
+            "{:?}",
+            inv.key_patterns
+        );
+    }
+
+    #[test]
+    fn entity_events_carry_id_and_changed_fields() {
+        let mut r = rule(&[], &[]);
+        r.entity = Some("post".into());
+        let ev = update(
+            vec![text("1"), text("3"), text("a")],
+            vec![text("1"), text("7"), text("a")],
+        );
+        let mut inv = Invalidation::default();
+        inv.add_row(&bind(r), &ev, &[0]);
+        let json: Json = serde_json::from_str(&inv.events[0].to_json("0/1", "t")).unwrap();
+        assert_eq!(json["entity"], "post");
+        assert_eq!(json["op"], "update");
+        assert_eq!(json["id"], "1");
+        assert_eq!(json["fields"], serde_json::json!({"author_id": "7"}));
+        assert_eq!(json["table"], "public.posts");
+        assert_eq!(json["lsn"], "0/1");
     }
 }

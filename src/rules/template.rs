@@ -192,11 +192,6 @@ pub fn push_glob_escaped(out: &mut String, text: &str) {
     }
 }
 
-/// Renders `{tag}` in the tag-set key layout (`cache_tag:{tag}`).
-pub fn render_tag_key(layout: &str, tag: &str) -> String {
-    layout.replace("{tag}", tag)
-}
-
 /// Writes a value's text into `out`; kept here so every renderer formats alike.
 pub(crate) fn push_value(out: &mut String, text: &[u8]) {
     match std::str::from_utf8(text) {

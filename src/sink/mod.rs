@@ -1,3 +1,5 @@
 //! Intent → effect: applying invalidations to Redis.
 
+pub mod redelete;
 pub mod redis;
+pub mod tags;

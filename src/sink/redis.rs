@@ -1,6 +1,6 @@
-//! The Redis sink: applies an `Invalidation` with pipelined UNLINKs, per-tag Lua
-//! flushes and SCAN-based pattern deletes; retries with capped backoff until Redis
-//! acknowledges.
+//! The Redis sink: applies an `Invalidation` with pipelined UNLINK / PEXPIRE, per-tag
+//! Lua flushes (chunked for big tags), SCAN-based pattern deletes, and publishes
+//! entity events; retries with capped backoff until Redis acknowledges.
 //!
 //! The only module that talks to Redis. It decides nothing about LSNs: it reports
 //! success, and `pipeline` decides what that lets it confirm.
@@ -8,59 +8,139 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Script};
+use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script};
 
-use crate::rules::invalidation::Invalidation;
-use crate::rules::template::push_glob_escaped;
+use crate::config::EventsConfig;
+use crate::rules::invalidation::{Invalidation, TagAction};
+
+use super::tags::TagLayout;
 
 /// Keys per UNLINK command inside a pipeline.
 const KEYS_PER_UNLINK: usize = 256;
-/// SCAN COUNT hint for pattern deletes.
+/// SCAN / SSCAN / ZSCAN COUNT hint.
 const SCAN_COUNT: usize = 1000;
+/// Tags with more members than this are flushed in chunks instead of in one script.
+const INLINE_TAG_MEMBERS: usize = 5000;
 /// First retry delay after a Redis error; doubles up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Attempts for an error that is not about the connection (a wrong type, a script
+/// error) before the batch is given up, loudly.
+const MAX_COMMAND_ERROR_ATTEMPTS: u32 = 5;
 
-/// Flushes one tag atomically: deletes every member key, then the tag's SET.
+/// Flushes one tag. Small tags: deletes (or expires) every member, then the tag,
+/// atomically. Big tags, or a tag whose earlier chunked flush was interrupted: moves
+/// the members into the spill key (atomically, so members added afterwards belong to
+/// a fresh tag) and returns -1; the caller then deletes the spill key's members in
+/// chunks. KEYS: tag, spill. ARGV: member prefix, "set"|"zset", inline limit, expire
+/// milliseconds (0 = delete). Returns the member count, -1 (spilled), or -2 (the tag
+/// key holds another type: left alone).
 const FLUSH_TAG_LUA: &str = r#"
-local members = redis.call('SMEMBERS', KEYS[1])
+local zset = ARGV[2] == 'zset'
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'none' and kind ~= (zset and 'zset' or 'set') then return -2 end
+local n = 0
+if kind ~= 'none' then
+  if zset then n = redis.call('ZCARD', KEYS[1]) else n = redis.call('SCARD', KEYS[1]) end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 or n > tonumber(ARGV[3]) then
+  if n > 0 then
+    if zset then
+      redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1])
+    else
+      redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[1])
+    end
+    redis.call('UNLINK', KEYS[1])
+  end
+  return -1
+end
+if n == 0 then return 0 end
+local members
+if zset then members = redis.call('ZRANGE', KEYS[1], 0, -1) else members = redis.call('SMEMBERS', KEYS[1]) end
+local ms = tonumber(ARGV[4])
 for i = 1, #members, 500 do
-  redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+  local chunk = {}
+  for j = i, math.min(i + 499, #members) do chunk[#chunk + 1] = ARGV[1] .. members[j] end
+  if ms > 0 then
+    for _, k in ipairs(chunk) do redis.call('PEXPIRE', k, ms, 'LT') end
+  else
+    redis.call('UNLINK', unpack(chunk))
+  end
 end
 redis.call('UNLINK', KEYS[1])
-return #members
+return n
 "#;
 
-/// An error talking to Redis; every one is retried.
+/// An error talking to Redis.
 #[derive(Debug, thiserror::Error)]
 #[error("redis: {0}")]
-pub struct SinkError(#[from] redis::RedisError);
+pub struct SinkError(#[from] RedisError);
+
+impl SinkError {
+    /// Whether the error is about reaching Redis (retried without limit) rather than
+    /// about a command (retried a few times).
+    pub fn is_connection_error(&self) -> bool {
+        let e = &self.0;
+        e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                ErrorKind::Server(
+                    redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::MasterDown
+                        | redis::ServerErrorKind::ReadOnly
+                        | redis::ServerErrorKind::ClusterDown
+                        | redis::ServerErrorKind::NoScript
+                )
+            )
+    }
+}
 
 /// The Redis side of pginval.
 pub struct RedisSink {
     client: Client,
     conn: Option<MultiplexedConnection>,
-    tag_key: String,
+    tags: TagLayout,
+    events: Option<EventsConfig>,
     flush_tag: Script,
+    dry_run: bool,
 }
 
 impl std::fmt::Debug for RedisSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSink")
-            .field("tag_key", &self.tag_key)
+            .field("tags", &self.tags)
+            .field("dry_run", &self.dry_run)
             .finish_non_exhaustive()
     }
 }
 
+/// What one tag flush found.
+enum Flushed {
+    Done,
+    Spilled,
+    WrongType,
+}
+
 impl RedisSink {
-    /// A sink for `url`; connects lazily. `tag_key` is the tag-set layout (`cache_tag:{tag}`).
-    pub fn new(url: &str, tag_key: &str) -> Result<RedisSink, SinkError> {
+    /// A sink for `url`; connects lazily. With `dry_run` it logs instead of writing.
+    pub fn new(
+        url: &str,
+        tags: TagLayout,
+        events: Option<EventsConfig>,
+        dry_run: bool,
+    ) -> Result<RedisSink, SinkError> {
         Ok(RedisSink {
             client: Client::open(url)?,
             conn: None,
-            tag_key: tag_key.to_owned(),
+            tags,
+            events,
             flush_tag: Script::new(FLUSH_TAG_LUA),
+            dry_run,
         })
     }
 
@@ -94,23 +174,35 @@ impl RedisSink {
         Ok(r?)
     }
 
-    /// Applies `inv` once. On error the connection is dropped so the next attempt
-    /// starts afresh.
-    pub async fn apply(&mut self, inv: &Invalidation) -> Result<(), SinkError> {
-        let result = self.try_apply(inv).await;
+    /// Applies `inv` and publishes `events` once. On error the connection is dropped
+    /// so the next attempt starts afresh.
+    pub async fn apply(&mut self, inv: &Invalidation, events: &[String]) -> Result<(), SinkError> {
+        if self.dry_run {
+            tracing::info!(
+                keys = ?inv.keys, expire = ?inv.expire_keys, tags = ?inv.tags,
+                key_patterns = ?inv.key_patterns, tag_patterns = ?inv.tag_patterns,
+                events = ?events, "dry run: would invalidate"
+            );
+            return Ok(());
+        }
+        let result = self.try_apply(inv, events).await;
         if result.is_err() {
             self.conn = None;
         }
         result
     }
 
-    /// Applies `inv`, retrying with capped exponential backoff until Redis
-    /// acknowledges. Logs once when Redis starts failing and once when it recovers.
-    pub async fn apply_until_ok(&mut self, inv: &Invalidation) {
+    /// Applies `inv` and publishes `events`, retrying with capped exponential backoff
+    /// until Redis acknowledges. Connection errors are retried without limit; a
+    /// command error (a key of the wrong type, say) is retried a few times and then
+    /// reported as an error and skipped, so one bad key cannot stall the stream.
+    /// Logs once when Redis starts failing and once when it recovers.
+    pub async fn apply_until_ok(&mut self, inv: &Invalidation, events: &[String]) {
         let mut backoff = MIN_BACKOFF;
         let mut failing_since = None;
+        let mut command_errors = 0;
         loop {
-            match self.apply(inv).await {
+            match self.apply(inv, events).await {
                 Ok(()) => {
                     if let Some(since) = failing_since {
                         let down: Duration = tokio::time::Instant::now() - since;
@@ -122,6 +214,16 @@ impl RedisSink {
                     return;
                 }
                 Err(e) => {
+                    if !e.is_connection_error() {
+                        command_errors += 1;
+                        if command_errors >= MAX_COMMAND_ERROR_ATTEMPTS {
+                            tracing::error!(
+                                error = %e, keys = inv.keys.len(), tags = inv.tags.len(),
+                                "redis rejected a command of this batch {MAX_COMMAND_ERROR_ATTEMPTS} times; giving the batch up"
+                            );
+                            return;
+                        }
+                    }
                     if failing_since.is_none() {
                         tracing::warn!(error = %e, "redis failed; holding the flush position and retrying with backoff");
                         failing_since = Some(tokio::time::Instant::now());
@@ -135,66 +237,157 @@ impl RedisSink {
         }
     }
 
-    async fn try_apply(&mut self, inv: &Invalidation) -> Result<(), SinkError> {
+    async fn try_apply(&mut self, inv: &Invalidation, events: &[String]) -> Result<(), SinkError> {
         let mut conn = self.connection().await?;
-        if !inv.keys.is_empty() || !inv.tags.is_empty() {
+        let tags: Vec<(&String, &TagAction)> = inv.tags.iter().collect();
+        if !inv.keys.is_empty() || !inv.expire_keys.is_empty() || !tags.is_empty() {
             let mut pipe = redis::pipe();
             let keys: Vec<&str> = inv.keys.iter().map(String::as_str).collect();
             for chunk in keys.chunks(KEYS_PER_UNLINK) {
                 pipe.cmd("UNLINK").arg(chunk).ignore();
             }
-            for tag in &inv.tags {
-                let key = self.tag_key.replace("{tag}", tag);
-                pipe.cmd("EVALSHA")
-                    .arg(self.flush_tag.get_hash())
-                    .arg(1)
-                    .arg(key)
-                    .ignore();
+            for (key, ms) in &inv.expire_keys {
+                if !inv.keys.contains(key) {
+                    pipe.cmd("PEXPIRE").arg(key).arg(*ms).arg("LT").ignore();
+                }
             }
-            pipe.query_async::<()>(&mut conn).await?;
+            for (tag, action) in &tags {
+                self.push_flush(&mut pipe, &self.tags.tag_key(tag), **action);
+            }
+            let results: Vec<i64> = pipe.query_async(&mut conn).await?;
+            for ((tag, action), result) in tags.iter().zip(results) {
+                self.after_flush(&mut conn, &self.tags.tag_key(tag), **action, result)
+                    .await?;
+            }
         }
         for pattern in &inv.key_patterns {
-            self.scan_each(&mut conn, pattern, None, |pipe, key| {
+            self.scan_each(&mut conn, "SCAN", None, pattern, None, |pipe, key| {
                 pipe.cmd("UNLINK").arg(key).ignore();
             })
             .await?;
         }
         for tag_pattern in &inv.tag_patterns {
-            let pattern = self.tag_key_pattern(tag_pattern);
-            let sha = self.flush_tag.get_hash().to_owned();
-            self.scan_each(&mut conn, &pattern, Some("set"), |pipe, key| {
-                pipe.cmd("EVALSHA").arg(&sha).arg(1).arg(key).ignore();
+            let pattern = self.tags.tag_key_pattern(tag_pattern);
+            let kind = if self.tags.is_zset() { "zset" } else { "set" };
+            let mut found = Vec::new();
+            self.scan_each(&mut conn, "SCAN", None, &pattern, Some(kind), |_, key| {
+                found.push(key.to_owned());
             })
             .await?;
+            for tag_key in found.iter().filter(|k| !k.ends_with(SPILL_SUFFIX)) {
+                let mut pipe = redis::pipe();
+                self.push_flush(&mut pipe, tag_key, TagAction::Delete);
+                let results: Vec<i64> = pipe.query_async(&mut conn).await?;
+                if let Some(&r) = results.first() {
+                    self.after_flush(&mut conn, tag_key, TagAction::Delete, r)
+                        .await?;
+                }
+            }
+        }
+        if let Some(cfg) = &self.events
+            && !events.is_empty()
+        {
+            let mut pipe = redis::pipe();
+            for json in events {
+                if let Some(channel) = &cfg.channel {
+                    pipe.cmd("PUBLISH").arg(channel).arg(json).ignore();
+                }
+                if let Some(stream) = &cfg.stream {
+                    pipe.cmd("XADD")
+                        .arg(stream)
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(cfg.stream_maxlen)
+                        .arg("*")
+                        .arg("event")
+                        .arg(json)
+                        .ignore();
+                }
+            }
+            pipe.query_async::<()>(&mut conn).await?;
         }
         Ok(())
     }
 
-    /// The glob of tag-set keys for a tag glob: the layout's literal text escaped.
-    fn tag_key_pattern(&self, tag_pattern: &str) -> String {
-        let (before, after) = self
-            .tag_key
-            .split_once("{tag}")
-            .unwrap_or((self.tag_key.as_str(), ""));
-        let mut out = String::new();
-        push_glob_escaped(&mut out, before);
-        out.push_str(tag_pattern);
-        push_glob_escaped(&mut out, after);
-        out
+    fn push_flush(&self, pipe: &mut redis::Pipeline, tag_key: &str, action: TagAction) {
+        let ms = match action {
+            TagAction::Delete => 0,
+            TagAction::Expire(ms) => ms.max(1),
+        };
+        pipe.cmd("EVALSHA")
+            .arg(self.flush_tag.get_hash())
+            .arg(2)
+            .arg(tag_key)
+            .arg(format!("{tag_key}{SPILL_SUFFIX}"))
+            .arg(self.tags.member_prefix())
+            .arg(if self.tags.is_zset() { "zset" } else { "set" })
+            .arg(INLINE_TAG_MEMBERS)
+            .arg(ms);
     }
 
-    /// SCANs keys matching `pattern` and pipelines `each` for every batch found.
+    /// Completes a tag flush the script could not do inline.
+    async fn after_flush(
+        &self,
+        conn: &mut MultiplexedConnection,
+        tag_key: &str,
+        action: TagAction,
+        result: i64,
+    ) -> Result<Flushed, SinkError> {
+        match result {
+            -2 => {
+                tracing::error!(
+                    tag_key = %tag_key.escape_debug(),
+                    "tag key holds a value of another type than the tag layout expects; left alone"
+                );
+                Ok(Flushed::WrongType)
+            }
+            -1 => {
+                let spill = format!("{tag_key}{SPILL_SUFFIX}");
+                let prefix = self.tags.member_prefix().to_owned();
+                let scan = if self.tags.is_zset() {
+                    "ZSCAN"
+                } else {
+                    "SSCAN"
+                };
+                self.scan_each(conn, scan, Some(&spill), "*", None, |pipe, member| {
+                    let key = format!("{prefix}{member}");
+                    match action {
+                        TagAction::Delete => pipe.cmd("UNLINK").arg(key).ignore(),
+                        TagAction::Expire(ms) => {
+                            pipe.cmd("PEXPIRE").arg(key).arg(ms).arg("LT").ignore()
+                        }
+                    };
+                })
+                .await?;
+                redis::cmd("UNLINK")
+                    .arg(&spill)
+                    .query_async::<()>(conn)
+                    .await?;
+                Ok(Flushed::Spilled)
+            }
+            _ => Ok(Flushed::Done),
+        }
+    }
+
+    /// Iterates `SCAN` (or `SSCAN`/`ZSCAN` over `key`) matching `pattern` and
+    /// pipelines `each` for every element batch found. ZSCAN's scores are skipped.
     async fn scan_each(
         &self,
         conn: &mut MultiplexedConnection,
+        command: &str,
+        key: Option<&str>,
         pattern: &str,
         key_type: Option<&str>,
         mut each: impl FnMut(&mut redis::Pipeline, &str),
     ) -> Result<u64, SinkError> {
         let mut cursor: u64 = 0;
         let mut found = 0;
+        let step = if command == "ZSCAN" { 2 } else { 1 };
         loop {
-            let mut scan = redis::cmd("SCAN");
+            let mut scan = redis::cmd(command);
+            if let Some(k) = key {
+                scan.arg(k);
+            }
             scan.arg(cursor)
                 .arg("MATCH")
                 .arg(pattern)
@@ -203,14 +396,16 @@ impl RedisSink {
             if let Some(t) = key_type {
                 scan.arg("TYPE").arg(t);
             }
-            let (next, keys): (u64, Vec<String>) = scan.query_async(conn).await?;
-            if !keys.is_empty() {
-                found += keys.len() as u64;
+            let (next, items): (u64, Vec<String>) = scan.query_async(conn).await?;
+            if !items.is_empty() {
                 let mut pipe = redis::pipe();
-                for key in &keys {
-                    each(&mut pipe, key);
+                for item in items.iter().step_by(step) {
+                    found += 1;
+                    each(&mut pipe, item);
                 }
-                pipe.query_async::<()>(conn).await?;
+                if !pipe.is_empty() {
+                    pipe.query_async::<()>(conn).await?;
+                }
             }
             if next == 0 {
                 return Ok(found);
@@ -219,3 +414,6 @@ impl RedisSink {
         }
     }
 }
+
+/// Suffix of the key a big tag's members are moved to while they are flushed.
+pub const SPILL_SUFFIX: &str = ":pginval-flushing";

@@ -1,0 +1,873 @@
+#!/usr/bin/env python3
+"""scripts/bench/bench.py: the measuring half of scripts/bench.sh.
+
+scripts/bench.sh starts PostgreSQL and Redis, initializes the pgbench databases and the
+`bench_all` / `bench_big` publications, then runs this program, which:
+
+  catchup  for each run: fresh slots created one after another (same LSN, nothing is
+           written between them), a pgbench TPC-B backlog, one marker transaction, then
+           pg_recvlogical (to --endpos) and pginval (bench_all, then its own publication)
+           read the same backlog, one after the other, order rotated per run.
+  latency  pginval streaming while pgbench runs single-row UPDATEs at a fixed rate; a
+           probe sets acct:<aid>, updates that row and times commit -> key deleted
+           (Redis keyspace notification on `del`).
+  big      one UPDATE of 1,000,000 rows (scale 10), read by pg_recvlogical and pginval.
+
+pginval's time is process start -> the marker key deleted in Redis. The marker is a row
+of pgbench_accounts outside pgbench's range, updated in its own transaction after the
+backlog, so its key is in pginval's last batch; every key is pre-populated in Redis,
+so pginval deletes real keys. pg_recvlogical's time is process start -> exit at
+--endpos (the WAL position after the marker transaction).
+
+CPU and peak RSS of both programs come from GNU time (`/usr/bin/time -f '%e %U %S %M'`),
+which runs each of them (cross-checked with wait4() on time).
+The server side (walsender) CPU is the growth of the postmaster's reaped-children time
+(cutime + cstime in /proc/<postmaster>/stat) over the consumer's run, read once every
+new backend has exited: autovacuum is off and the harness's own connection stays open,
+so that is the walsender's CPU (for pginval, plus its short control connection).
+
+Only psycopg2 is needed beyond the standard library; Redis is spoken to directly.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import psycopg2
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GNU_TIME = os.environ.get("GNU_TIME", "/usr/bin/time")
+
+
+def log(msg):
+    print(f"-- {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ Redis
+
+
+class Redis:
+    """A minimal RESP2 client: enough for SET/EVAL/EXISTS/CONFIG pipelines."""
+
+    def __init__(self, host, port):
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = self.sock.makefile("rb")
+
+    @staticmethod
+    def encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if not isinstance(a, bytes):
+                a = str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        return b"".join(out)
+
+    def read(self):
+        line = self.rfile.readline()
+        if not line:
+            raise ConnectionError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(f"redis: {rest.decode()}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self.rfile.read(n + 2)
+            return data[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self.read() for _ in range(n)]
+        raise RuntimeError(f"redis: unexpected reply {line!r}")
+
+    def cmd(self, *args):
+        self.sock.sendall(self.encode(args))
+        return self.read()
+
+    def pipeline(self, commands, chunk=2000):
+        replies = []
+        for i in range(0, len(commands), chunk):
+            part = commands[i : i + chunk]
+            self.sock.sendall(b"".join(self.encode(c) for c in part))
+            replies.extend(self.read() for _ in part)
+        return replies
+
+    def populate(self, prefix, first, last):
+        """SET prefix<first..last> 'x' inside Redis (one Lua call, no round trips)."""
+        lua = "for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do redis.call('SET', ARGV[1] .. i, 'x') end return 1"
+        self.cmd("EVAL", lua, 0, prefix, first, last)
+
+
+class Watcher:
+    """Reads a byte stream (a socket, a pipe); wait_for() returns the moment a pattern
+    has arrived. Bytes before a match are dropped."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buf = b""
+
+    def wait_for(self, pat, timeout, alive=None):
+        """perf_counter() once `pat` is in the stream, None after `timeout` seconds (or
+        as soon as alive() is false)."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            i = self.buf.find(pat)
+            if i >= 0:
+                now = time.perf_counter()
+                self.buf = self.buf[i + len(pat) :]
+                return now
+            self.buf = self.buf[-len(pat) :]  # a match may straddle two reads
+            left = deadline - time.perf_counter()
+            if left <= 0 or (alive is not None and not alive()):
+                return None
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.1))
+            if not ready:
+                continue
+            data = os.read(self.fd, 1 << 20)
+            if not data:
+                raise ConnectionError("the stream ended")
+            self.buf += data
+
+
+class Subscriber(Watcher):
+    """A raw Redis SUBSCRIBE connection."""
+
+    def __init__(self, host, port, channel):
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(Redis.encode([b"SUBSCRIBE", channel.encode()]))
+        super().__init__(self.sock.fileno())
+        # The confirmation: *3 $9 subscribe $<n> channel :1
+        if self.wait_for(b"subscribe\r\n", 10) is None or self.wait_for(b":1\r\n", 10) is None:
+            raise RuntimeError("redis did not confirm SUBSCRIBE")
+
+    def wait_for_key(self, key, timeout, alive=None):
+        """When a message naming `key` (a keyevent notification) has arrived."""
+        return self.wait_for(b"\r\n" + key + b"\r\n", timeout, alive)
+
+    def close(self):
+        self.sock.close()
+
+
+# ------------------------------------------------------------------------- processes
+
+
+LIVE = []  # Procs not yet reaped; stopped on exit
+
+
+def stop_all():
+    for p in list(LIVE):
+        try:
+            p.kill(signal.SIGKILL)
+            p.wait(10)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+class Proc:
+    """A program run under GNU time (`/usr/bin/time -f '%e %U %S %M'`).
+
+    The measured program is a child of `time`, not of this Python process: a direct
+    child's peak RSS would include the Python parent's pages it was forked with. `pid`
+    is the program's own pid (signals go there); user+sys CPU and peak RSS are read
+    from time's report, and cross-checked with wait4() on `time` (which covers its
+    reaped child)."""
+
+    def __init__(self, argv, logfile=None, env=None, timefile=None):
+        self.argv = argv
+        self.timefile = timefile
+        out = open(logfile, "ab") if logfile else subprocess.DEVNULL
+        self.t0 = time.perf_counter()
+        self.p = subprocess.Popen([GNU_TIME, "-f", "%e %U %S %M", "-o", timefile, "--"] + argv,
+                                  stdout=out, stderr=subprocess.STDOUT, env=env)
+        if logfile:
+            out.close()
+        self.status = None
+        self.rusage = None
+        self.t_exit = None
+        self.times = None
+        LIVE.append(self)
+        self.pid = None
+        deadline = time.perf_counter() + 5
+        while self.pid is None and time.perf_counter() < deadline:
+            try:
+                with open(f"/proc/{self.p.pid}/task/{self.p.pid}/children") as f:
+                    kids = f.read().split()
+            except OSError:
+                kids = []
+            if kids:
+                self.pid = int(kids[0])
+            elif not self.alive():
+                break
+            else:
+                time.sleep(0.0005)
+        if self.pid is None:
+            self.wait(5)
+            raise RuntimeError(f"could not start {argv[0]} under {GNU_TIME} (status {self.status})")
+
+    def alive(self):
+        if self.status is not None:
+            return False
+        pid, status, ru = os.wait4(self.p.pid, os.WNOHANG)
+        if pid == 0:
+            return True
+        self._reaped(status, ru)
+        return False
+
+    def _reaped(self, status, ru):
+        self.t_exit = time.perf_counter()
+        self.status = os.waitstatus_to_exitcode(status)
+        self.rusage = ru
+        self.p.returncode = self.status
+        if self in LIVE:
+            LIVE.remove(self)
+        try:
+            with open(self.timefile) as f:
+                last = f.read().strip().splitlines()[-1].split()
+            self.times = {"elapsed": float(last[0]), "user": float(last[1]), "sys": float(last[2]), "maxrss_kb": int(last[3])}
+        except (OSError, IndexError, ValueError):
+            self.times = None
+
+    def wait(self, timeout):
+        deadline = time.perf_counter() + timeout
+        while self.alive():
+            if time.perf_counter() > deadline:
+                return None
+            time.sleep(0.001)
+        return self.status
+
+    def kill(self, sig):
+        if self.alive():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout=15):
+        self.kill(signal.SIGTERM)
+        if self.wait(timeout) is None:
+            self.kill(signal.SIGKILL)
+            self.wait(10)
+            raise RuntimeError(f"{self.argv[0]} did not stop within {timeout} s of SIGTERM")
+        return self.status
+
+    def cpu(self):
+        if self.times:
+            return self.times["user"] + self.times["sys"]
+        return self.rusage.ru_utime + self.rusage.ru_stime
+
+    def rss_mb(self):
+        if self.times:
+            return self.times["maxrss_kb"] / 1024
+        return self.rusage.ru_maxrss / 1024  # KiB on Linux
+
+    def proc_cpu(self):
+        """user+sys seconds so far, from /proc (while running)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+    def usage(self):
+        """CPU, RSS and wait4's view of them (a cross-check of time's report)."""
+        return {
+            "cpu_s": self.cpu(),
+            "rss_mb": self.rss_mb(),
+            "wait4_cpu_s": self.rusage.ru_utime + self.rusage.ru_stime,
+            "wait4_rss_mb": self.rusage.ru_maxrss / 1024,
+        }
+
+
+# ------------------------------------------------------------------------------ bench
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def percentile(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.bindir = a.pg_bindir
+        self.results = {"config": vars(a).copy()}
+        self.redis = Redis("127.0.0.1", a.redis_port)
+        self.redis_url = f"redis://127.0.0.1:{a.redis_port}/0"
+        with open(os.path.join(a.pg_data, "postmaster.pid")) as f:
+            self.postmaster = int(f.readline())
+        self.warnings = []  # suspicious things seen, for the summary
+        self.seq = 0
+
+    # -- PostgreSQL helpers
+
+    def dsn(self, db):
+        return f"host=127.0.0.1 port={self.a.pg_port} user=postgres dbname={db}"
+
+    def url(self, db):
+        return f"postgres://postgres@127.0.0.1:{self.a.pg_port}/{db}"
+
+    def connect(self, db):
+        c = psycopg2.connect(self.dsn(db))
+        c.autocommit = True
+        return c
+
+    @staticmethod
+    def q(conn, sql, args=None):
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else None
+
+    def q1(self, conn, sql, args=None):
+        return self.q(conn, sql, args)[0][0]
+
+    def reset_slots(self, conn, names):
+        for name in names:
+            self.wait_slot_inactive(conn, name)
+            self.q(conn, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (name,))
+
+    def wait_slot_inactive(self, conn, slot, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            rows = self.q(conn, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+            if not rows or not rows[0][0]:
+                return
+            time.sleep(0.01)
+        raise RuntimeError(f"slot {slot} still active after {timeout} s")
+
+    def children(self):
+        try:
+            with open(f"/proc/{self.postmaster}/task/{self.postmaster}/children") as f:
+                return set(f.read().split())
+        except OSError:
+            return None
+
+    def reaped_ticks(self):
+        with open(f"/proc/{self.postmaster}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return int(rest[13]) + int(rest[14])  # cutime + cstime
+
+    def server_cpu_begin(self):
+        return (self.children(), self.reaped_ticks())
+
+    def server_cpu_end(self, begin, conn, slot):
+        """Server CPU (s) of the backends that started and ended since `begin`."""
+        kids, ticks = begin
+        self.wait_slot_inactive(conn, slot)
+        deadline = time.time() + 10
+        while kids is not None and time.time() < deadline:
+            now = self.children()
+            if now is None or now <= kids:
+                break
+            time.sleep(0.005)
+        else:
+            time.sleep(0.2)
+        return (self.reaped_ticks() - ticks) / CLK_TCK
+
+    # -- consumers
+
+    def pg_recvlogical(self, db, slot, publication, end_lsn, conn):
+        begin = self.server_cpu_begin()
+        p = Proc(
+            [
+                os.path.join(self.bindir, "pg_recvlogical"),
+                "-d", self.dsn(db), "--start", "-S", slot, "--no-loop",
+                "-o", "proto_version=1", "-o", f"publication_names={publication}",
+                "-f", "/dev/null", f"--endpos={end_lsn}",
+            ],
+            logfile=os.path.join(self.a.work, "pg_recvlogical.log"),
+            timefile=os.path.join(self.a.work, "pg_recvlogical.time"),
+        )
+        if p.wait(600) is None:
+            p.stop()
+            raise RuntimeError("pg_recvlogical did not reach --endpos within 600 s")
+        if p.status != 0:
+            raise RuntimeError(f"pg_recvlogical exited with {p.status} (see {self.a.work}/pg_recvlogical.log)")
+        wall = p.t_exit - p.t0
+        server = self.server_cpu_end(begin, conn, slot)
+        return {"wall_s": wall, **p.usage(), "walsender_cpu_s": server}
+
+    def pginval_config(self, name, slot, publication):
+        path = os.path.join(self.a.work, f"{name}.toml")
+        with open(path, "w") as f:
+            f.write(
+                f'[source]\nslot = "{slot}"\npublication = "{publication}"\n\n'
+                '[[rules]]\ntable = "pgbench_accounts"\nkeys = ["acct:{aid}"]\n\n'
+                '[[rules]]\ntable = "pgbench_tellers"\nkeys = ["teller:{tid}"]\n\n'
+                '[[rules]]\ntable = "pgbench_branches"\nkeys = ["branch:{bid}"]\n'
+            )
+        return path
+
+    def start_pginval(self, db, config, name):
+        self.seq += 1
+        logfile = os.path.join(self.a.work, f"pginval-{self.seq:02d}-{name}.log")
+        env = dict(os.environ, PGINVAL_SOURCE_URL=self.url(db), PGINVAL_REDIS_URL=self.redis_url)
+        env.pop("RUST_LOG", None)
+        p = Proc([self.a.pginval, "run", "--config", config], logfile=logfile, env=env,
+                 timefile=logfile[: -len(".log")] + ".time")
+        p.logfile = logfile
+        return p
+
+    def scan_log(self, p, what):
+        """Counts WARN/ERROR lines in a pginval log; remembers the first few."""
+        bad = []
+        with open(p.logfile, errors="replace") as f:
+            for line in f:
+                if re.search(r"\b(WARN|ERROR)\b", line):
+                    bad.append(line.rstrip())
+        for line in bad[:3]:
+            self.warnings.append(f"{what}: {line}")
+        return len(bad)
+
+    def pginval_catchup(self, db, conn, slot, publication, end_lsn, marker_key, populate, name):
+        """Times pginval from process start to the deletion of marker_key."""
+        self.redis.cmd("FLUSHALL")
+        populate()
+        sub = Subscriber("127.0.0.1", self.a.redis_port, f"__keyspace@0__:{marker_key}")
+        config = self.pginval_config(name, slot, publication)
+        begin = self.server_cpu_begin()
+        p = self.start_pginval(db, config, name)
+        try:
+            t_gone = sub.wait_for(b"del", self.a.timeout, alive=p.alive)
+            if t_gone is None:
+                raise RuntimeError(
+                    f"pginval ({name}) did not delete {marker_key} within {self.a.timeout} s "
+                    f"(exit status {p.status}; log: {p.logfile})"
+                )
+            wall = t_gone - p.t0
+            # Diagnostic: how long until the slot's confirmed_flush_lsn shows the end.
+            confirm_lag = None
+            deadline = time.perf_counter() + self.a.confirm_wait
+            while time.perf_counter() < deadline:
+                if self.q1(conn, "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (end_lsn, slot)):
+                    confirm_lag = time.perf_counter() - t_gone
+                    break
+                time.sleep(0.005)
+            cpu_at_done = p.proc_cpu()
+        finally:
+            sub.close()
+            status = p.stop()
+        if status != 0:
+            raise RuntimeError(f"pginval ({name}) exited with {status} after SIGTERM (log: {p.logfile})")
+        server = self.server_cpu_end(begin, conn, slot)
+        return {
+            "wall_s": wall,
+            **p.usage(),
+            "cpu_at_done_s": cpu_at_done,
+            "walsender_cpu_s": server,
+            "confirm_lag_s": confirm_lag,
+            "log_warnings": self.scan_log(p, name),
+            "log": p.logfile,
+        }
+
+    def pgbench(self, db, args, capture=True):
+        argv = [os.path.join(self.bindir, "pgbench"), "-h", "127.0.0.1", "-p", str(self.a.pg_port), "-U", "postgres"] + args + [db]
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"pgbench failed: {r.stderr.strip()[-800:]}")
+        return r.stdout + r.stderr
+
+    @staticmethod
+    def pgbench_tps(out):
+        m = re.search(r"tps = ([\d.]+)", out)
+        return float(m.group(1)) if m else None
+
+    def prepare_db(self, conn, db):
+        """Adds the marker row (outside pgbench's aid range) and returns the row counts."""
+        naccounts = self.q1(conn, "SELECT count(*) FROM pgbench_accounts")
+        nbranches = self.q1(conn, "SELECT count(*) FROM pgbench_branches")
+        ntellers = self.q1(conn, "SELECT count(*) FROM pgbench_tellers")
+        marker = naccounts + 1
+        self.q(conn, "INSERT INTO pgbench_accounts (aid, bid, abalance, filler) VALUES (%s, 1, 0, '') ON CONFLICT DO NOTHING", (marker,))
+        self.q(conn, "VACUUM ANALYZE")
+        return naccounts, nbranches, ntellers, marker
+
+    def ensure_own_publication(self, db, conn):
+        """Lets pginval create its own publication (pginval_own) once, as in production."""
+        exists = self.q1(conn, "SELECT count(*) FROM pg_publication WHERE pubname = 'pginval_own'")
+        if exists:
+            return
+        self.reset_slots(conn, ["bench_setup"])
+        config = self.pginval_config("setup", "bench_setup", "pginval_own")
+        p = self.start_pginval(db, config, "setup")
+        deadline = time.time() + 60
+        while time.time() < deadline and p.alive():
+            with open(p.logfile, errors="replace") as f:
+                if "streaming" in f.read():
+                    break
+            time.sleep(0.05)
+        else:
+            p.stop()
+            raise RuntimeError(f"pginval did not start streaming (log: {p.logfile})")
+        p.stop()
+        self.reset_slots(conn, ["bench_setup"])
+        definition = self.q(conn, "SELECT schemaname || '.' || tablename || coalesce(' (' || array_to_string(attnames, ', ') || ')', '') FROM pg_publication_tables WHERE pubname = 'pginval_own' ORDER BY 1")
+        self.results["own_publication"] = [r[0] for r in definition]
+        log("pginval created its publication pginval_own: " + "; ".join(r[0] for r in definition))
+
+    # -- 1. catch-up
+
+    def catchup(self):
+        a = self.a
+        db = "bench"
+        conn = self.connect(db)
+        naccounts, nbranches, ntellers, marker = self.prepare_db(conn, db)
+        self.ensure_own_publication(db, conn)
+        marker_key = f"acct:{marker}"
+        per_client = a.backlog // 4
+        txns = per_client * 4
+        changes = 3 * txns + 1  # accounts, tellers, branches per TPC-B transaction + marker
+
+        def populate():
+            self.redis.populate("acct:", 1, marker)
+            self.redis.populate("teller:", 1, ntellers)
+            self.redis.populate("branch:", 1, nbranches)
+
+        self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Kg")
+        slots = {"recv": "bench_recv", "all": "bench_inval", "own": "bench_own"}
+        order = ["recv", "all", "own"]
+        runs = []
+        for i in range(a.runs):
+            self.reset_slots(conn, slots.values())
+            self.q(conn, "TRUNCATE pgbench_history")
+            self.q(conn, "CHECKPOINT")
+            start_lsns = [self.q1(conn, "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (s,)) for s in slots.values()]
+            t = time.perf_counter()
+            out = self.pgbench(db, ["-n", "-t", str(per_client), "-c", "4", "-j", "2", "-M", "prepared"])
+            backlog_s = time.perf_counter() - t
+            self.q(conn, "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s", (marker,))
+            end_lsn = self.q1(conn, "SELECT pg_current_wal_lsn()::text")
+            wal_bytes = int(self.q1(conn, "SELECT %s::pg_lsn - %s::pg_lsn", (end_lsn, start_lsns[0])))
+            touched = self.q(conn, "SELECT 'acct:' || aid FROM pgbench_history UNION SELECT 'teller:' || tid FROM pgbench_history UNION SELECT 'branch:' || bid FROM pgbench_history")
+            touched = [r[0] for r in touched]
+            log(f"catch-up run {i + 1}/{a.runs}: backlog {txns} transactions in {backlog_s:.1f} s "
+                f"(pgbench {self.pgbench_tps(out):.0f} tps), slots at {', '.join(start_lsns)}, end {end_lsn}, "
+                f"{wal_bytes / 1e6:.1f} MB of WAL")
+            run = {"start_lsns": start_lsns, "end_lsn": end_lsn, "wal_bytes": int(wal_bytes), "backlog_s": backlog_s}
+            rot = order[i % 3 :] + order[: i % 3]
+            for who in rot:
+                if who == "recv":
+                    r = self.pg_recvlogical(db, slots["recv"], "bench_all", end_lsn, conn)
+                else:
+                    pub = "bench_all" if who == "all" else "pginval_own"
+                    r = self.pginval_catchup(db, conn, slots[who], pub, end_lsn, marker_key, populate, f"catchup-{who}")
+                    left = sum(self.redis.pipeline([["EXISTS", k] for k in touched]))
+                    r["keys_left"] = left
+                    if left:
+                        self.warnings.append(f"catch-up run {i + 1} ({who}): {left} of {len(touched)} touched keys still in Redis after pginval stopped")
+                run[who] = r
+                msg = f"   {who:>4}: {r['wall_s']:.3f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB, walsender CPU {r['walsender_cpu_s']:.2f} s"
+                if who != "recv":
+                    lag = r["confirm_lag_s"]
+                    msg += ", confirmed " + (f"{lag * 1000:.0f} ms" if lag is not None else f"not within {a.confirm_wait:.1f} s")
+                    msg += f" after the marker, {r['keys_left']} keys left, {r['log_warnings']} log warnings"
+                log(msg)
+            run["order"] = rot
+            runs.append(run)
+        self.reset_slots(conn, slots.values())
+        conn.close()
+        self.results["catchup"] = {"transactions": txns, "row_changes": changes, "runs": runs}
+
+    # -- 2. latency
+
+    def latency(self):
+        a = self.a
+        db = "bench"
+        conn = self.connect(db)
+        naccounts, _, _, marker = self.prepare_db(conn, db)
+        self.ensure_own_publication(db, conn)
+        probe_first = max(1, naccounts - 10000 + 1)  # probes use the last 10,000 aids
+        bg_max = probe_first - 1
+        script = os.path.join(a.work, "update-one.sql")
+        with open(script, "w") as f:
+            f.write(f"\\set aid random(1, {bg_max})\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n")
+        self.reset_slots(conn, ["bench_lat"])
+        self.redis.cmd("FLUSHALL")
+        self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Eg")
+        sub = Subscriber("127.0.0.1", a.redis_port, "__keyevent@0__:del")
+        config = self.pginval_config("latency", "bench_lat", "pginval_own")
+        p = self.start_pginval(db, config, "latency")
+        cur = conn.cursor()
+        update = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s"
+        results = {}
+        bg = None
+        try:
+            # Wait until pginval streams (it creates slot bench_lat on start).
+            deadline = time.time() + 60
+            while True:
+                key = f"acct:{marker}".encode()
+                self.redis.cmd("SET", key, "x")
+                cur.execute(update, (marker,))
+                if sub.wait_for(key, 1, alive=p.alive) is not None:
+                    break
+                if not p.alive() or time.time() > deadline:
+                    raise RuntimeError(f"pginval did not start invalidating (log: {p.logfile})")
+            aid = probe_first
+            for rate in a.rates:
+                cpu0 = p.proc_cpu()
+                bg = subprocess.Popen(
+                    [os.path.join(self.bindir, "pgbench"), "-h", "127.0.0.1", "-p", str(a.pg_port), "-U", "postgres",
+                     "-n", "-c", "4", "-j", "2", "-M", "prepared", "-R", str(rate), "-T", str(a.latency_secs), "-f", script, db],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )
+                t_start = time.perf_counter()
+                time.sleep(min(1.0, a.latency_secs / 5))  # let the rate settle
+                lat, lat_send, slow, missed = [], [], [], 0
+                t_end = t_start + a.latency_secs - 0.5
+                while time.perf_counter() < t_end and bg.poll() is None:
+                    key = f"acct:{aid}".encode()
+                    aid = aid + 1 if aid < naccounts else probe_first
+                    self.redis.cmd("SET", key, "x")
+                    t_send = time.perf_counter()
+                    cur.execute(update, (int(key[5:]),))
+                    t_commit = time.perf_counter()
+                    t_gone = sub.wait_for(key, 5, alive=p.alive)
+                    if t_gone is None:
+                        if not p.alive():
+                            raise RuntimeError(f"pginval exited during the latency test (log: {p.logfile})")
+                        missed += 1
+                        continue
+                    lat.append(max(0.0, t_gone - t_commit))
+                    lat_send.append(t_gone - t_send)
+                    if t_gone - t_commit > 0.005:
+                        slow.append((round(t_commit - t_start, 3), round((t_gone - t_commit) * 1000, 2)))
+                    time.sleep(random.uniform(0.002, 0.008))
+                out, _ = bg.communicate()
+                cpu1 = p.proc_cpu()
+                elapsed = time.perf_counter() - t_start
+                lag = re.search(r"rate limit schedule lag: avg ([\d.]+) \(max ([\d.]+)\) ms", out)
+                r = {
+                    "rate": rate,
+                    "probes": len(lat),
+                    "missed": missed,
+                    "p50_ms": percentile(lat, 50) * 1000 if lat else None,
+                    "p90_ms": percentile(lat, 90) * 1000 if lat else None,
+                    "p99_ms": percentile(lat, 99) * 1000 if lat else None,
+                    "max_ms": max(lat) * 1000 if lat else None,
+                    "p50_from_send_ms": percentile(lat_send, 50) * 1000 if lat_send else None,
+                    "p99_from_send_ms": percentile(lat_send, 99) * 1000 if lat_send else None,
+                    "pgbench_tps": self.pgbench_tps(out),
+                    "pgbench_lag_avg_ms": float(lag.group(1)) if lag else None,
+                    "pgbench_lag_max_ms": float(lag.group(2)) if lag else None,
+                    "pginval_cpu_pct": 100 * (cpu1 - cpu0) / elapsed,
+                    "slow_probes": slow,  # (seconds into the load, ms) of probes over 5 ms
+                }
+                results[str(rate)] = r
+                log(f"latency at {rate} tps: {r['probes']} probes, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+                    f"max {r['max_ms']:.2f} ms; pgbench {r['pgbench_tps']} tps, schedule lag avg {r['pgbench_lag_avg_ms']} ms; "
+                    f"pginval CPU {r['pginval_cpu_pct']:.0f}% of a core")
+                time.sleep(1)
+        finally:
+            sub.close()
+            if bg is not None and bg.poll() is None:
+                bg.kill()
+                bg.wait()
+            status = p.stop()
+        warns = self.scan_log(p, "latency")
+        if status != 0:
+            raise RuntimeError(f"pginval exited with {status} after SIGTERM (log: {p.logfile})")
+        self.results["latency"] = {"runs": results, "rss_mb": p.rss_mb(), "cpu_s": p.cpu(), "log_warnings": warns}
+        self.reset_slots(conn, ["bench_lat"])
+        conn.close()
+
+    # -- 3. big transaction
+
+    def big(self):
+        a = self.a
+        db = "bigtx"
+        conn = self.connect(db)
+        naccounts, _, _, marker = self.prepare_db(conn, db)
+        marker_key = f"acct:{marker}"
+        slots = {"recv": "big_recv", "inval": "big_inval"}
+        self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Kg")
+        runs = []
+        for i in range(a.big_runs):
+            self.reset_slots(conn, slots.values())
+            self.q(conn, "VACUUM pgbench_accounts")
+            self.q(conn, "CHECKPOINT")
+            for s in slots.values():
+                self.q(conn, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s,))
+            t = time.perf_counter()
+            rows = self.q(conn, "WITH u AS (UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= %s RETURNING 1) SELECT count(*) FROM u", (naccounts,))[0][0]
+            update_s = time.perf_counter() - t
+            self.q(conn, "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s", (marker,))
+            end_lsn = self.q1(conn, "SELECT pg_current_wal_lsn()::text")
+            log(f"big transaction run {i + 1}/{a.big_runs}: UPDATE of {rows} rows took {update_s:.1f} s, end {end_lsn}")
+            run = {"rows": rows, "update_s": update_s, "end_lsn": end_lsn}
+            rot = ["recv", "inval"] if i % 2 == 0 else ["inval", "recv"]
+            for who in rot:
+                if who == "recv":
+                    r = self.pg_recvlogical(db, slots["recv"], "bench_big", end_lsn, conn)
+                else:
+                    r = self.pginval_catchup(db, conn, slots["inval"], "bench_big", end_lsn, marker_key,
+                                             lambda: self.redis.populate("acct:", 1, marker), "big")
+                    r["keys_left"] = self.redis.cmd("DBSIZE")
+                    if r["keys_left"]:
+                        self.warnings.append(f"big transaction run {i + 1}: {r['keys_left']} keys still in Redis after pginval stopped")
+                run[who] = r
+                log(f"   {who:>5}: {r['wall_s']:.2f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB, walsender CPU {r['walsender_cpu_s']:.2f} s")
+            runs.append(run)
+        self.reset_slots(conn, slots.values())
+        conn.close()
+        self.results["big"] = {"runs": runs}
+
+    # -- report
+
+    def report(self):
+        a = self.a
+        lines = []
+        out = lines.append
+
+        def f(x, fmt="{:.3f}"):
+            return "-" if x is None else fmt.format(x)
+
+        def verdict(value, target):
+            if value is None:
+                return ""
+            return "ok" if value <= target else "MISSED"
+
+        c = self.results.get("catchup")
+        if c:
+            runs = c["runs"]
+            n = len(runs)
+            out(f"1. Catch-up: {c['transactions']:,} pgbench TPC-B transactions + 1 marker "
+                f"({c['row_changes']:,} published row changes, median {median([r['wal_bytes'] for r in runs]) / 1e6:.0f} MB WAL), "
+                f"median of {n} run{'s' if n != 1 else ''}")
+            out(f"   {'consumer':<34}{'wall s':>8}{'ratio':>8}{'target':>8}{'':>8}{'CPU s':>8}{'RSS MB':>8}{'walsnd s':>10}{'confirm ms':>12}")
+            per_120k = 120000 / c["row_changes"]
+            summary = {}
+            for who, label, target in (("recv", "pg_recvlogical, bench_all", None),
+                                       ("all", "pginval, bench_all", 0.90),
+                                       ("own", "pginval, own publication", 0.75)):
+                wall = median([r[who]["wall_s"] for r in runs])
+                ratio = None if who == "recv" else median([r[who]["wall_s"] / r["recv"]["wall_s"] for r in runs])
+                cpu = median([r[who]["cpu_s"] for r in runs])
+                rss = median([r[who]["rss_mb"] for r in runs])
+                ws = median([r[who]["walsender_cpu_s"] for r in runs])
+                lag = None
+                if who != "recv":
+                    lags = [r[who]["confirm_lag_s"] for r in runs]
+                    lag = None if any(x is None for x in lags) else median(lags) * 1000
+                summary[who] = {"wall_s": wall, "ratio": ratio, "cpu_s": cpu, "rss_mb": rss, "walsender_cpu_s": ws,
+                                "cpu_per_120k_s": cpu * per_120k, "confirm_lag_ms": lag}
+                if who == "recv":
+                    lag_txt = ""
+                elif lag is None:
+                    lag_txt = f">{a.confirm_wait * 1000:.0f}"
+                else:
+                    lag_txt = f"{lag:.0f}"
+                out(f"   {label:<34}{f(wall):>8}{f(ratio, '{:.2f}'):>8}{f(target, '≤{:.2f}') if target else '':>8}"
+                    f"{verdict(ratio, target) if target else '':>8}{f(cpu, '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}{f(ws, '{:.2f}'):>10}{lag_txt:>12}")
+            for who in ("all", "own"):
+                s = summary[who]
+                out(f"   cost, pginval ({who}): {s['cpu_s']:.2f} s CPU = {s['cpu_per_120k_s']:.2f} s per 120,000 row changes "
+                    f"(target ≤ 0.50: {verdict(s['cpu_per_120k_s'], 0.5)}), peak RSS {s['rss_mb']:.1f} MB (target ≤ 30: {verdict(s['rss_mb'], 30)})")
+            out(f"   ratios are medians of the per-run ratios; wall = process start to the last key deleted (pginval) / to exit at --endpos (pg_recvlogical)")
+            c["summary"] = summary
+
+        lat = self.results.get("latency")
+        if lat:
+            out("")
+            out(f"2. Latency: commit returned -> key deleted in Redis, pgbench single-row UPDATEs at a fixed rate, 4 clients, {a.latency_secs} s each")
+            out(f"   {'rate':<10}{'probes':>8}{'p50 ms':>9}{'target':>8}{'p99 ms':>9}{'target':>8}{'max ms':>9}{'pgbench tps':>13}{'sched lag':>11}{'pginval CPU':>13}")
+            targets = {2000: (0.4, 1.0), 5000: (1.0, 5.0)}
+            for rate, r in lat["runs"].items():
+                t50, t99 = targets.get(int(rate), (None, None))
+                out(f"   {rate + ' tps':<10}{r['probes']:>8}{f(r['p50_ms']):>9}{f(t50, '≤{:g}') if t50 else '':>8}{f(r['p99_ms']):>9}"
+                    f"{f(t99, '≤{:g}') if t99 else '':>8}{f(r['max_ms'], '{:.2f}'):>9}{f(r['pgbench_tps'], '{:.0f}'):>13}"
+                    f"{f(r['pgbench_lag_avg_ms'], '{:.2f}') + ' ms':>11}{f(r['pginval_cpu_pct'], '{:.0f}') + '%':>13}"
+                    + (f"   p50 {verdict(r['p50_ms'], t50)}, p99 {verdict(r['p99_ms'], t99)}" if t50 else ""))
+            out(f"   pginval peak RSS over the latency test: {lat['rss_mb']:.1f} MB")
+
+        b = self.results.get("big")
+        if b:
+            runs = b["runs"]
+            out("")
+            out(f"3. Big transaction: one UPDATE of {runs[0]['rows']:,} rows (+ marker), median of {len(runs)} run{'s' if len(runs) != 1 else ''}")
+            rw = median([r["recv"]["wall_s"] for r in runs])
+            iw = median([r["inval"]["wall_s"] for r in runs])
+            ratio = median([r["inval"]["wall_s"] / r["recv"]["wall_s"] for r in runs])
+            rss = median([r["inval"]["rss_mb"] for r in runs])
+            out(f"   {'consumer':<34}{'wall s':>8}{'ratio':>8}{'target':>8}{'':>8}{'CPU s':>8}{'RSS MB':>8}{'walsnd s':>10}")
+            out(f"   {'pg_recvlogical, bench_big':<34}{f(rw, '{:.2f}'):>8}{'':>8}{'':>8}{'':>8}"
+                f"{f(median([r['recv']['cpu_s'] for r in runs]), '{:.2f}'):>8}{f(median([r['recv']['rss_mb'] for r in runs]), '{:.1f}'):>8}"
+                f"{f(median([r['recv']['walsender_cpu_s'] for r in runs]), '{:.2f}'):>10}")
+            out(f"   {'pginval, bench_big':<34}{f(iw, '{:.2f}'):>8}{f(ratio, '{:.2f}'):>8}{'≤1.10':>8}{verdict(ratio, 1.1):>8}"
+                f"{f(median([r['inval']['cpu_s'] for r in runs]), '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}"
+                f"{f(median([r['inval']['walsender_cpu_s'] for r in runs]), '{:.2f}'):>10}")
+            out(f"   pginval peak RSS {rss:.1f} MB (target ≤ 100: {verdict(rss, 100)})")
+            b["summary"] = {"recv_wall_s": rw, "pginval_wall_s": iw, "ratio": ratio, "pginval_rss_mb": rss}
+
+        if self.warnings:
+            out("")
+            out("Noticed:")
+            seen = set()
+            for w in self.warnings:
+                if w not in seen:
+                    seen.add(w)
+                    out(f"   {w}")
+        self.results["noticed"] = self.warnings
+        return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pg-bindir", required=True)
+    ap.add_argument("--pg-data", required=True)
+    ap.add_argument("--pg-port", type=int, required=True)
+    ap.add_argument("--redis-port", type=int, required=True)
+    ap.add_argument("--pginval", required=True)
+    ap.add_argument("--work", required=True, help="directory for configs and logs")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--big-runs", type=int, default=None)
+    ap.add_argument("--backlog", type=int, default=40000)
+    ap.add_argument("--latency-secs", type=int, default=15)
+    ap.add_argument("--rates", default="2000,5000")
+    ap.add_argument("--only", default="catchup,latency,big")
+    ap.add_argument("--timeout", type=float, default=300, help="longest wait for pginval to finish a backlog")
+    ap.add_argument("--confirm-wait", type=float, default=1.0, help="how long to watch for the confirmed flush position")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    a.rates = [int(x) for x in a.rates.split(",") if x]
+    a.only = [x for x in a.only.split(",") if x]
+    if a.big_runs is None:
+        a.big_runs = a.runs
+    # scripts/bench.sh sends SIGTERM on Ctrl-C: unwind, so every child is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    b = Bench(a)
+    try:
+        for phase in ("catchup", "latency", "big"):
+            if phase in a.only:
+                getattr(b, phase)()
+    finally:
+        stop_all()
+        text = b.report()
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(b.results, f, indent=2, default=str)
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
