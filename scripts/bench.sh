@@ -240,7 +240,7 @@ printf 'machine: %s cores, %s, %s GB RAM; PostgreSQL %s (fsync=off), Redis %s\n'
 printf 'pginval: %s (%s); runs %s, backlog %s transactions, big transaction scale %s\n\n' \
   "$BIN" "$rev" "$RUNS" "$BACKLOG" "$BIG_SCALE"
 
-args=(--pg-bindir "$PG_BINDIR" --pg-data "$PG_DIR/data" --pg-port "$PG_PORT" --redis-port "$REDIS_PORT"
+args=(--pg-bindir "$PG_BINDIR" --pg-data "$PG_DIR/data" --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" --redis-pid "$REDIS_PID"
   --pginval "$BIN" --work "$WORK" --runs "$RUNS" --big-runs "$BIG_RUNS" --backlog "$BACKLOG"
   --latency-secs "$LATENCY_SECS" --rates "$RATES" --only "$ONLY")
 [[ -n $JSON ]] && args+=(--json "$JSON")

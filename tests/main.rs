@@ -1,6 +1,7 @@
 //! End-to-end tests: pginval against a real PostgreSQL (one server for the run, a
 //! database and a slot per test) and a real Redis (one per test).
 
+mod suite;
 mod support;
 
 use std::path::{Path, PathBuf};

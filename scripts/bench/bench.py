@@ -142,6 +142,21 @@ class Watcher:
                 raise ConnectionError("the stream ended")
             self.buf += data
 
+    def drain(self, secs, keep=64):
+        """Reads and drops whatever arrives for `secs` seconds (so a pipe never fills
+        and blocks its writer); False once the stream has ended."""
+        deadline = time.perf_counter() + secs
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return True
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                data = os.read(self.fd, 1 << 20)
+                if not data:
+                    return False
+                self.buf = (self.buf + data)[-keep:]
+
 
 class Subscriber(Watcher):
     """A raw Redis SUBSCRIBE connection."""
@@ -187,15 +202,18 @@ class Proc:
     from time's report, and cross-checked with wait4() on `time` (which covers its
     reaped child)."""
 
-    def __init__(self, argv, logfile=None, env=None, timefile=None):
+    def __init__(self, argv, logfile=None, env=None, timefile=None, stdout=None, stderr_log=None):
         self.argv = argv
         self.timefile = timefile
-        out = open(logfile, "ab") if logfile else subprocess.DEVNULL
+        out = open(logfile, "ab") if logfile else (stdout or subprocess.DEVNULL)
         self.t0 = time.perf_counter()
+        err = open(stderr_log, "ab") if stderr_log else subprocess.STDOUT
         self.p = subprocess.Popen([GNU_TIME, "-f", "%e %U %S %M", "-o", timefile, "--"] + argv,
-                                  stdout=out, stderr=subprocess.STDOUT, env=env)
+                                  stdout=out, stderr=err, env=env)
         if logfile:
             out.close()
+        if stderr_log:
+            err.close()
         self.status = None
         self.rusage = None
         self.t_exit = None
@@ -257,8 +275,8 @@ class Proc:
             except ProcessLookupError:
                 pass
 
-    def stop(self, timeout=15):
-        self.kill(signal.SIGTERM)
+    def stop(self, timeout=15, sig=signal.SIGTERM):
+        self.kill(sig)
         if self.wait(timeout) is None:
             self.kill(signal.SIGKILL)
             self.wait(10)
@@ -368,6 +386,38 @@ class Bench:
             rest = f.read().rsplit(")", 1)[1].split()
         return int(rest[13]) + int(rest[14])  # cutime + cstime
 
+    def ticks(self, pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            return int(rest[11]) + int(rest[12])
+        except OSError:
+            return 0
+
+    def cpu_sample(self):
+        """(machine busy, machine steal, this benchmark's processes) CPU seconds so far.
+
+        Ours: this Python process and its reaped children (pgbench, time and what it
+        ran), live consumers, the PostgreSQL server (postmaster, live backends, reaped
+        backends) and redis-server. The difference in busy time is what other programs
+        on the machine used meanwhile: a noise indicator on a shared machine."""
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
+        steal = v[7]
+        t = os.times()
+        ours = (t.user + t.system + t.children_user + t.children_system) * CLK_TCK
+        ours += sum(self.ticks(p.pid) for p in list(LIVE))
+        ours += self.reaped_ticks() + self.ticks(self.postmaster)
+        ours += sum(self.ticks(pid) for pid in (self.children() or ()))
+        ours += self.ticks(self.a.redis_pid)
+        return busy / CLK_TCK, steal / CLK_TCK, ours / CLK_TCK
+
+    def other_cpu(self, begin):
+        end = self.cpu_sample()
+        busy, steal, ours = (e - b for e, b in zip(end, begin))
+        return {"other_cpu_s": max(0.0, busy - steal - ours), "steal_s": steal}
+
     def server_cpu_begin(self):
         return (self.children(), self.reaped_ticks())
 
@@ -388,6 +438,7 @@ class Bench:
     # -- consumers
 
     def pg_recvlogical(self, db, slot, publication, end_lsn, conn):
+        meter = self.cpu_sample()
         begin = self.server_cpu_begin()
         p = Proc(
             [
@@ -406,7 +457,7 @@ class Bench:
             raise RuntimeError(f"pg_recvlogical exited with {p.status} (see {self.a.work}/pg_recvlogical.log)")
         wall = p.t_exit - p.t0
         server = self.server_cpu_end(begin, conn, slot)
-        return {"wall_s": wall, **p.usage(), "walsender_cpu_s": server}
+        return {"wall_s": wall, **p.usage(), "walsender_cpu_s": server, **self.other_cpu(meter)}
 
     def pginval_config(self, name, slot, publication):
         path = os.path.join(self.a.work, f"{name}.toml")
@@ -446,10 +497,11 @@ class Bench:
         populate()
         sub = Subscriber("127.0.0.1", self.a.redis_port, f"__keyspace@0__:{marker_key}")
         config = self.pginval_config(name, slot, publication)
+        meter = self.cpu_sample()
         begin = self.server_cpu_begin()
         p = self.start_pginval(db, config, name)
         try:
-            t_gone = sub.wait_for(b"del", self.a.timeout, alive=p.alive)
+            t_gone = sub.wait_for_key(b"del", self.a.timeout, alive=p.alive)
             if t_gone is None:
                 raise RuntimeError(
                     f"pginval ({name}) did not delete {marker_key} within {self.a.timeout} s "
@@ -476,6 +528,7 @@ class Bench:
             **p.usage(),
             "cpu_at_done_s": cpu_at_done,
             "walsender_cpu_s": server,
+            **self.other_cpu(meter),
             "confirm_lag_s": confirm_lag,
             "log_warnings": self.scan_log(p, name),
             "log": p.logfile,
@@ -577,7 +630,8 @@ class Bench:
                     if left:
                         self.warnings.append(f"catch-up run {i + 1} ({who}): {left} of {len(touched)} touched keys still in Redis after pginval stopped")
                 run[who] = r
-                msg = f"   {who:>4}: {r['wall_s']:.3f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB, walsender CPU {r['walsender_cpu_s']:.2f} s"
+                msg = (f"   {who:>4}: {r['wall_s']:.3f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB, walsender CPU {r['walsender_cpu_s']:.2f} s, "
+                       f"other programs {r['other_cpu_s']:.2f} s, steal {r['steal_s']:.2f} s")
                 if who != "recv":
                     lag = r["confirm_lag_s"]
                     msg += ", confirmed " + (f"{lag * 1000:.0f} ms" if lag is not None else f"not within {a.confirm_wait:.1f} s")
@@ -592,70 +646,113 @@ class Bench:
     # -- 2. latency
 
     def latency(self):
+        """Commit -> invalidated, for pginval, and commit -> change received for
+        pg_recvlogical as the baseline (what the walsender itself delivers on this
+        machine under the same load). Each consumer runs alone through its own pass."""
         a = self.a
         db = "bench"
         conn = self.connect(db)
         naccounts, _, _, marker = self.prepare_db(conn, db)
         self.ensure_own_publication(db, conn)
         probe_first = max(1, naccounts - 10000 + 1)  # probes use the last 10,000 aids
-        bg_max = probe_first - 1
         script = os.path.join(a.work, "update-one.sql")
         with open(script, "w") as f:
-            f.write(f"\\set aid random(1, {bg_max})\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n")
-        self.reset_slots(conn, ["bench_lat"])
+            f.write(f"\\set aid random(1, {probe_first - 1})\n"
+                    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n")
         self.redis.cmd("FLUSHALL")
         self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Eg")
-        sub = Subscriber("127.0.0.1", a.redis_port, "__keyevent@0__:del")
-        config = self.pginval_config("latency", "bench_lat", "pginval_own")
-        p = self.start_pginval(db, config, "latency")
+        results = {}
+        for consumer in ("recv", "pginval"):
+            results[consumer] = self.latency_pass(consumer, db, conn, script, marker, probe_first, naccounts)
+        self.results["latency"] = results
+        conn.close()
+
+    def latency_pass(self, consumer, db, conn, script, marker, probe_first, naccounts):
+        a = self.a
+        slot = "bench_lat_recv" if consumer == "recv" else "bench_lat"
+        self.reset_slots(conn, [slot])
         cur = conn.cursor()
         update = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s"
+        if consumer == "recv":
+            self.q(conn, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+            p = Proc([os.path.join(self.bindir, "pg_recvlogical"), "-d", self.dsn(db), "--start", "-S", slot, "--no-loop",
+                      "-o", "proto_version=1", "-o", "publication_names=pginval_own", "-f", "-"],
+                     stdout=subprocess.PIPE, timefile=os.path.join(a.work, "pg_recvlogical-latency.time"),
+                     stderr_log=os.path.join(a.work, "pg_recvlogical-latency.log"))
+            watch = Watcher(p.p.stdout.fileno())
+
+            def arm(aid):
+                pass
+
+            def seen(aid, timeout):
+                # pgoutput's text tuple value: 't', Int32 length, the text.
+                v = str(aid).encode()
+                return watch.wait_for(b"t\x00\x00" + len(v).to_bytes(2, "big") + v, timeout, alive=p.alive)
+
+            def idle(secs):
+                watch.drain(secs)
+        else:
+            watch = Subscriber("127.0.0.1", a.redis_port, "__keyevent@0__:del")
+            p = self.start_pginval(db, self.pginval_config("latency", slot, "pginval_own"), "latency")
+
+            def arm(aid):
+                self.redis.cmd("SET", f"acct:{aid}", "x")
+
+            def seen(aid, timeout):
+                return watch.wait_for_key(f"acct:{aid}".encode(), timeout, alive=p.alive)
+
+            def idle(secs):
+                time.sleep(secs)
+
         results = {}
         bg = None
         try:
-            # Wait until pginval streams (it creates slot bench_lat on start).
-            deadline = time.time() + 60
+            deadline = time.time() + 60  # until the consumer streams
             while True:
-                key = f"acct:{marker}".encode()
-                self.redis.cmd("SET", key, "x")
+                arm(marker)
                 cur.execute(update, (marker,))
-                if sub.wait_for(key, 1, alive=p.alive) is not None:
+                if seen(marker, 1) is not None:
                     break
                 if not p.alive() or time.time() > deadline:
-                    raise RuntimeError(f"pginval did not start invalidating (log: {p.logfile})")
+                    raise RuntimeError(f"{consumer} did not start streaming (status {p.status})")
             aid = probe_first
             for rate in a.rates:
                 cpu0 = p.proc_cpu()
+                meter = self.cpu_sample()
                 bg = subprocess.Popen(
                     [os.path.join(self.bindir, "pgbench"), "-h", "127.0.0.1", "-p", str(a.pg_port), "-U", "postgres",
                      "-n", "-c", "4", "-j", "2", "-M", "prepared", "-R", str(rate), "-T", str(a.latency_secs), "-f", script, db],
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 )
                 t_start = time.perf_counter()
-                time.sleep(min(1.0, a.latency_secs / 5))  # let the rate settle
+                idle(min(1.0, a.latency_secs / 5))  # let the rate settle
                 lat, lat_send, slow, missed = [], [], [], 0
                 t_end = t_start + a.latency_secs - 0.5
                 while time.perf_counter() < t_end and bg.poll() is None:
-                    key = f"acct:{aid}".encode()
+                    this = aid
                     aid = aid + 1 if aid < naccounts else probe_first
-                    self.redis.cmd("SET", key, "x")
+                    arm(this)
                     t_send = time.perf_counter()
-                    cur.execute(update, (int(key[5:]),))
+                    cur.execute(update, (this,))
                     t_commit = time.perf_counter()
-                    t_gone = sub.wait_for(key, 5, alive=p.alive)
-                    if t_gone is None:
+                    t_seen = seen(this, 5)
+                    if t_seen is None:
                         if not p.alive():
-                            raise RuntimeError(f"pginval exited during the latency test (log: {p.logfile})")
+                            raise RuntimeError(f"{consumer} exited during the latency test")
                         missed += 1
                         continue
-                    lat.append(max(0.0, t_gone - t_commit))
-                    lat_send.append(t_gone - t_send)
-                    if t_gone - t_commit > 0.005:
-                        slow.append((round(t_commit - t_start, 3), round((t_gone - t_commit) * 1000, 2)))
-                    time.sleep(random.uniform(0.002, 0.008))
+                    lat.append(max(0.0, t_seen - t_commit))
+                    lat_send.append(t_seen - t_send)
+                    if t_seen - t_commit > 0.005:
+                        slow.append((round(t_commit - t_start, 3), round((t_seen - t_commit) * 1000, 2)))
+                    idle(random.uniform(0.002, 0.008))
+                while bg.poll() is None:
+                    idle(0.05)
                 out, _ = bg.communicate()
-                cpu1 = p.proc_cpu()
+                bg = None
                 elapsed = time.perf_counter() - t_start
+                cpu_pct = 100 * (p.proc_cpu() - cpu0) / elapsed
+                other = self.other_cpu(meter)
                 lag = re.search(r"rate limit schedule lag: avg ([\d.]+) \(max ([\d.]+)\) ms", out)
                 r = {
                     "rate": rate,
@@ -670,26 +767,41 @@ class Bench:
                     "pgbench_tps": self.pgbench_tps(out),
                     "pgbench_lag_avg_ms": float(lag.group(1)) if lag else None,
                     "pgbench_lag_max_ms": float(lag.group(2)) if lag else None,
-                    "pginval_cpu_pct": 100 * (cpu1 - cpu0) / elapsed,
+                    "cpu_pct": cpu_pct,
+                    "other_cpu_pct": 100 * other["other_cpu_s"] / elapsed,
+                    "steal_pct": 100 * other["steal_s"] / elapsed,
                     "slow_probes": slow,  # (seconds into the load, ms) of probes over 5 ms
                 }
                 results[str(rate)] = r
-                log(f"latency at {rate} tps: {r['probes']} probes, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
-                    f"max {r['max_ms']:.2f} ms; pgbench {r['pgbench_tps']} tps, schedule lag avg {r['pgbench_lag_avg_ms']} ms; "
-                    f"pginval CPU {r['pginval_cpu_pct']:.0f}% of a core")
-                time.sleep(1)
+                log(f"latency, {consumer}, {rate} tps: {r['probes']} probes, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+                    f"max {r['max_ms']:.2f} ms, {len(slow)} over 5 ms; pgbench {r['pgbench_tps']:.0f} tps, "
+                    f"schedule lag avg {r['pgbench_lag_avg_ms']} ms; {consumer} CPU {cpu_pct:.0f}% of a core; "
+                    f"other programs {r['other_cpu_pct']:.0f}%, steal {r['steal_pct']:.0f}%")
+                idle(1)
         finally:
-            sub.close()
             if bg is not None and bg.poll() is None:
                 bg.kill()
                 bg.wait()
-            status = p.stop()
-        warns = self.scan_log(p, "latency")
+            if consumer == "recv":
+                # pg_recvlogical ends cleanly on SIGINT (SIGTERM kills it); read its
+                # output meanwhile so it is never stuck writing to a full pipe.
+                p.kill(signal.SIGINT)
+                deadline = time.time() + 15
+                while watch.drain(0.05) and time.time() < deadline:
+                    pass
+                status = p.stop(sig=signal.SIGINT)
+                p.p.stdout.close()
+            else:
+                status = p.stop()
+                watch.close()
+        if consumer == "pginval":
+            results["log_warnings"] = self.scan_log(p, "latency")
         if status != 0:
-            raise RuntimeError(f"pginval exited with {status} after SIGTERM (log: {p.logfile})")
-        self.results["latency"] = {"runs": results, "rss_mb": p.rss_mb(), "cpu_s": p.cpu(), "log_warnings": warns}
-        self.reset_slots(conn, ["bench_lat"])
-        conn.close()
+            raise RuntimeError(f"{consumer} exited with {status} after SIGTERM")
+        results["rss_mb"] = p.rss_mb()
+        results["cpu_s"] = p.cpu()
+        self.reset_slots(conn, [slot])
+        return results
 
     # -- 3. big transaction
 
@@ -726,7 +838,8 @@ class Bench:
                     if r["keys_left"]:
                         self.warnings.append(f"big transaction run {i + 1}: {r['keys_left']} keys still in Redis after pginval stopped")
                 run[who] = r
-                log(f"   {who:>5}: {r['wall_s']:.2f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB, walsender CPU {r['walsender_cpu_s']:.2f} s")
+                log(f"   {who:>5}: {r['wall_s']:.2f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB, walsender CPU {r['walsender_cpu_s']:.2f} s, "
+                    f"other programs {r['other_cpu_s']:.2f} s, steal {r['steal_s']:.2f} s")
             runs.append(run)
         self.reset_slots(conn, slots.values())
         conn.close()
@@ -754,7 +867,7 @@ class Bench:
             out(f"1. Catch-up: {c['transactions']:,} pgbench TPC-B transactions + 1 marker "
                 f"({c['row_changes']:,} published row changes, median {median([r['wal_bytes'] for r in runs]) / 1e6:.0f} MB WAL), "
                 f"median of {n} run{'s' if n != 1 else ''}")
-            out(f"   {'consumer':<34}{'wall s':>8}{'ratio':>8}{'target':>8}{'':>8}{'CPU s':>8}{'RSS MB':>8}{'walsnd s':>10}{'confirm ms':>12}")
+            out(f"   {'consumer':<34}{'wall s':>8}{'ratio':>8}{'target':>8}{'':>8}{'CPU s':>8}{'RSS MB':>8}{'walsnd s':>10}{'confirm ms':>12}{'other s':>9}")
             per_120k = 120000 / c["row_changes"]
             summary = {}
             for who, label, target in (("recv", "pg_recvlogical, bench_all", None),
@@ -765,11 +878,12 @@ class Bench:
                 cpu = median([r[who]["cpu_s"] for r in runs])
                 rss = median([r[who]["rss_mb"] for r in runs])
                 ws = median([r[who]["walsender_cpu_s"] for r in runs])
+                other = median([r[who]["other_cpu_s"] for r in runs])
                 lag = None
                 if who != "recv":
                     lags = [r[who]["confirm_lag_s"] for r in runs]
                     lag = None if any(x is None for x in lags) else median(lags) * 1000
-                summary[who] = {"wall_s": wall, "ratio": ratio, "cpu_s": cpu, "rss_mb": rss, "walsender_cpu_s": ws,
+                summary[who] = {"wall_s": wall, "ratio": ratio, "cpu_s": cpu, "rss_mb": rss, "walsender_cpu_s": ws, "other_cpu_s": other,
                                 "cpu_per_120k_s": cpu * per_120k, "confirm_lag_ms": lag}
                 if who == "recv":
                     lag_txt = ""
@@ -778,27 +892,38 @@ class Bench:
                 else:
                     lag_txt = f"{lag:.0f}"
                 out(f"   {label:<34}{f(wall):>8}{f(ratio, '{:.2f}'):>8}{f(target, '≤{:.2f}') if target else '':>8}"
-                    f"{verdict(ratio, target) if target else '':>8}{f(cpu, '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}{f(ws, '{:.2f}'):>10}{lag_txt:>12}")
+                    f"{verdict(ratio, target) if target else '':>8}{f(cpu, '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}{f(ws, '{:.2f}'):>10}{lag_txt:>12}{f(other, '{:.2f}'):>9}")
             for who in ("all", "own"):
                 s = summary[who]
                 out(f"   cost, pginval ({who}): {s['cpu_s']:.2f} s CPU = {s['cpu_per_120k_s']:.2f} s per 120,000 row changes "
                     f"(target ≤ 0.50: {verdict(s['cpu_per_120k_s'], 0.5)}), peak RSS {s['rss_mb']:.1f} MB (target ≤ 30: {verdict(s['rss_mb'], 30)})")
-            out(f"   ratios are medians of the per-run ratios; wall = process start to the last key deleted (pginval) / to exit at --endpos (pg_recvlogical)")
+            out("   ratio: median of the per-run ratios to pg_recvlogical. wall: process start -> last key deleted (pginval),")
+            out("   -> exit at --endpos (pg_recvlogical). walsnd: the walsender's CPU. confirm: marker deleted -> slot's")
+            out("   confirmed_flush_lsn at the end. other: CPU used by other programs on the machine meanwhile (noise).")
             c["summary"] = summary
 
         lat = self.results.get("latency")
         if lat:
             out("")
-            out(f"2. Latency: commit returned -> key deleted in Redis, pgbench single-row UPDATEs at a fixed rate, 4 clients, {a.latency_secs} s each")
-            out(f"   {'rate':<10}{'probes':>8}{'p50 ms':>9}{'target':>8}{'p99 ms':>9}{'target':>8}{'max ms':>9}{'pgbench tps':>13}{'sched lag':>11}{'pginval CPU':>13}")
+            out(f"2. Latency: commit returned -> key deleted in Redis (pginval) / change received (pg_recvlogical, the")
+            out(f"   baseline), single-row UPDATEs by pgbench at a fixed rate, 4 clients, {a.latency_secs} s per rate, each consumer alone")
+            out(f"   {'consumer':<17}{'rate':>6}{'probes':>8}{'p50 ms':>9}{'target':>8}{'p99 ms':>9}{'target':>8}{'max ms':>9}"
+                f"{'pgbench tps':>13}{'sched lag':>11}{'CPU':>6}{'other':>7}")
             targets = {2000: (0.4, 1.0), 5000: (1.0, 5.0)}
-            for rate, r in lat["runs"].items():
-                t50, t99 = targets.get(int(rate), (None, None))
-                out(f"   {rate + ' tps':<10}{r['probes']:>8}{f(r['p50_ms']):>9}{f(t50, '≤{:g}') if t50 else '':>8}{f(r['p99_ms']):>9}"
-                    f"{f(t99, '≤{:g}') if t99 else '':>8}{f(r['max_ms'], '{:.2f}'):>9}{f(r['pgbench_tps'], '{:.0f}'):>13}"
-                    f"{f(r['pgbench_lag_avg_ms'], '{:.2f}') + ' ms':>11}{f(r['pginval_cpu_pct'], '{:.0f}') + '%':>13}"
-                    + (f"   p50 {verdict(r['p50_ms'], t50)}, p99 {verdict(r['p99_ms'], t99)}" if t50 else ""))
-            out(f"   pginval peak RSS over the latency test: {lat['rss_mb']:.1f} MB")
+            for rate in a.rates:
+                for consumer, label in (("recv", "pg_recvlogical"), ("pginval", "pginval")):
+                    r = lat.get(consumer, {}).get(str(rate))
+                    if not r:
+                        continue
+                    t50, t99 = targets.get(rate, (None, None)) if consumer == "pginval" else (None, None)
+                    out(f"   {label:<17}{rate:>6}{r['probes']:>8}{f(r['p50_ms']):>9}{f(t50, '≤{:g}') if t50 else '':>8}{f(r['p99_ms']):>9}"
+                        f"{f(t99, '≤{:g}') if t99 else '':>8}{f(r['max_ms'], '{:.2f}'):>9}{f(r['pgbench_tps'], '{:.0f}'):>13}"
+                        f"{f(r['pgbench_lag_avg_ms'], '{:.2f}') + ' ms':>11}{f(r['cpu_pct'], '{:.0f}') + '%':>6}"
+                        f"{f(r['other_cpu_pct'], '{:.0f}') + '%':>7}"
+                        + (f"   p50 {verdict(r['p50_ms'], t50)}, p99 {verdict(r['p99_ms'], t99)}" if t50 else ""))
+            if "pginval" in lat:
+                out(f"   pginval peak RSS over the latency test: {lat['pginval']['rss_mb']:.1f} MB. CPU: the consumer's, in % of one core;")
+                out("   other: CPU used by other programs on the machine meanwhile (noise). sched lag: pgbench's own schedule lag.")
 
         b = self.results.get("big")
         if b:
@@ -809,13 +934,15 @@ class Bench:
             iw = median([r["inval"]["wall_s"] for r in runs])
             ratio = median([r["inval"]["wall_s"] / r["recv"]["wall_s"] for r in runs])
             rss = median([r["inval"]["rss_mb"] for r in runs])
-            out(f"   {'consumer':<34}{'wall s':>8}{'ratio':>8}{'target':>8}{'':>8}{'CPU s':>8}{'RSS MB':>8}{'walsnd s':>10}")
+            out(f"   {'consumer':<34}{'wall s':>8}{'ratio':>8}{'target':>8}{'':>8}{'CPU s':>8}{'RSS MB':>8}{'walsnd s':>10}{'other s':>9}")
             out(f"   {'pg_recvlogical, bench_big':<34}{f(rw, '{:.2f}'):>8}{'':>8}{'':>8}{'':>8}"
                 f"{f(median([r['recv']['cpu_s'] for r in runs]), '{:.2f}'):>8}{f(median([r['recv']['rss_mb'] for r in runs]), '{:.1f}'):>8}"
-                f"{f(median([r['recv']['walsender_cpu_s'] for r in runs]), '{:.2f}'):>10}")
+                f"{f(median([r['recv']['walsender_cpu_s'] for r in runs]), '{:.2f}'):>10}"
+                f"{f(median([r['recv']['other_cpu_s'] for r in runs]), '{:.2f}'):>9}")
             out(f"   {'pginval, bench_big':<34}{f(iw, '{:.2f}'):>8}{f(ratio, '{:.2f}'):>8}{'≤1.10':>8}{verdict(ratio, 1.1):>8}"
                 f"{f(median([r['inval']['cpu_s'] for r in runs]), '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}"
-                f"{f(median([r['inval']['walsender_cpu_s'] for r in runs]), '{:.2f}'):>10}")
+                f"{f(median([r['inval']['walsender_cpu_s'] for r in runs]), '{:.2f}'):>10}"
+                f"{f(median([r['inval']['other_cpu_s'] for r in runs]), '{:.2f}'):>9}")
             out(f"   pginval peak RSS {rss:.1f} MB (target ≤ 100: {verdict(rss, 100)})")
             b["summary"] = {"recv_wall_s": rw, "pginval_wall_s": iw, "ratio": ratio, "pginval_rss_mb": rss}
 
@@ -837,6 +964,7 @@ def main():
     ap.add_argument("--pg-data", required=True)
     ap.add_argument("--pg-port", type=int, required=True)
     ap.add_argument("--redis-port", type=int, required=True)
+    ap.add_argument("--redis-pid", type=int, required=True)
     ap.add_argument("--pginval", required=True)
     ap.add_argument("--work", required=True, help="directory for configs and logs")
     ap.add_argument("--runs", type=int, default=5)

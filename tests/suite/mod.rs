@@ -1,0 +1,3 @@
+//! Feature suites of the end-to-end tests, beside the foundation tests in main.rs.
+
+mod rules;

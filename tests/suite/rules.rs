@@ -1,0 +1,396 @@
+//! Rules that fit real cache layouts: conditions, operation filters, fallbacks,
+//! patterns, framework tag layouts, soft invalidation, second deletes, entity events,
+//! hints, explain and dry runs — end to end against PostgreSQL and Redis.
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+
+use crate::support::{Redis, wait_until};
+use crate::{
+    Daemon, WAIT, assert_cached, barrier, bin, cache, config, config_file, config_text,
+    confirmed_lsn, exists, setup, wait_gone,
+};
+
+/// RULES plus a users rule that only fires when `role` changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_condition_fires_only_when_the_column_changed() {
+    let (db, redis) = setup("cond").await;
+    db.execute_batch("ALTER TABLE users REPLICA IDENTITY FULL")
+        .await;
+    let rules = format!(
+        "{}\n[[rules]]\ntable = \"users\"\nkeys = [\"perm:{{id}}\"]\ncolumns = [\"role\"]\n",
+        crate::RULES
+    );
+    let daemon = Daemon::start(&db, config(&db, &redis, &rules)).await;
+    cache(&redis, &["perm:1", "perm:2", "user:1", "user:2"]).await;
+    db.execute_batch("UPDATE users SET name = 'renamed' WHERE id = 1")
+        .await;
+    db.execute_batch("UPDATE users SET role = 'admin' WHERE id = 2")
+        .await;
+    wait_gone(&redis, &["user:1", "user:2", "perm:2"]).await;
+    barrier(&db, &redis).await;
+    assert_cached(&redis, &["perm:1"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_condition_without_old_image_fires_and_check_warns() {
+    let (db, redis) = setup("condwarn").await;
+    let rules = "[[rules]]\ntable = \"users\"\nkeys = [\"perm:{id}\"]\ncolumns = [\"role\"]\n";
+    let path = config_file(&db, &config_text(&db, &redis, rules));
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("warning:") && stdout.contains("role"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("REPLICA IDENTITY FULL"), "{stdout}");
+
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    cache(&redis, &["perm:3"]).await;
+    db.execute_batch("UPDATE users SET name = 'x' WHERE id = 3")
+        .await;
+    // DEFAULT identity: the old role is unknown, so the rule fires (fail-safe).
+    wait_gone(&redis, &["perm:3"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operation_filter_limits_the_rule() {
+    let (db, redis) = setup("onfilter").await;
+    let rules = "[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\n\n[[rules]]\ntable = \"users\"\nkeys = [\"directory\"]\non = [\"insert\", \"delete\"]\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    cache(&redis, &["directory"]).await;
+    db.execute_batch("UPDATE users SET name = 'x' WHERE id = 4")
+        .await;
+    barrier(&db, &redis).await;
+    assert_cached(&redis, &["directory"]).await;
+    db.execute_batch("INSERT INTO users VALUES (5000, 'new', 'member')")
+        .await;
+    wait_gone(&redis, &["directory"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_applies_the_declared_fallback() {
+    let (db, redis) = setup("fbtrunc").await;
+    let rules = "[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\n\n[[rules]]\ntable = \"posts\"\nkeys = [\"post:{id}\"]\nfallback = { tags = [\"all_posts\"], patterns = [\"post:*\", \"feed:*\"] }\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    cache(
+        &redis,
+        &["post:1", "post:99", "feed:home", "page:archive", "user:1"],
+    )
+    .await;
+    let mut conn = redis.connection().await;
+    let _: () = conn
+        .sadd("cache_tag:all_posts", "page:archive")
+        .await
+        .unwrap();
+    db.execute_batch("TRUNCATE posts").await;
+    wait_gone(&redis, &["post:1", "post:99", "feed:home", "page:archive"]).await;
+    assert_cached(&redis, &["user:1"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_over_the_row_limit_uses_the_fallback() {
+    let (db, redis) = setup("fblimit").await;
+    let rules = "[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\nmax_keys_per_transaction = 50\nfallback = { patterns = [\"user:*\"] }\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    // user:299 is not among the updated rows: only the fallback pattern removes it.
+    cache(&redis, &["user:1", "user:200", "user:299"]).await;
+    db.execute_batch("UPDATE users SET name = name || '+' WHERE id <= 200")
+        .await;
+    wait_gone(&redis, &["user:1", "user:200", "user:299"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_column_switches_the_rule_to_its_fallback() {
+    let (db, redis) = setup("fbschema").await;
+    let rules =
+        "[[rules]]\ntable = \"posts\"\nkeys = [\"post:{id}\", \"cat_posts:{category_id}\"]\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    cache(&redis, &["post:8", "cat_posts:1", "cat_posts:2"]).await;
+    db.execute_batch(
+        "ALTER TABLE posts DROP COLUMN category_id; UPDATE posts SET title = 't' WHERE id = 8",
+    )
+    .await;
+    // Without the column, every template of the rule goes by pattern.
+    wait_gone(&redis, &["post:8", "cat_posts:1", "cat_posts:2"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_patterns_delete_matching_keys_only() {
+    let (db, redis) = setup("patterns").await;
+    let rules = "[[rules]]\ntable = \"users\"\npatterns = [\"user:{id}:*\"]\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    let many: Vec<String> = (0..3000).map(|i| format!("user:7:page:{i}")).collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    cache(&redis, &refs).await;
+    cache(&redis, &["user:70:page:1", "user:7"]).await;
+    db.execute_batch("UPDATE users SET name = 'p' WHERE id = 7")
+        .await;
+    wait_gone(&redis, &refs).await;
+    assert_cached(&redis, &["user:70:page:1", "user:7"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laravel_tagged_cache_is_flushed_like_laravel_does() {
+    let (db, redis) = setup("laravel").await;
+    let rules = "[tags]\nlayout = \"laravel\"\nprefix = \"laravel_database_app_cache_\"\n\n[[rules]]\ntable = \"users\"\ntags = [\"user:{id}\"]\n";
+    let text = config_text(&db, &redis, "").replace("\n[redis]", &format!("\n{rules}\n[redis]"));
+    let cfg = pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let daemon = Daemon::start(&db, cfg).await;
+    // What Cache::tags(['user:1'])->put('profile', ...) leaves in Redis: the item under
+    // the prefix, and the tag's ZSET of entries (score = expiry, -1 for forever).
+    let p = "laravel_database_app_cache_";
+    let item = format!("{p}a1b2c3:profile");
+    let other = format!("{p}d4e5f6:profile");
+    cache(&redis, &[&item, &other]).await;
+    let mut conn = redis.connection().await;
+    let _: () = conn
+        .zadd(format!("{p}tag:user:1:entries"), "a1b2c3:profile", -1)
+        .await
+        .unwrap();
+    let _: () = conn
+        .zadd(format!("{p}tag:user:2:entries"), "d4e5f6:profile", -1)
+        .await
+        .unwrap();
+    db.execute_batch("UPDATE users SET name = 'l' WHERE id = 1")
+        .await;
+    wait_gone(&redis, &[&item, &format!("{p}tag:user:1:entries")]).await;
+    assert_cached(&redis, &[&other, &format!("{p}tag:user:2:entries")]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symfony_tag_aware_cache_is_flushed_like_symfony_does() {
+    let (db, redis) = setup("symfony").await;
+    let rules = "[tags]\nlayout = \"symfony\"\nprefix = \"app:\"\nnamespace = \"pool\"\n\n[[rules]]\ntable = \"users\"\ntags = [\"user_{id}\"]\n";
+    let text = config_text(&db, &redis, "").replace("\n[redis]", &format!("\n{rules}\n[redis]"));
+    let cfg = pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let daemon = Daemon::start(&db, cfg).await;
+    // RedisTagAwareAdapter: item ids are "<namespace>:<key>" under the client prefix;
+    // the tag set is "<namespace>:\0tags\0<tag>" under the prefix, members are ids.
+    cache(&redis, &["app:pool:profile_1", "app:pool:profile_2"]).await;
+    let mut conn = redis.connection().await;
+    let _: () = conn
+        .sadd("app:pool:\0tags\0user_1", "pool:profile_1")
+        .await
+        .unwrap();
+    let _: () = conn
+        .sadd("app:pool:\0tags\0user_2", "pool:profile_2")
+        .await
+        .unwrap();
+    db.execute_batch("UPDATE users SET name = 's' WHERE id = 1")
+        .await;
+    wait_gone(&redis, &["app:pool:profile_1", "app:pool:\0tags\0user_1"]).await;
+    assert_cached(&redis, &["app:pool:profile_2", "app:pool:\0tags\0user_2"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_tag_is_flushed_in_chunks() {
+    let (db, redis) = setup("bigtag").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    let members: Vec<String> = (0..12_000).map(|i| format!("page:{i}")).collect();
+    let mut conn = redis.connection().await;
+    for chunk in members.chunks(1000) {
+        let _: () = conn
+            .mset(&chunk.iter().map(|k| (k.as_str(), "v")).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let _: () = conn.sadd("cache_tag:user:9", chunk).await.unwrap();
+    }
+    db.execute_batch("UPDATE users SET name = 'b' WHERE id = 9")
+        .await;
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    wait_gone(&redis, &refs).await;
+    wait_gone(
+        &redis,
+        &["cache_tag:user:9", "cache_tag:user:9:pginval-flushing"],
+    )
+    .await;
+    daemon.stop().await.unwrap();
+}
+
+async fn pttl(redis: &Redis, key: &str) -> i64 {
+    let mut conn = redis.connection().await;
+    conn.pttl(key).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expire_action_lowers_ttls_and_never_extends_them() {
+    let (db, redis) = setup("expire").await;
+    let rules = "[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\naction = \"expire\"\nexpire_in = \"30s\"\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    let mut conn = redis.connection().await;
+    let _: () = conn.set("user:11", "no ttl").await.unwrap();
+    let _: () = conn.set_ex("user:12", "long ttl", 3600).await.unwrap();
+    let _: () = conn.set_ex("user:13", "short ttl", 5).await.unwrap();
+    db.execute_batch("UPDATE users SET name = 'e' WHERE id IN (11, 12, 13)")
+        .await;
+    // One transaction, one batch: once user:11 has its TTL, the others were handled.
+    wait_until("user:11 gets a TTL", WAIT, || async {
+        pttl(&redis, "user:11").await > 0
+    })
+    .await;
+    let (t11, t12, t13) = (
+        pttl(&redis, "user:11").await,
+        pttl(&redis, "user:12").await,
+        pttl(&redis, "user:13").await,
+    );
+    assert!(t11 > 0 && t11 <= 30_000, "no TTL → 30 s: {t11}");
+    assert!(t12 > 0 && t12 <= 30_000, "1 h → lowered to 30 s: {t12}");
+    assert!(
+        t13 > 0 && t13 <= 5_000,
+        "5 s stays 5 s (never extended): {t13}"
+    );
+    assert!(
+        exists(&redis, "user:11").await,
+        "expire keeps serving the value"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_delete_removes_a_key_recached_from_a_stale_read() {
+    let (db, redis) = setup("redelete").await;
+    let rules =
+        "[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\nredelete_after = \"1500ms\"\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    cache(&redis, &["user:14"]).await;
+    db.execute_batch("UPDATE users SET name = 'r' WHERE id = 14")
+        .await;
+    wait_gone(&redis, &["user:14"]).await;
+    // A reader that fetched the old row before the commit caches it just now.
+    cache(&redis, &["user:14"]).await;
+    wait_gone(&redis, &["user:14"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entity_events_go_to_pubsub_and_stream() {
+    let (db, redis) = setup("events").await;
+    let rules = "[events]\nchannel = \"pginval:events\"\nstream = \"pginval:stream\"\nstream_maxlen = 1000\n\n[[rules]]\ntable = \"posts\"\nkeys = [\"post:{id}\"]\nentity = \"post\"\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("pginval:events").await.unwrap();
+    db.execute_batch("UPDATE posts SET author_id = 9 WHERE id = 12")
+        .await;
+    let msg = tokio::time::timeout(WAIT, futures_next(&mut pubsub))
+        .await
+        .expect("an event is published");
+    let json: serde_json::Value = serde_json::from_str(&msg).unwrap();
+    assert_eq!(json["entity"], "post");
+    assert_eq!(json["op"], "update");
+    assert_eq!(json["id"], "12");
+    assert_eq!(json["fields"], serde_json::json!({"author_id": "9"}));
+    assert_eq!(json["table"], "public.posts");
+    assert!(json["lsn"].as_str().unwrap().contains('/'));
+    assert!(json["commit_time"].as_str().unwrap().starts_with("20"));
+
+    let mut conn = redis.connection().await;
+    let entries: redis::streams::StreamRangeReply =
+        conn.xrange_all("pginval:stream").await.unwrap();
+    assert_eq!(entries.ids.len(), 1);
+    let event: String = entries.ids[0].get("event").unwrap();
+    assert_eq!(event, msg);
+    daemon.stop().await.unwrap();
+}
+
+async fn futures_next(pubsub: &mut redis::aio::PubSub) -> String {
+    use futures_util::StreamExt;
+    let msg = pubsub.on_message().next().await.unwrap();
+    msg.get_payload().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_hints_apply_at_commit_and_vanish_on_rollback() {
+    let (db, redis) = setup("hints").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    cache(&redis, &["report:1", "report:2", "page:hinted"]).await;
+    let mut conn = redis.connection().await;
+    let _: () = conn.sadd("cache_tag:reports", "page:hinted").await.unwrap();
+    db.execute_batch(
+        "BEGIN;
+         SELECT pg_logical_emit_message(true, 'pginval', '{\"keys\":[\"report:2\"]}');
+         ROLLBACK;
+         BEGIN;
+         SELECT pg_logical_emit_message(true, 'pginval', '{\"keys\":[\"report:1\"],\"tags\":[\"reports\"]}');
+         COMMIT;",
+    )
+    .await;
+    wait_gone(&redis, &["report:1", "page:hinted"]).await;
+    barrier(&db, &redis).await;
+    assert_cached(&redis, &["report:2"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_prints_what_a_change_would_do() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(bin())
+        .args(["explain", "--config"])
+        .arg(root.join("rules.toml"))
+        .args([
+            "--table",
+            "posts",
+            "--op",
+            "update",
+            "--old",
+            r#"{"id":1,"author_id":3,"category_id":1}"#,
+            "--new",
+            r#"{"id":1,"author_id":7,"category_id":2}"#,
+        ])
+        .env("PGINVAL_SOURCE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for line in [
+        "delete key      post:1",
+        "delete key      user_posts:3",
+        "delete key      user_posts:7",
+        "flush tag       category:1",
+        "flush tag       category:2",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_touches_neither_redis_nor_the_slot() {
+    let (db, redis) = setup("dryrun").await;
+    let mut cfg = config(&db, &redis, crate::RULES);
+    cfg.dry_run = true;
+    let daemon = Daemon::start(&db, cfg).await;
+    let before = confirmed_lsn(&db).await;
+    cache(&redis, &["user:15"]).await;
+    db.execute_batch("UPDATE users SET name = 'dry' WHERE id = 15")
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_cached(&redis, &["user:15"]).await;
+    daemon.stop().await.unwrap();
+    assert_eq!(
+        confirmed_lsn(&db).await,
+        before,
+        "a dry run must not move the slot"
+    );
+    // A real run afterwards still sees the change.
+    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    wait_gone(&redis, &["user:15"]).await;
+    daemon.stop().await.unwrap();
+}
