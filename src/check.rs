@@ -31,7 +31,7 @@ pub struct CheckReport {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     /// The database could not be reached or a catalog query failed.
-    #[error("cannot check the source database: {0}")]
+    #[error("cannot check the source database: {}", catalog::describe_error(.0))]
     Database(#[from] tokio_postgres::Error),
 }
 

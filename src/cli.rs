@@ -15,7 +15,13 @@ pub const EXIT_CONFIG: u8 = 2;
 
 /// Keeps Redis caches in step with PostgreSQL through logical replication.
 #[derive(Debug, Parser)]
-#[command(name = "pginval", version, about, long_about = None)]
+#[command(
+    name = "pginval",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.\nEnvironment: PGINVAL_CONFIG, PGINVAL_SOURCE_URL, PGINVAL_REDIS_URL, RUST_LOG."
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -56,6 +62,40 @@ pub enum Command {
         after_help = "Columns left out of --old/--new count as not sent by Postgres.\n\nExample:\n  pginval explain --table posts --op update \\\n    --old '{\"id\":1,\"author_id\":3}' --new '{\"id\":1,\"author_id\":7}'"
     )]
     Explain(ExplainArgs),
+    /// Show the slot (state, confirmed LSN, retained WAL), the publication's tables
+    /// and whether each rule is covered by its table's replica identity.
+    #[command(
+        after_help = "Example:\n  pginval status --config rules.toml\n  pginval status --json | jq .slot"
+    )]
+    Status(StatusArgs),
+    /// Print (and with --apply, run) the SQL that prepares the database for the rules:
+    /// publication, REPLICA IDENTITY changes, slot. Idempotent.
+    #[command(
+        after_help = "Example:\n  pginval setup --config rules.toml           # review the SQL\n  pginval setup --config rules.toml --apply   # run it"
+    )]
+    Setup(SetupArgs),
+}
+
+/// Options of `status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `setup`.
+#[derive(Debug, clap::Args)]
+pub struct SetupArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Run the statements instead of only printing them.
+    #[arg(long)]
+    pub apply: bool,
 }
 
 /// Options of `run`.

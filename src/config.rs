@@ -89,6 +89,32 @@ pub struct EventsConfig {
     pub stream_maxlen: u64,
 }
 
+/// `[metrics]`: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to listen on, like "127.0.0.1:9187". Without it no endpoint is served.
+    #[serde(default)]
+    pub listen: Option<Spanned<String>>,
+    /// `/readyz` reports unready when a committed change has waited longer than this
+    /// many seconds for Redis.
+    #[serde(default = "default_max_lag")]
+    pub max_lag_secs: u64,
+}
+
+fn default_max_lag() -> u64 {
+    30
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            max_lag_secs: default_max_lag(),
+        }
+    }
+}
+
 /// `[limits]`: memory bounds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +198,10 @@ pub struct Config {
     pub events: Option<EventsConfig>,
     /// The compiled rules.
     pub rules: RuleSet,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The readiness lag threshold.
+    pub max_lag: Duration,
     /// Log what would be invalidated instead of doing it, and never move the slot
     /// (`run --dry-run`; not a file setting).
     pub dry_run: bool,
@@ -345,6 +375,7 @@ impl Config {
         let mut tags = TagsConfig::default();
         let mut events: Option<EventsConfig> = None;
         let mut limits = LimitsConfig::default();
+        let mut metrics = MetricsConfig::default();
         let mut rule_models = Vec::new();
         for (key, value) in doc.get_ref() {
             let line = lines.line_of(&key.span());
@@ -353,6 +384,7 @@ impl Config {
                 "redis" => section(value, &lines, &mut problems, "[redis]", &mut redis),
                 "tags" => section(value, &lines, &mut problems, "[tags]", &mut tags),
                 "limits" => section(value, &lines, &mut problems, "[limits]", &mut limits),
+                "metrics" => section(value, &lines, &mut problems, "[metrics]", &mut metrics),
                 "events" => {
                     let mut e = EventsConfig::default();
                     section(value, &lines, &mut problems, "[events]", &mut e);
@@ -391,7 +423,7 @@ impl Config {
                 other => problems.push(Problem::new(
                     line,
                     format!("unknown section `{other}`"),
-                    Some("the sections are [source], [redis], [tags], [events], [limits] and [[rules]]".into()),
+                    Some("the sections are [source], [redis], [tags], [events], [limits], [metrics] and [[rules]]".into()),
                 )),
             }
         }
@@ -484,6 +516,20 @@ impl Config {
                 }
             }
         };
+        let metrics_listen = match &metrics.listen {
+            None => None,
+            Some(addr) => match addr.get_ref().parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    problems.push(Problem::new(
+                        lines.line_of(&addr.span()),
+                        format!("[metrics] listen `{}` is not an address", addr.get_ref()),
+                        Some("write ip:port, like \"127.0.0.1:9187\" or \"0.0.0.0:9187\"".into()),
+                    ));
+                    None
+                }
+            },
+        };
         if limits.max_keys_per_transaction == 0 {
             problems.push(Problem::new(
                 None,
@@ -530,6 +576,8 @@ impl Config {
                 tags: tag_layout,
                 events,
                 rules,
+                metrics_listen,
+                max_lag: Duration::from_secs(metrics.max_lag_secs.max(1)),
                 dry_run: false,
             }),
             _ => Err(fail(problems)),

@@ -13,15 +13,20 @@
 //! - [`rules`]: domain → intent: templates, compiled rules, invalidation sets.
 //! - [`sink`]: intent → effect: Redis pipelines and tag flushes.
 //! - [`pipeline`]: wires the stages and owns the acknowledgement rule.
+//! - [`metrics`]: metric names, `/metrics`, `/healthz`, `/readyz`.
 //! - [`check`]: the configuration against the live database.
 //! - [`explain`]: what one row change would do, without any IO.
+//! - [`setup`], [`status`]: preparing and inspecting the database.
 //! - [`cli`]: the command line.
 
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod explain;
+pub mod metrics;
 pub mod pipeline;
 pub mod replication;
 pub mod rules;
+pub mod setup;
 pub mod sink;
+pub mod status;

@@ -115,6 +115,74 @@ async fn execute(cli: Cli) -> u8 {
                 }
             }
         }
+        Command::Status(args) => {
+            let config = match load(&args.config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let status = match pginval::replication::catalog::connect(&config.source.pg).await {
+                Ok(client) => pginval::status::status(&client, &config).await,
+                Err(e) => Err(e),
+            };
+            match status {
+                Ok(status) if args.json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status).unwrap_or_default()
+                    );
+                    EXIT_OK
+                }
+                Ok(status) => {
+                    print!("{status}");
+                    EXIT_OK
+                }
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot read the status of the source database: {}",
+                        pginval::replication::catalog::describe_error(&e)
+                    );
+                    EXIT_FAILURE
+                }
+            }
+        }
+        Command::Setup(args) => {
+            let config = match load(&args.config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let client = match pginval::replication::catalog::connect(&config.source.pg).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot connect to the source database: {}",
+                        pginval::replication::catalog::describe_error(&e)
+                    );
+                    return EXIT_FAILURE;
+                }
+            };
+            let plan = match pginval::setup::plan(&client, &config).await {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!(
+                        "error: {}",
+                        pginval::replication::catalog::describe_error(&e)
+                    );
+                    return EXIT_FAILURE;
+                }
+            };
+            print!("{}", plan.to_sql());
+            if args.apply {
+                if let Err(e) = pginval::setup::apply(&client, &plan).await {
+                    eprintln!(
+                        "error: {}",
+                        pginval::replication::catalog::describe_error(&e)
+                    );
+                    return EXIT_FAILURE;
+                }
+                eprintln!("applied {} statement(s)", plan.statements.len());
+            }
+            EXIT_OK
+        }
         Command::Explain(args) => {
             let config = match load(&args.config.config) {
                 Ok(c) => c,

@@ -11,10 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, watch};
 
 use crate::check::{self, CheckReport};
 use crate::config::Config;
+use crate::metrics::{self, Health, Metrics, ReasonLabel, RuleLabel, TableOp};
 use crate::replication::catalog;
 use crate::replication::conn::{Backend, ReplicationConnection, ReplicationError};
 use crate::replication::event::RowEvent;
@@ -46,7 +48,7 @@ pub enum RunError {
     #[error("the configuration does not fit the database")]
     Check(CheckReport),
     /// The control connection failed.
-    #[error("source database: {0}")]
+    #[error("source database: {}", catalog::describe_error(.0))]
     Database(#[from] tokio_postgres::Error),
     /// The replication connection failed in a way reconnecting cannot fix.
     #[error(transparent)]
@@ -73,6 +75,11 @@ pub enum RunError {
     SinkStopped,
 }
 
+/// Most commit times one batch keeps for the latency histogram.
+const MAX_COMMIT_SAMPLES: usize = 10_000;
+/// How often the slot's retained WAL and Redis' keyspace stats are read.
+const POLL_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Committed transactions waiting to go to Redis together.
 #[derive(Debug, Default)]
 struct Batch {
@@ -82,6 +89,8 @@ struct Batch {
     /// End LSN of the last commit in the batch.
     end_lsn: Lsn,
     transactions: u64,
+    /// Commit times (Postgres micros) of its transactions, for latency metrics.
+    commit_times: Vec<i64>,
 }
 
 impl Batch {
@@ -116,11 +125,35 @@ pub async fn run(
     let start = prepare(&control, &config).await?;
     drop(control);
 
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(config.max_lag));
+    let mut background = Vec::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics::bind(addr).await.map_err(|e| {
+            RunError::Replication(ReplicationError::Unsupported(format!(
+                "cannot listen on {addr} for metrics: {e}"
+            )))
+        })?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        background.push(tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+        )));
+    }
+    background.push(tokio::spawn(poll_stats(
+        config.clone(),
+        metrics.clone(),
+        health.clone(),
+    )));
+
     let mut sink = RedisSink::new(
         &config.redis_url,
         config.tags.clone(),
         config.events.clone(),
         config.dry_run,
+        metrics.clone(),
+        health.clone(),
     )?;
     if let Err(e) = sink.ping().await {
         tracing::warn!(error = %e, "redis is not reachable yet; changes will wait for it");
@@ -130,7 +163,7 @@ pub async fn run(
         batches: 0,
         lsn: start,
     });
-    let sink_task = tokio::spawn(apply_batches(sink, batch_rx, acked_tx));
+    let sink_task = tokio::spawn(apply_batches(sink, batch_rx, acked_tx, metrics.clone()));
 
     let mut state = Stream::new(
         Arc::new(config),
@@ -138,6 +171,8 @@ pub async fn run(
         start,
         batch_tx,
         acked_rx,
+        metrics.clone(),
+        health.clone(),
     );
     tokio::pin!(shutdown);
     let mut backoff = RECONNECT_BACKOFF.0;
@@ -147,6 +182,8 @@ pub async fn run(
             Err(RunError::Replication(e)) if e.is_retryable() => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "replication connection lost; reconnecting");
                 state.conn = None;
+                health.set_streaming(false);
+                metrics.reconnects.inc();
                 tokio::select! {
                     biased;
                     _ = &mut shutdown => break state.drain_on_shutdown().await,
@@ -159,7 +196,54 @@ pub async fn run(
     };
     drop(state);
     sink_task.abort();
+    for task in background {
+        task.abort();
+    }
     result
+}
+
+/// Every few seconds: the slot's retained WAL, and Redis' keyspace hits and misses
+/// (which also tell `/readyz` whether Redis answers while no change flows).
+async fn poll_stats(config: Config, metrics: Arc<Metrics>, health: Arc<Health>) {
+    let Ok(mut redis) = RedisSink::new(
+        &config.redis_url,
+        config.tags.clone(),
+        None,
+        true,
+        metrics.clone(),
+        health.clone(),
+    ) else {
+        return;
+    };
+    let mut control = None;
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        tick.tick().await;
+        match redis.keyspace_stats().await {
+            Ok((hits, misses)) => {
+                health.set_redis_ok(true);
+                metrics.redis_hits.set(hits as i64);
+                metrics.redis_misses.set(misses as i64);
+                if hits + misses > 0 {
+                    metrics
+                        .redis_hit_ratio
+                        .set(hits as f64 / (hits + misses) as f64);
+                }
+            }
+            Err(_) => health.set_redis_ok(false),
+        }
+        if control.is_none() {
+            control = catalog::connect(&config.source.pg).await.ok();
+        }
+        if let Some(client) = &control {
+            match catalog::slot_retained_wal(client, &config.source.slot).await {
+                Ok(bytes) => {
+                    metrics.retained_wal.set(bytes.unwrap_or(0));
+                }
+                Err(_) => control = None,
+            }
+        }
+    }
 }
 
 /// Creates the publication and the slot when they are missing; returns the slot's
@@ -199,6 +283,7 @@ async fn apply_batches(
     mut sink: RedisSink,
     mut rx: mpsc::Receiver<Batch>,
     acked: watch::Sender<Applied>,
+    metrics: Arc<Metrics>,
 ) {
     let mut redelete = Redelete::default();
     let mut dropped_reported = 0;
@@ -215,6 +300,15 @@ async fn apply_batches(
                     entries = batch.len(),
                     "batch applied"
                 );
+                metrics.batch_entries.observe(batch.len() as f64);
+                metrics.batch_transactions.observe(batch.transactions as f64);
+                let now_pg = protocol::pg_now_micros();
+                for t in &batch.commit_times {
+                    metrics.commit_to_invalidation.observe((now_pg - t).max(0) as f64 / 1e6);
+                }
+                if let Some(last) = batch.commit_times.last() {
+                    metrics.lag_seconds.set((now_pg - last).max(0) as f64 / 1e6);
+                }
                 let now = tokio::time::Instant::now();
                 for (key, ms) in &batch.inv.redelete {
                     redelete.schedule(now, key, Duration::from_millis(*ms));
@@ -234,6 +328,7 @@ async fn apply_batches(
                 let mut inv = Invalidation::default();
                 inv.keys.extend(keys);
                 sink.apply_until_ok(&inv, &[]).await;
+                metrics.second_deletes.inc_by(count as u64);
                 tracing::debug!(keys = count, "second delete applied");
             }
         }
@@ -246,6 +341,9 @@ struct TableRules {
     table: Arc<Table>,
     rules: Arc<[BoundRule]>,
     id_columns: Arc<[usize]>,
+    /// Row change counters for insert, update, delete, truncate (handles resolved once,
+    /// so the hot path allocates no labels).
+    changes: [Counter; 4],
 }
 
 /// What woke the streaming loop.
@@ -276,7 +374,14 @@ struct Stream {
     confirmed: Lsn,
     /// The latest keepalive position: safe to confirm once nothing is pending.
     server_end: Lsn,
+    /// The server's WAL end as last reported (for the lag metric).
+    server_wal_end: Lsn,
     conn: Option<ReplicationConnection>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    rule_labels: HashMap<usize, RuleLabel>,
+    /// Sequence number and first commit time of batches handed to the sink.
+    in_flight: std::collections::VecDeque<(u64, i64)>,
 }
 
 impl Stream {
@@ -286,7 +391,22 @@ impl Stream {
         start: Lsn,
         batches: mpsc::Sender<Batch>,
         acked: watch::Receiver<Applied>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Stream {
+        let rule_labels = config
+            .rules
+            .rules
+            .iter()
+            .map(|r| {
+                (
+                    r.number,
+                    RuleLabel {
+                        rule: format!("#{} {}", r.number, r.qualified_table()),
+                    },
+                )
+            })
+            .collect();
         Stream {
             config,
             primary_keys,
@@ -299,7 +419,12 @@ impl Stream {
             sent_batches: 0,
             confirmed: start,
             server_end: start,
+            server_wal_end: start,
             conn: None,
+            metrics,
+            health,
+            rule_labels,
+            in_flight: std::collections::VecDeque::new(),
         }
     }
 
@@ -349,6 +474,7 @@ impl Stream {
         self.bound.clear();
         self.tx = None;
         self.conn = Some(conn);
+        self.health.set_streaming(true);
 
         let mut status_timer = tokio::time::interval(self.config.source.status_interval);
         status_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -372,6 +498,9 @@ impl Stream {
                     Ok(permit) => {
                         if let Some(batch) = self.pending.take() {
                             self.sent_batches += 1;
+                            if let Some(first) = batch.commit_times.first() {
+                                self.in_flight.push_back((self.sent_batches, *first));
+                            }
                             permit.send(batch);
                         }
                         Wake::Sent
@@ -381,6 +510,7 @@ impl Stream {
                 // More WAL, unless Redis is so far behind that the backlog is full.
                 read = conn.fill(), if backlog < MAX_PENDING => Wake::Read(read),
             };
+            self.update_health();
             match wake {
                 Wake::Shutdown => return self.drain_on_shutdown().await,
                 Wake::StatusTimer => {
@@ -413,7 +543,13 @@ impl Stream {
             };
             match msg {
                 Backend::CopyData(frame) => match protocol::decode_frame(frame)? {
-                    ServerFrame::XLogData { start, data, .. } => {
+                    ServerFrame::XLogData {
+                        start,
+                        wal_end,
+                        data,
+                        ..
+                    } => {
+                        self.server_wal_end = self.server_wal_end.max(wal_end);
                         self.apply_message(start, &data)?
                     }
                     ServerFrame::Keepalive {
@@ -422,6 +558,7 @@ impl Stream {
                         ..
                     } => {
                         self.server_end = self.server_end.max(wal_end);
+                        self.server_wal_end = self.server_wal_end.max(wal_end);
                         if reply_requested {
                             self.send_status().await?;
                         }
@@ -445,6 +582,21 @@ impl Stream {
             Message::Begin(_) => self.tx = Some(Invalidation::default()),
             Message::Commit(commit) => {
                 let mut inv = self.tx.take().unwrap_or_default();
+                self.metrics.transactions.inc();
+                for (reason, n) in &inv.fallbacks {
+                    self.metrics
+                        .fallbacks
+                        .get_or_create(&ReasonLabel {
+                            reason: reason.as_str().to_owned(),
+                        })
+                        .inc_by(*n);
+                }
+                for (rule, (keys, tags)) in inv.rendered.drain() {
+                    if let Some(label) = self.rule_labels.get(&rule) {
+                        self.metrics.keys.get_or_create(label).inc_by(keys);
+                        self.metrics.tags.get_or_create(label).inc_by(tags);
+                    }
+                }
                 if !inv.fallbacks.is_empty() {
                     let reasons: Vec<String> = inv
                         .fallbacks
@@ -474,6 +626,9 @@ impl Stream {
                 batch.events.extend(events);
                 batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
                 batch.transactions += 1;
+                if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
+                    batch.commit_times.push(commit.commit_time);
+                }
             }
             Message::Relation(rel) => {
                 let table = self.relations.update(&rel);
@@ -485,29 +640,48 @@ impl Stream {
                     );
                 }
                 let id_columns = self.id_columns(&table).into();
+                let counter = |op: &str| {
+                    self.metrics
+                        .row_changes
+                        .get_or_create(&TableOp {
+                            table: table.to_string(),
+                            op: op.to_owned(),
+                        })
+                        .clone()
+                };
+                let changes = [
+                    counter("insert"),
+                    counter("update"),
+                    counter("delete"),
+                    counter("truncate"),
+                ];
                 self.bound.insert(
                     rel.oid,
                     TableRules {
                         table,
                         rules,
                         id_columns,
+                        changes,
                     },
                 );
             }
             Message::Insert(m) => {
                 if let Some(t) = self.rules_for(m.relation)? {
+                    t.changes[0].inc();
                     let ev = RowEvent::insert(t.table, m);
                     self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
                 }
             }
             Message::Update(m) => {
                 if let Some(t) = self.rules_for(m.relation)? {
+                    t.changes[1].inc();
                     let ev = RowEvent::update(t.table, m);
                     self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
                 }
             }
             Message::Delete(m) => {
                 if let Some(t) = self.rules_for(m.relation)? {
+                    t.changes[2].inc();
                     let ev = RowEvent::delete(t.table, m);
                     self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
                 }
@@ -515,6 +689,7 @@ impl Stream {
             Message::Truncate(m) => {
                 for oid in m.relations {
                     if let Some(t) = self.rules_for(oid)? {
+                        t.changes[3].inc();
                         tracing::warn!(table = %t.table, "TRUNCATE: applying the table's rule fallbacks");
                         self.tx_mut().add_truncate(&t.rules);
                     }
@@ -574,6 +749,25 @@ impl Stream {
         }
     }
 
+    /// Publishes the age of the oldest committed change Redis has not acknowledged.
+    fn update_health(&mut self) {
+        let applied = self.acked.borrow().batches;
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|(seq, _)| *seq <= applied)
+        {
+            self.in_flight.pop_front();
+        }
+        let oldest = self.in_flight.front().map(|(_, t)| *t).or_else(|| {
+            self.pending
+                .as_ref()
+                .and_then(|b| b.commit_times.first().copied())
+        });
+        self.health
+            .set_oldest_pending(oldest.map(protocol::pg_time));
+    }
+
     fn tx_mut(&mut self) -> &mut Invalidation {
         self.tx.get_or_insert_with(Invalidation::default)
     }
@@ -591,6 +785,10 @@ impl Stream {
             tracing::trace!(lsn = %format_lsn(lsn), "confirming");
         }
         self.confirmed = lsn;
+        self.metrics.confirmed_lsn.set(lsn as i64);
+        self.metrics
+            .lag_bytes
+            .set(self.server_wal_end.saturating_sub(lsn) as i64);
         if let Some(conn) = self.conn.as_mut() {
             let msg = protocol::standby_status(lsn, protocol::pg_now_micros(), false);
             conn.send_copy_data(&msg).await?;

@@ -79,6 +79,24 @@ pub async fn connect(pg: &tokio_postgres::Config) -> Result<Client, tokio_postgr
     Ok(client)
 }
 
+/// A database error with the server's message, detail and hint (the `Display` of
+/// `tokio_postgres::Error` alone often says just "db error").
+pub fn describe_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} ({})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; {d}"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
 /// Quotes an identifier for SQL.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -231,6 +249,23 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, tokio
             confirmed_flush_lsn: r.get(4),
             wal_status: r.get(5),
         }))
+}
+
+/// Bytes of WAL the slot retains on the server (current WAL position minus the
+/// slot's restart position), or `None` when the slot does not exist.
+pub async fn slot_retained_wal(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END
+                     - restart_lsn)::bigint
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .and_then(|r| r.get(0)))
 }
 
 /// The current database's name.

@@ -101,6 +101,8 @@ pub struct Invalidation {
     pub events: Vec<PendingEvent>,
     /// Fallbacks used, by reason.
     pub fallbacks: HashMap<FallbackReason, u64>,
+    /// Keys and tags rendered, by rule number (before deduplication; for metrics).
+    pub rendered: HashMap<usize, (u64, u64)>,
     /// Rows seen per rule in the open transaction (for `max_keys_per_transaction`).
     rows: HashMap<usize, usize>,
 }
@@ -152,6 +154,11 @@ impl Invalidation {
         for (r, n) in other.fallbacks {
             *self.fallbacks.entry(r).or_default() += n;
         }
+        for (rule, (k, t)) in other.rendered {
+            let e = self.rendered.entry(rule).or_default();
+            e.0 += k;
+            e.1 += t;
+        }
     }
 
     /// Applies `rules` to one row change. `id_columns` are the tuple positions of the
@@ -183,10 +190,12 @@ impl Invalidation {
                 self.add_fallback(rule, FallbackReason::SchemaChange);
             }
             let mut unknown = false;
+            let (mut rendered_keys, mut rendered_tags) = (0u64, 0u64);
             for t in &rule.keys {
                 match rule.rule.action {
                     Action::Delete => {
                         unknown |= render(t, event, false, &mut |key| {
+                            rendered_keys += 1;
                             if let Some(delay) = rule.rule.redelete_after {
                                 let ms = delay.as_millis() as u64;
                                 let e = self.redelete.entry(key.clone()).or_insert(ms);
@@ -198,6 +207,7 @@ impl Invalidation {
                     Action::Expire(ttl) => {
                         let ms = ttl.as_millis() as u64;
                         unknown |= render(t, event, false, &mut |key| {
+                            rendered_keys += 1;
                             let e = self.expire_keys.entry(key).or_insert(ms);
                             *e = (*e).min(ms);
                         })
@@ -210,6 +220,7 @@ impl Invalidation {
             };
             for t in &rule.tags {
                 unknown |= render(t, event, false, &mut |tag| {
+                    rendered_tags += 1;
                     add_tag(&mut self.tags, tag, tag_action)
                 });
             }
@@ -218,6 +229,9 @@ impl Invalidation {
                     self.key_patterns.insert(p);
                 });
             }
+            let counts = self.rendered.entry(rule.rule.number).or_default();
+            counts.0 += rendered_keys;
+            counts.1 += rendered_tags;
             if unknown && !rule.broken {
                 self.add_fallback(rule, FallbackReason::ValueNotSent);
             }

@@ -10,7 +10,10 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script};
 
+use std::sync::Arc;
+
 use crate::config::EventsConfig;
+use crate::metrics::{Health, Metrics};
 use crate::rules::invalidation::{Invalidation, TagAction};
 
 use super::tags::TagLayout;
@@ -108,6 +111,8 @@ pub struct RedisSink {
     events: Option<EventsConfig>,
     flush_tag: Script,
     dry_run: bool,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for RedisSink {
@@ -133,6 +138,8 @@ impl RedisSink {
         tags: TagLayout,
         events: Option<EventsConfig>,
         dry_run: bool,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
         Ok(RedisSink {
             client: Client::open(url)?,
@@ -141,7 +148,30 @@ impl RedisSink {
             events,
             flush_tag: Script::new(FLUSH_TAG_LUA),
             dry_run,
+            metrics,
+            health,
         })
+    }
+
+    /// Redis' `keyspace_hits` and `keyspace_misses` (INFO stats); also tells whether
+    /// Redis answers at all.
+    pub async fn keyspace_stats(&mut self) -> Result<(u64, u64), SinkError> {
+        let mut conn = self.connection().await?;
+        let info: Result<String, _> = redis::cmd("INFO").arg("stats").query_async(&mut conn).await;
+        let info = match info {
+            Ok(i) => i,
+            Err(e) => {
+                self.conn = None;
+                return Err(e.into());
+            }
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok((field("keyspace_hits"), field("keyspace_misses")))
     }
 
     async fn connection(&mut self) -> Result<MultiplexedConnection, SinkError> {
@@ -204,6 +234,7 @@ impl RedisSink {
         loop {
             match self.apply(inv, events).await {
                 Ok(()) => {
+                    self.health.set_redis_ok(true);
                     if let Some(since) = failing_since {
                         let down: Duration = tokio::time::Instant::now() - since;
                         tracing::info!(
@@ -214,6 +245,8 @@ impl RedisSink {
                     return;
                 }
                 Err(e) => {
+                    self.metrics.redis_errors.inc();
+                    self.health.set_redis_ok(false);
                     if !e.is_connection_error() {
                         command_errors += 1;
                         if command_errors >= MAX_COMMAND_ERROR_ATTEMPTS {
@@ -254,6 +287,7 @@ impl RedisSink {
             for (tag, action) in &tags {
                 self.push_flush(&mut pipe, &self.tags.tag_key(tag), **action);
             }
+            self.metrics.redis_commands.inc_by(pipe.len() as u64);
             let results: Vec<i64> = pipe.query_async(&mut conn).await?;
             for ((tag, action), result) in tags.iter().zip(results) {
                 self.after_flush(&mut conn, &self.tags.tag_key(tag), **action, result)
@@ -304,7 +338,9 @@ impl RedisSink {
                         .ignore();
                 }
             }
+            self.metrics.redis_commands.inc_by(pipe.len() as u64);
             pipe.query_async::<()>(&mut conn).await?;
+            self.metrics.events.inc_by(events.len() as u64);
         }
         Ok(())
     }
@@ -404,6 +440,7 @@ impl RedisSink {
                     each(&mut pipe, item);
                 }
                 if !pipe.is_empty() {
+                    self.metrics.redis_commands.inc_by(pipe.len() as u64 + 1);
                     pipe.query_async::<()>(conn).await?;
                 }
             }

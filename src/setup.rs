@@ -1,0 +1,138 @@
+//! `pginval setup`: the SQL that prepares a database for the configured rules —
+//! publication, REPLICA IDENTITY, slot — computed from what is already there, so
+//! running it twice does nothing the second time.
+//!
+//! Plans from the catalog; executes only when asked (`--apply`).
+
+use std::collections::BTreeSet;
+
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::replication::catalog::{self, quote_ident, quote_table};
+use crate::replication::relation::ReplicaIdentity;
+use crate::rules::template::ImageSelector;
+
+/// What `setup` would do.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Statements to run, in order.
+    pub statements: Vec<String>,
+    /// Things setup cannot do by itself, as SQL comments.
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    /// The plan as a SQL script.
+    pub fn to_sql(&self) -> String {
+        let mut out = String::new();
+        for n in &self.notes {
+            out.push_str(&format!("-- {n}\n"));
+        }
+        if self.statements.is_empty() {
+            out.push_str("-- nothing to do: the database is prepared for these rules\n");
+        }
+        for s in &self.statements {
+            out.push_str(s);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Computes the statements that prepare the database behind `client` for `config`.
+pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgres::Error> {
+    let mut plan = Plan::default();
+    let wal_level = catalog::wal_level(client).await?;
+    if wal_level != "logical" {
+        plan.notes.push(format!(
+            "wal_level is {wal_level}: run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL (setup does not restart servers)"
+        ));
+    }
+    let mut publishable = Vec::new();
+    let mut partitioned = false;
+    let mut full = BTreeSet::new();
+    for (schema, table) in config.rules.tables() {
+        let Some(info) = catalog::table_info(client, &schema, &table).await? else {
+            plan.notes.push(format!(
+                "table {schema}.{table} does not exist: create it first"
+            ));
+            continue;
+        };
+        partitioned |= info.partitioned;
+        let rules = config
+            .rules
+            .rules
+            .iter()
+            .filter(|r| r.schema == schema && r.table == table);
+        let needs_old: BTreeSet<&str> = rules
+            .flat_map(|r| r.templates().flat_map(|t| t.columns()).collect::<Vec<_>>())
+            .filter(|(image, _)| *image != ImageSelector::New)
+            .map(|(_, c)| c)
+            .collect();
+        let uncovered = needs_old
+            .iter()
+            .any(|c| !info.identity_columns.iter().any(|x| x == c));
+        if info.replica_identity != ReplicaIdentity::Full && (uncovered || !info.replicates_updates)
+        {
+            full.insert((schema.clone(), table.clone()));
+        }
+        publishable.push((schema, table));
+    }
+    for (schema, table) in &full {
+        plan.statements.push(format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL;",
+            quote_table(schema, table)
+        ));
+    }
+    let pub_name = &config.source.publication;
+    match catalog::publication(client, pub_name).await? {
+        None if !publishable.is_empty() => {
+            plan.statements
+                .push(catalog::create_publication_sql(pub_name, &publishable));
+        }
+        None => {}
+        Some(publ) => {
+            let missing: Vec<String> = publishable
+                .iter()
+                .filter(|t| !publ.all_tables && !publ.tables.contains(t))
+                .map(|(s, t)| quote_table(s, t))
+                .collect();
+            if !missing.is_empty() {
+                plan.statements.push(format!(
+                    "ALTER PUBLICATION {} ADD TABLE {};",
+                    quote_ident(pub_name),
+                    missing.join(", ")
+                ));
+            }
+            if !(publ.insert && publ.update && publ.delete && publ.truncate) {
+                plan.statements.push(format!(
+                    "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
+                    quote_ident(pub_name)
+                ));
+            }
+            if partitioned && !publ.via_root {
+                plan.statements.push(format!(
+                    "ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
+                    quote_ident(pub_name)
+                ));
+            }
+        }
+    }
+    if catalog::slot(client, &config.source.slot).await?.is_none() {
+        plan.statements.push(format!(
+            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
+            config.source.slot
+        ));
+    }
+    Ok(plan)
+}
+
+/// Runs the plan's statements one by one (a slot cannot be created inside a
+/// transaction that wrote, so there is no surrounding transaction).
+pub async fn apply(client: &Client, plan: &Plan) -> Result<(), tokio_postgres::Error> {
+    for s in &plan.statements {
+        client.batch_execute(s).await?;
+    }
+    Ok(())
+}
