@@ -9,7 +9,7 @@ use std::fmt;
 
 use tokio_postgres::Client;
 
-use crate::config::{Config, Problem, write_problem};
+use crate::config::{Config, Problem, SlotLost, write_problem};
 use crate::replication::catalog::{self, quote_ident, quote_table};
 use crate::replication::relation::ReplicaIdentity;
 use crate::rules::template::ImageSelector;
@@ -197,9 +197,31 @@ pub async fn check_with(
 
     let pub_name = &config.source.publication;
     match catalog::publication(client, pub_name).await? {
-        None => report.notes.push(format!(
-            "publication {pub_name} does not exist yet; run creates it for the rules' tables"
-        )),
+        None => {
+            let tables: Vec<(String, String)> = config
+                .rules
+                .tables()
+                .into_iter()
+                .filter(|t| !unpublishable.contains(t))
+                .collect();
+            if catalog::can_publish(client, &tables).await? {
+                report.notes.push(format!(
+                    "publication {pub_name} does not exist yet; run creates it for the rules' tables"
+                ));
+            } else {
+                problems.push(Problem::new(
+                    None,
+                    format!(
+                        "publication {pub_name} does not exist, and the configured role cannot create it: creating a publication needs ownership of {}",
+                        tables.iter().map(|(s, t)| format!("{s}.{t}")).collect::<Vec<_>>().join(", ")
+                    ),
+                    Some(format!(
+                        "as the tables' owner: {}\n(or run `pginval setup --apply` / sql/setup.sql as the owner)",
+                        catalog::create_publication_sql(pub_name, &tables)
+                    )),
+                ));
+            }
+        }
         Some(publ) => {
             let missing: Vec<String> = config
                 .rules
@@ -288,13 +310,24 @@ pub async fn check_with(
                     Some("choose another `slot` name under [source]".into()),
                 ));
             } else if slot.wal_status.as_deref() == Some("lost") {
-                problems.push(Problem::new(
-                    None,
-                    format!("slot {slot_name} is lost: the WAL it needed was removed"),
-                    Some(format!(
-                        "drop it (SELECT pg_drop_replication_slot('{slot_name}');) and flush the cache, since changes were missed"
-                    )),
-                ));
+                let lost = format!(
+                    "slot {slot_name} is lost: the WAL it needed was removed, changes were missed"
+                );
+                if config.source.on_slot_lost == SlotLost::Flush {
+                    report.warnings.push(Problem::new(
+                        None,
+                        format!("{lost}; run will recreate it and apply every rule's fallback (on_slot_lost = \"flush\")"),
+                        None,
+                    ));
+                } else {
+                    problems.push(Problem::new(
+                        None,
+                        lost,
+                        Some(format!(
+                            "flush the cache, drop the slot (SELECT pg_drop_replication_slot('{slot_name}');), or set on_slot_lost = \"flush\""
+                        )),
+                    ));
+                }
             } else {
                 report.notes.push(format!(
                     "slot {slot_name} exists (confirmed {}{})",

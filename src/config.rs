@@ -21,6 +21,10 @@ use crate::sink::tags::TagLayout;
 pub const ENV_SOURCE_URL: &str = "PGINVAL_SOURCE_URL";
 /// Environment variable that overrides `[redis] url`.
 pub const ENV_REDIS_URL: &str = "PGINVAL_REDIS_URL";
+/// Environment variable holding the source database password.
+pub const ENV_SOURCE_PASSWORD: &str = "PGINVAL_SOURCE_PASSWORD";
+/// Environment variable holding the Redis password.
+pub const ENV_REDIS_PASSWORD: &str = "PGINVAL_REDIS_PASSWORD";
 
 /// `[source]`: the PostgreSQL database to follow.
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +44,24 @@ pub struct SourceConfig {
     /// seconds; keep it well below the server's `wal_sender_timeout` (60 s default).
     #[serde(default = "default_status_interval")]
     pub status_interval_secs: u64,
+    /// File holding the password (trailing newline ignored); overrides one in `url`.
+    /// `PGINVAL_SOURCE_PASSWORD` overrides both.
+    #[serde(default)]
+    pub password_file: Option<Spanned<String>>,
+    /// When the slot is lost (dropped, or invalidated by `max_slot_wal_keep_size`):
+    /// "flush" (default) recreates it and applies every rule's fallback, so no stale
+    /// key survives the gap; "fail" stops pginval with an error.
+    #[serde(default = "default_on_slot_lost")]
+    pub on_slot_lost: Spanned<String>,
+    /// Every this many seconds, write a tiny WAL record into this database
+    /// (`pg_logical_emit_message`) so the slot advances even when all WAL comes from
+    /// other databases. 0 (default) disables it.
+    #[serde(default)]
+    pub heartbeat_secs: u64,
+}
+
+fn default_on_slot_lost() -> Spanned<String> {
+    Spanned::new(0..0, "flush".to_owned())
 }
 
 /// `[redis]`: where the cache lives.
@@ -49,6 +71,10 @@ pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db`; `PGINVAL_REDIS_URL` overrides it.
     #[serde(default = "default_redis_url")]
     pub url: Spanned<String>,
+    /// File holding the password (trailing newline ignored); overrides one in `url`.
+    /// `PGINVAL_REDIS_PASSWORD` overrides both.
+    #[serde(default)]
+    pub password_file: Option<Spanned<String>>,
 }
 
 /// `[tags]`: how cache tags are stored.
@@ -162,6 +188,9 @@ impl Default for SourceConfig {
             slot: default_name(),
             publication: default_name(),
             status_interval_secs: default_status_interval(),
+            password_file: None,
+            on_slot_lost: default_on_slot_lost(),
+            heartbeat_secs: 0,
         }
     }
 }
@@ -169,6 +198,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: default_redis_url(),
+            password_file: None,
         }
     }
 }
@@ -190,8 +220,8 @@ pub struct Config {
     pub path: PathBuf,
     /// The source database.
     pub source: Source,
-    /// The Redis server.
-    pub redis_url: String,
+    /// The Redis server (the password, if any, stays inside, never printed).
+    pub redis: redis::ConnectionInfo,
     /// How tags are stored.
     pub tags: TagLayout,
     /// Entity events, when `[events]` names a channel or a stream.
@@ -218,6 +248,19 @@ pub struct Source {
     pub publication: String,
     /// Interval of unprompted standby status updates.
     pub status_interval: Duration,
+    /// What to do when the slot is lost.
+    pub on_slot_lost: SlotLost,
+    /// Heartbeat interval, when enabled.
+    pub heartbeat: Option<Duration>,
+}
+
+/// `on_slot_lost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotLost {
+    /// Recreate the slot and apply every rule's fallback.
+    Flush,
+    /// Stop with an error.
+    Fail,
 }
 
 impl fmt::Debug for Source {
@@ -445,7 +488,22 @@ impl Config {
             }
             Some(url) => {
                 match tokio_postgres::Config::from_str(&url) {
-                    Ok(pg) => Some(pg),
+                    Ok(mut pg) => {
+                        match secret(
+                            &env,
+                            ENV_SOURCE_PASSWORD,
+                            source.password_file.as_ref(),
+                            &lines,
+                            "[source]",
+                        ) {
+                            Ok(Some(pw)) => {
+                                pg.password(pw);
+                            }
+                            Ok(None) => {}
+                            Err(p) => problems.push(p),
+                        }
+                        Some(pg)
+                    }
                     Err(e) => {
                         problems.push(Problem::new(
                         url_line,
@@ -475,13 +533,52 @@ impl Config {
         }
 
         let redis_url = env(ENV_REDIS_URL).unwrap_or_else(|| redis.url.get_ref().clone());
-        if let Err(e) = redis::Client::open(redis_url.as_str()) {
-            problems.push(Problem::new(
-                lines.line_of(&redis.url.span()),
-                format!("[redis] url is not a valid Redis URL: {e}"),
-                Some("use redis://[user:password@]host:6379/0 or rediss:// for TLS".into()),
-            ));
-        }
+        let redis_info = match redis::IntoConnectionInfo::into_connection_info(redis_url.as_str()) {
+            Ok(info) => {
+                match secret(
+                    &env,
+                    ENV_REDIS_PASSWORD,
+                    redis.password_file.as_ref(),
+                    &lines,
+                    "[redis]",
+                ) {
+                    Ok(Some(pw)) => {
+                        let settings = info.redis_settings().clone().set_password(pw);
+                        Some(info.set_redis_settings(settings))
+                    }
+                    Ok(None) => Some(info),
+                    Err(p) => {
+                        problems.push(p);
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                problems.push(Problem::new(
+                    lines.line_of(&redis.url.span()),
+                    format!(
+                        "[redis] url is not a valid Redis URL: {}",
+                        redact_redis_error(&e.to_string(), &redis_url)
+                    ),
+                    Some("use redis://[user:password@]host:6379/0".into()),
+                ));
+                None
+            }
+        };
+        let on_slot_lost = match source.on_slot_lost.get_ref().as_str() {
+            "flush" => SlotLost::Flush,
+            "fail" => SlotLost::Fail,
+            other => {
+                problems.push(Problem::new(
+                    lines.line_of(&source.on_slot_lost.span()),
+                    format!("[source] on_slot_lost `{other}` is not known"),
+                    Some(
+                        "use \"flush\" (recreate the slot and over-invalidate) or \"fail\"".into(),
+                    ),
+                ));
+                SlotLost::Flush
+            }
+        };
         let tag_layout = match tags.layout.get_ref().as_str() {
             "set" => {
                 if tags.key.get_ref().matches("{tag}").count() != 1 {
@@ -563,16 +660,19 @@ impl Config {
         }
 
         problems.sort_by_key(|p| p.line.unwrap_or(0));
-        match (problems.is_empty(), pg) {
-            (true, Some(pg)) => Ok(Config {
+        match (problems.is_empty(), pg, redis_info) {
+            (true, Some(pg), Some(redis)) => Ok(Config {
                 path: path.to_owned(),
                 source: Source {
                     pg,
                     slot: source.slot.into_inner(),
                     publication: source.publication.into_inner(),
                     status_interval: Duration::from_secs(source.status_interval_secs),
+                    on_slot_lost,
+                    heartbeat: (source.heartbeat_secs > 0)
+                        .then(|| Duration::from_secs(source.heartbeat_secs)),
                 },
-                redis_url,
+                redis,
                 tags: tag_layout,
                 events,
                 rules,
@@ -611,6 +711,35 @@ fn section<T: for<'de> Deserialize<'de>>(
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A password from the environment variable `var`, else from `file`; `None` when
+/// neither is set. A file that cannot be read is a problem.
+fn secret(
+    env: &impl Fn(&str) -> Option<String>,
+    var: &str,
+    file: Option<&Spanned<String>>,
+    lines: &LineIndex,
+    section: &str,
+) -> Result<Option<String>, Problem> {
+    if let Some(pw) = env(var) {
+        return Ok(Some(pw));
+    }
+    let Some(file) = file else { return Ok(None) };
+    match std::fs::read_to_string(file.get_ref()) {
+        Ok(text) => Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned())),
+        Err(e) => Err(Problem::new(
+            lines.line_of(&file.span()),
+            format!("{section} password_file {}: {e}", file.get_ref()),
+            Some("point password_file at a readable file holding only the password".into()),
+        )),
+    }
+}
+
+/// A Redis URL error message with the URL's password removed.
+fn redact_redis_error(message: &str, url: &str) -> String {
+    let redacted = redact(url);
+    message.replace(url, &redacted)
 }
 
 /// A Postgres name pginval creates: lower-case, digits, underscores, at most 63 bytes.
@@ -672,7 +801,7 @@ keys = ["post:{id}", "user_posts:{author_id}"]
                 key: "cache_tag:{tag}".into()
             }
         );
-        assert_eq!(c.redis_url, "redis://127.0.0.1:6379/0");
+        assert_eq!(c.redis.addr().to_string(), "127.0.0.1:6379");
         assert_eq!(c.rules.rules.len(), 2);
         assert_eq!(c.rules.rules[1].schema, "blog");
         assert_eq!(c.rules.rules[1].line, 10);
@@ -687,7 +816,8 @@ keys = ["post:{id}", "user_posts:{author_id}"]
         })
         .unwrap();
         assert_eq!(c.source.pg.get_dbname(), Some("other"));
-        assert_eq!(c.redis_url, "redis://cache:6380/2");
+        assert_eq!(c.redis.addr().to_string(), "cache:6380");
+        assert_eq!(c.redis.redis_settings().db(), 2);
     }
 
     #[test]

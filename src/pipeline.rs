@@ -15,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, watch};
 
 use crate::check::{self, CheckReport};
-use crate::config::Config;
+use crate::config::{Config, SlotLost};
 use crate::metrics::{self, Health, Metrics, ReasonLabel, RuleLabel, TableOp};
 use crate::replication::catalog;
 use crate::replication::conn::{Backend, ReplicationConnection, ReplicationError};
@@ -24,7 +24,7 @@ use crate::replication::pgoutput::{self, DecodeError, LogicalMessage, Lsn, Messa
 use crate::replication::protocol::{self, FrameError, ServerFrame, format_lsn, parse_lsn};
 use crate::replication::relation::{RelationCache, ReplicaIdentity, Table};
 use crate::rules::compile::BoundRule;
-use crate::rules::invalidation::Invalidation;
+use crate::rules::invalidation::{FallbackReason, Invalidation};
 use crate::sink::redelete::Redelete;
 use crate::sink::redis::{RedisSink, SinkError};
 
@@ -38,6 +38,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// First and longest wait between reconnection attempts.
 const RECONNECT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(200), Duration::from_secs(10));
+/// How often a standby instance retries a slot another instance holds.
+const SLOT_BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Prefix of `pg_logical_emit_message` hints addressed to pginval.
 pub const HINT_PREFIX: &[u8] = b"pginval";
 
@@ -73,6 +75,27 @@ pub enum RunError {
     /// The sink task ended unexpectedly.
     #[error("the redis sink stopped")]
     SinkStopped,
+    /// The slot was lost and `on_slot_lost = "fail"`.
+    #[error(
+        "replication slot {0} was lost (dropped or invalidated): changes since its last confirmed position are unknown; flush the cache, then delete the Redis key {1} (or set on_slot_lost = \"flush\")"
+    )]
+    SlotLost(String, String),
+}
+
+/// Value of the slot-state marker while the slot is in use.
+const MARK_ACTIVE: &str = "active";
+/// Value of the slot-state marker while a flush after a lost slot is owed.
+const MARK_FLUSH_PENDING: &str = "flush-pending";
+
+/// Key of pginval's marker in Redis for this database and slot: it tells a lost slot
+/// (marker present, slot gone) from a first start, and survives a crash in the middle
+/// of the flush that a lost slot requires.
+fn slot_marker(config: &Config) -> String {
+    format!(
+        "pginval:slot-state:{}:{}",
+        config.source.pg.get_dbname().unwrap_or(""),
+        config.source.slot
+    )
 }
 
 /// Most commit times one batch keeps for the latency histogram.
@@ -122,9 +145,6 @@ pub async fn run(
     for w in &report.warnings {
         tracing::warn!(line = w.line, "{}", w.message);
     }
-    let start = prepare(&control, &config).await?;
-    drop(control);
-
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(config.max_lag));
     let mut background = Vec::new();
@@ -148,7 +168,7 @@ pub async fn run(
     )));
 
     let mut sink = RedisSink::new(
-        &config.redis_url,
+        config.redis.clone(),
         config.tags.clone(),
         config.events.clone(),
         config.dry_run,
@@ -157,6 +177,12 @@ pub async fn run(
     )?;
     if let Err(e) = sink.ping().await {
         tracing::warn!(error = %e, "redis is not reachable yet; changes will wait for it");
+    }
+    let start = prepare(&control, &config, &mut sink).await?;
+    if let Some(every) = config.source.heartbeat {
+        background.push(tokio::spawn(heartbeat(control, every)));
+    } else {
+        drop(control);
     }
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (acked_tx, acked_rx) = watch::channel(Applied {
@@ -176,9 +202,54 @@ pub async fn run(
     );
     tokio::pin!(shutdown);
     let mut backoff = RECONNECT_BACKOFF.0;
+    let mut waiting_for_slot = false;
     let result = loop {
-        match state.session(&mut shutdown).await {
+        let began = Instant::now();
+        let outcome = state.session(&mut shutdown).await;
+        if began.elapsed() > Duration::from_secs(30) {
+            // A long session: the next failure is a new incident, not a retry storm.
+            backoff = RECONNECT_BACKOFF.0;
+        }
+        match outcome {
             Ok(()) => break Ok(()),
+            Err(RunError::Replication(e)) if e.is_slot_lost() && !state.config.dry_run => {
+                tracing::error!(error = %e, "the replication slot is gone");
+                let mut recovery = RedisSink::new(
+                    state.config.redis.clone(),
+                    state.config.tags.clone(),
+                    None,
+                    false,
+                    metrics.clone(),
+                    health.clone(),
+                )?;
+                let control = catalog::connect(&state.config.source.pg).await?;
+                let exists = catalog::slot(&control, &state.config.source.slot)
+                    .await?
+                    .is_some();
+                if let Err(e) =
+                    recover_lost_slot(&control, &state.config, &mut recovery, exists).await
+                {
+                    break Err(e);
+                }
+                state.conn = None;
+                health.set_streaming(false);
+                metrics.reconnects.inc();
+            }
+            Err(RunError::Replication(e)) if e.is_slot_busy() => {
+                // Warm standby: another instance holds the slot. Poll at a steady pace
+                // so the takeover after its death is quick.
+                if !waiting_for_slot {
+                    tracing::info!(error = %e, "the slot is in use by another process; waiting to take over (warm standby)");
+                    waiting_for_slot = true;
+                }
+                state.conn = None;
+                health.set_streaming(false);
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break state.drain_on_shutdown().await,
+                    _ = tokio::time::sleep(SLOT_BUSY_RETRY) => {}
+                }
+            }
             Err(RunError::Replication(e)) if e.is_retryable() => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "replication connection lost; reconnecting");
                 state.conn = None;
@@ -206,7 +277,7 @@ pub async fn run(
 /// (which also tell `/readyz` whether Redis answers while no change flows).
 async fn poll_stats(config: Config, metrics: Arc<Metrics>, health: Arc<Health>) {
     let Ok(mut redis) = RedisSink::new(
-        &config.redis_url,
+        config.redis.clone(),
         config.tags.clone(),
         None,
         true,
@@ -246,9 +317,13 @@ async fn poll_stats(config: Config, metrics: Arc<Metrics>, health: Arc<Health>) 
     }
 }
 
-/// Creates the publication and the slot when they are missing; returns the slot's
-/// confirmed position (where streaming resumes).
-async fn prepare(control: &tokio_postgres::Client, config: &Config) -> Result<Lsn, RunError> {
+/// Creates the publication and the slot when they are missing, and recovers from a
+/// lost slot; returns the slot's confirmed position (where streaming resumes).
+async fn prepare(
+    control: &tokio_postgres::Client,
+    config: &Config,
+    sink: &mut RedisSink,
+) -> Result<Lsn, RunError> {
     let source = &config.source;
     if catalog::publication(control, &source.publication)
         .await?
@@ -258,23 +333,109 @@ async fn prepare(control: &tokio_postgres::Client, config: &Config) -> Result<Ls
         catalog::create_publication(control, &source.publication, &tables).await?;
         tracing::info!(publication = %source.publication, tables = tables.len(), "created publication");
     }
-    let slot = match catalog::slot(control, &source.slot).await? {
-        Some(slot) => slot,
-        None => {
+    let slot = catalog::slot(control, &source.slot).await?;
+    if config.dry_run {
+        // A dry run writes nothing to Redis, so it neither reads nor writes the marker.
+        if slot.is_none() {
             catalog::create_slot(control, &source.slot).await?;
-            tracing::info!(slot = %source.slot, "created replication slot (pgoutput)");
-            catalog::slot(control, &source.slot)
-                .await?
-                .ok_or(RunError::Replication(ReplicationError::Protocol(
-                    "the slot vanished right after its creation".into(),
-                )))?
         }
-    };
+    } else {
+        let marker_key = slot_marker(config);
+        let marker = sink.get_until_ok(&marker_key).await;
+        let invalidated = slot
+            .as_ref()
+            .is_some_and(|s| s.wal_status.as_deref() == Some("lost"));
+        let dropped = slot.is_none() && marker.is_some();
+        let flush_owed = marker.as_deref() == Some(MARK_FLUSH_PENDING);
+        if invalidated || dropped || flush_owed {
+            recover_lost_slot(control, config, sink, slot.is_some()).await?;
+        } else {
+            if slot.is_none() {
+                catalog::create_slot(control, &source.slot).await?;
+                tracing::info!(slot = %source.slot, "created replication slot (pgoutput)");
+            }
+            if marker.is_none() {
+                sink.set_until_ok(&marker_key, MARK_ACTIVE).await;
+            }
+        }
+    }
+    let slot = catalog::slot(control, &source.slot)
+        .await?
+        .ok_or(RunError::Replication(ReplicationError::Protocol(
+            "the slot vanished right after its creation".into(),
+        )))?;
     Ok(slot
         .confirmed_flush_lsn
         .as_deref()
         .and_then(parse_lsn)
         .unwrap_or(0))
+}
+
+/// The slot was lost: what happened since its last confirmed position is unknown.
+/// With `on_slot_lost = "flush"`: recreate the slot first (so every later change is
+/// seen), then apply every rule's fallback, and only then mark the flush done — a
+/// crash in between repeats the flush at the next start.
+async fn recover_lost_slot(
+    control: &tokio_postgres::Client,
+    config: &Config,
+    sink: &mut RedisSink,
+    slot_exists: bool,
+) -> Result<(), RunError> {
+    let source = &config.source;
+    let marker_key = slot_marker(config);
+    if source.on_slot_lost == SlotLost::Fail {
+        return Err(RunError::SlotLost(source.slot.clone(), marker_key));
+    }
+    tracing::error!(
+        slot = %source.slot,
+        "the replication slot was lost: changes since its last confirmed position are unknown; recreating it and applying every rule's fallback (over-invalidation)"
+    );
+    sink.set_until_ok(&marker_key, MARK_FLUSH_PENDING).await;
+    let slot = catalog::slot(control, &source.slot).await?;
+    if slot_exists
+        && slot
+            .as_ref()
+            .is_some_and(|s| s.wal_status.as_deref() == Some("lost"))
+    {
+        catalog::drop_slot(control, &source.slot).await?;
+    }
+    if catalog::slot(control, &source.slot).await?.is_none() {
+        catalog::create_slot(control, &source.slot).await?;
+        tracing::info!(slot = %source.slot, "recreated replication slot (pgoutput)");
+    }
+    let mut inv = Invalidation::default();
+    for rule in &config.rules.rules {
+        inv.add_rule_fallback(&rule.effective_fallback(), FallbackReason::SlotLost);
+    }
+    sink.apply_until_ok(&inv, &[]).await;
+    sink.set_until_ok(&marker_key, MARK_ACTIVE).await;
+    tracing::warn!(
+        patterns = inv.key_patterns.len(),
+        tags = inv.tags.len() + inv.tag_patterns.len(),
+        "flush after the lost slot done; streaming from the new slot"
+    );
+    Ok(())
+}
+
+/// Writes a heartbeat WAL record every `every`, logging failures once per change.
+async fn heartbeat(control: tokio_postgres::Client, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match catalog::heartbeat(&control).await {
+            Ok(()) if failing => {
+                tracing::info!("heartbeat works again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %catalog::describe_error(&e), "heartbeat failed");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// The sink task: applies batches in order, publishes what Redis acknowledged, and

@@ -67,6 +67,13 @@ struct Daemon {
 impl Daemon {
     /// Starts pginval and waits until its slot is streaming.
     async fn start(db: &TestDb, config: Config) -> Daemon {
+        let daemon = Daemon::spawn(config);
+        wait_streaming(db).await;
+        daemon
+    }
+
+    /// Starts pginval without waiting for anything.
+    fn spawn(config: Config) -> Daemon {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("pginval=debug")
             .with_test_writer()
@@ -75,12 +82,15 @@ impl Daemon {
         let task = tokio::spawn(pipeline::run(config, async {
             let _ = stopped.await;
         }));
-        let daemon = Daemon {
+        Daemon {
             stop: Some(stop),
             task,
-        };
-        wait_streaming(db).await;
-        daemon
+        }
+    }
+
+    /// Whether `run` has returned.
+    fn finished(&self) -> bool {
+        self.task.is_finished()
     }
 
     /// Asks pginval to stop and returns what `run` returned.
@@ -404,8 +414,9 @@ async fn redis_outage_holds_the_flush_position_and_catches_up() {
         .await;
     db.execute_batch("DELETE FROM posts WHERE id = 6").await;
     let written = current_lsn(&db).await;
-    // Several status intervals pass; the flush position must stay before the writes.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Redis stays down for 10 s, ten status intervals: the flush position must stay
+    // before the writes.
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let confirmed = confirmed_lsn(&db).await;
     assert!(
         confirmed <= before,

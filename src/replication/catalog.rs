@@ -93,7 +93,16 @@ pub fn describe_error(e: &tokio_postgres::Error) -> String {
             }
             s
         }
-        None => e.to_string(),
+        None => {
+            // "invalid configuration", "error connecting to server": the cause says why.
+            let mut s = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                s.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            s
+        }
     }
 }
 
@@ -298,6 +307,47 @@ pub fn create_publication_sql(name: &str, tables: &[(String, String)]) -> String
         "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true);",
         quote_ident(name)
     )
+}
+
+/// Drops a replication slot.
+pub async fn drop_slot(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+        .await
+        .map(drop)
+}
+
+/// Whether the current role may create a publication for `tables`: superuser, or
+/// member of every table's owner role.
+pub async fn can_publish(
+    client: &Client,
+    tables: &[(String, String)],
+) -> Result<bool, tokio_postgres::Error> {
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        tables.iter().map(|(s, t)| (s.as_str(), t.as_str())).unzip();
+    Ok(client
+        .query_one(
+            "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                 OR coalesce(bool_and(pg_has_role(c.relowner, 'USAGE')), true)
+               FROM unnest($1::text[], $2::text[]) AS t(s, n)
+               JOIN pg_namespace ns ON ns.nspname = t.s
+               JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = t.n",
+            &[&schemas, &names],
+        )
+        .await?
+        .get(0))
+}
+
+/// Writes a tiny non-transactional WAL record into this database, so a slot advances
+/// even when all other WAL comes from other databases.
+pub async fn heartbeat(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(false, 'pginval-heartbeat', '')",
+            &[],
+        )
+        .await
+        .map(drop)
 }
 
 /// Creates a logical slot with the pgoutput plugin.

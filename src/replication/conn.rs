@@ -59,6 +59,23 @@ pub enum ReplicationError {
 }
 
 impl ReplicationError {
+    /// Whether another process streams from the slot (55006): the warm-standby case.
+    pub fn is_slot_busy(&self) -> bool {
+        matches!(self, ReplicationError::Server { code, .. } if code == "55006")
+    }
+
+    /// Whether the server says the slot is gone: dropped (42704) or invalidated
+    /// because it exceeded `max_slot_wal_keep_size` (55000, "can no longer get changes").
+    pub fn is_slot_lost(&self) -> bool {
+        match self {
+            ReplicationError::Server { code, message, .. } => {
+                code == "42704"
+                    || (code == "55000" && message.contains("can no longer get changes"))
+            }
+            _ => false,
+        }
+    }
+
     /// Whether reconnecting may help: connection loss, server shutdown or start-up, a
     /// slot still held by another process. Authentication, permission and
     /// configuration errors are final.

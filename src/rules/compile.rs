@@ -470,6 +470,30 @@ pub fn compile(
             entity,
         });
     }
+    // The same key of the same table deleted by one rule and expired by another:
+    // which one wins would be an accident of ordering.
+    let mut seen: std::collections::HashMap<(&str, &str, &str), (&Rule, Action)> =
+        std::collections::HashMap::new();
+    for rule in &rules {
+        for key in &rule.keys {
+            let id = (rule.schema.as_str(), rule.table.as_str(), key.source());
+            match seen.get(&id) {
+                Some((other, action)) if *action != rule.action => problems.push(Problem::new(
+                    Some(rule.line),
+                    format!(
+                        "{rule} and {other} (line {}) both name key \"{}\" with different actions",
+                        other.line,
+                        key.source()
+                    ),
+                    Some("give the key one action: remove it from one of the rules".into()),
+                )),
+                Some(_) => {}
+                None => {
+                    seen.insert(id, (rule, rule.action));
+                }
+            }
+        }
+    }
     RuleSet { rules }
 }
 

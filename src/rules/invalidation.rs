@@ -13,7 +13,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::replication::event::{Cell, Op, RowEvent};
 
-use super::compile::{Action, BoundPart, BoundRule, BoundTemplate};
+use super::compile::{Action, BoundPart, BoundRule, BoundTemplate, Fallback};
 use super::template::{ImageSelector, push_glob_escaped, push_value};
 
 /// What to do with a tag's members.
@@ -36,6 +36,8 @@ pub enum FallbackReason {
     Truncate,
     /// More rows in one transaction than the rule's limit.
     TooManyRows,
+    /// The replication slot was lost: changes in the gap are unknown.
+    SlotLost,
 }
 
 impl FallbackReason {
@@ -46,6 +48,7 @@ impl FallbackReason {
             FallbackReason::SchemaChange => "schema_change",
             FallbackReason::Truncate => "truncate",
             FallbackReason::TooManyRows => "too_many_rows",
+            FallbackReason::SlotLost => "slot_lost",
         }
     }
 }
@@ -271,16 +274,20 @@ impl Invalidation {
     }
 
     fn add_fallback(&mut self, rule: &BoundRule, reason: FallbackReason) {
+        self.add_rule_fallback(&rule.fallback, reason);
+    }
+
+    /// Applies a rule's fallback (its declared one or its wildcards), counting `reason`.
+    pub fn add_rule_fallback(&mut self, fallback: &Fallback, reason: FallbackReason) {
         *self.fallbacks.entry(reason).or_default() += 1;
-        for t in &rule.fallback.tags {
+        for t in &fallback.tags {
             if t.contains(['*', '?', '[']) {
                 self.tag_patterns.insert(t.clone());
             } else {
                 add_tag(&mut self.tags, t.clone(), TagAction::Delete);
             }
         }
-        self.key_patterns
-            .extend(rule.fallback.patterns.iter().cloned());
+        self.key_patterns.extend(fallback.patterns.iter().cloned());
     }
 }
 

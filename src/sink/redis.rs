@@ -134,7 +134,7 @@ enum Flushed {
 impl RedisSink {
     /// A sink for `url`; connects lazily. With `dry_run` it logs instead of writing.
     pub fn new(
-        url: &str,
+        url: redis::ConnectionInfo,
         tags: TagLayout,
         events: Option<EventsConfig>,
         dry_run: bool,
@@ -192,6 +192,53 @@ impl RedisSink {
             .await?;
         self.conn = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Reads a string key, retrying until Redis answers (used for pginval's own
+    /// slot-state marker, which decides whether changes were missed).
+    pub async fn get_until_ok(&mut self, key: &str) -> Option<String> {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let result: Result<Option<String>, SinkError> = async {
+                let mut conn = self.connection().await?;
+                Ok(redis::cmd("GET").arg(key).query_async(&mut conn).await?)
+            }
+            .await;
+            match result {
+                Ok(v) => return v,
+                Err(e) => {
+                    self.conn = None;
+                    tracing::warn!(error = %e, "waiting for redis to read pginval's slot state");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Writes a string key, retrying until Redis acknowledges.
+    pub async fn set_until_ok(&mut self, key: &str, value: &str) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let result: Result<(), SinkError> = async {
+                let mut conn = self.connection().await?;
+                Ok(redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .query_async(&mut conn)
+                    .await?)
+            }
+            .await;
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    self.conn = None;
+                    tracing::warn!(error = %e, "waiting for redis to write pginval's slot state");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
     }
 
     /// Checks that Redis answers (PING).

@@ -1,4 +1,5 @@
 //! Feature suites of the end-to-end tests, beside the foundation tests in main.rs.
 
+mod faults;
 mod ops;
 mod rules;

@@ -333,6 +333,52 @@ impl Postgres {
     }
 }
 
+/// A PostgreSQL server of one test, for tests that restart or stop the server itself;
+/// stopped and removed on drop. Costs an `initdb`: use [`postgres()`] unless the test
+/// must disturb the server.
+pub struct PrivatePostgres(Postgres);
+
+impl PrivatePostgres {
+    /// Starts a server like the shared one, on its own port and directory.
+    pub fn start() -> PrivatePostgres {
+        PrivatePostgres(
+            Postgres::start().unwrap_or_else(|e| panic!("a private PostgreSQL did not start: {e}")),
+        )
+    }
+
+    /// `pg_ctl restart -m <mode>` (e.g. "fast"), waiting until it accepts connections.
+    pub fn restart(&self, mode: &str) {
+        let out = pg_command(&self.0.bin_dir.join("pg_ctl"))
+            .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-m", mode, "-D"])
+            .arg(&self.0.data_dir)
+            .arg("-l")
+            .arg(&self.0.log_file)
+            .arg("restart")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running pg_ctl restart");
+        assert!(
+            out.status.success(),
+            "pg_ctl restart failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl std::ops::Deref for PrivatePostgres {
+    type Target = Postgres;
+    fn deref(&self) -> &Postgres {
+        &self.0
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 extern "C" fn stop_postgres_at_exit() {
     // A panic must not unwind out of an `extern "C"` function.
     let _ = std::panic::catch_unwind(|| {

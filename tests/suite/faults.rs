@@ -1,0 +1,432 @@
+//! Faults and hostile input: after any single fault, once pginval runs again and has
+//! caught up, no cached key of a changed row is left.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pginval::config::Config;
+
+use crate::support::{PrivatePostgres, Redis, TestDb, wait_until};
+use crate::{
+    Daemon, RULES, WAIT, bin, cache, config, config_file, config_text, confirmed_lsn, current_lsn,
+    setup, spawn_run, wait_gone, wait_streaming,
+};
+
+/// Rows updated exactly once each, so a lost commit cannot hide behind a later one.
+const ITEMS: i64 = 3000;
+
+async fn items_db(hint: &str) -> (TestDb, Redis) {
+    let (db, redis) = setup(hint).await;
+    db.execute_batch(&format!(
+        "CREATE TABLE items (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO items SELECT g FROM generate_series(1, {ITEMS}) g;"
+    ))
+    .await;
+    (db, redis)
+}
+
+const ITEM_RULES: &str = "[[rules]]\ntable = \"items\"\nkeys = [\"item:{id}\"]\n";
+
+fn item_keys() -> Vec<String> {
+    (1..=ITEMS).map(|i| format!("item:{i}")).collect()
+}
+
+/// Updates every item once, one transaction each, at a steady pace.
+fn steady_writer(db: &TestDb, per_second: u64) -> tokio::task::JoinHandle<()> {
+    let db = db.clone();
+    tokio::spawn(async move {
+        let client = db.client().await;
+        let start = Instant::now();
+        for i in 1..=ITEMS {
+            client
+                .execute("UPDATE items SET n = n + 1 WHERE id = $1", &[&i])
+                .await
+                .unwrap();
+            let due = start + Duration::from_micros(i as u64 * 1_000_000 / per_second);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_sigkill_under_steady_load_loses_nothing() {
+    let (db, redis) = items_db("killloop").await;
+    let path = config_file(&db, &config_text(&db, &redis, ITEM_RULES));
+    let keys = item_keys();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    cache(&redis, &refs).await;
+
+    let log = |n: usize| path.with_extension(format!("{n}.log"));
+    let mut child = spawn_run(&path, &log(0));
+    wait_streaming(&db).await;
+    let writer = steady_writer(&db, 1000);
+    for n in 1..=4 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        child = spawn_run(&path, &log(n));
+    }
+    writer.await.unwrap();
+    wait_gone(&redis, &refs).await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walsender_terminated_mid_stream_reconnects() {
+    let (db, redis) = setup("termwal").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, RULES)).await;
+    cache(&redis, &["user:1", "user:2"]).await;
+    let client = db.client().await;
+    client
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    db.execute_batch("UPDATE users SET name = 't' WHERE id IN (1, 2)")
+        .await;
+    wait_gone(&redis, &["user:1", "user:2"]).await;
+    assert!(!daemon.finished());
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_fast_restart_is_survived() {
+    let pg = PrivatePostgres::start();
+    let db = pg.create_database("pgrestart").await;
+    db.execute_batch(crate::SCHEMA).await;
+    let redis = Redis::start();
+    let daemon = Daemon::spawn(config(&db, &redis, RULES));
+    wait_streaming(&db).await;
+    cache(&redis, &["user:1", "user:3"]).await;
+    db.execute_batch("UPDATE users SET name = 'before' WHERE id = 1")
+        .await;
+    pg.restart("fast");
+    db.execute_batch("UPDATE users SET name = 'after' WHERE id = 3")
+        .await;
+    wait_gone(&redis, &["user:1", "user:3"]).await;
+    assert!(!daemon.finished());
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_standby_takes_over_when_the_first_instance_dies() {
+    let (db, redis) = setup("standby").await;
+    let first = Daemon::start(&db, config(&db, &redis, RULES)).await;
+    let second = Daemon::spawn(config(&db, &redis, RULES));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!second.finished(), "the standby waits instead of failing");
+    cache(&redis, &["user:5"]).await;
+    db.execute_batch("UPDATE users SET name = 'first' WHERE id = 5")
+        .await;
+    wait_gone(&redis, &["user:5"]).await;
+
+    first.stop().await.unwrap();
+    let took_over = Instant::now();
+    cache(&redis, &["user:6"]).await;
+    db.execute_batch("UPDATE users SET name = 'second' WHERE id = 6")
+        .await;
+    wait_gone(&redis, &["user:6"]).await;
+    assert!(
+        took_over.elapsed() < Duration::from_secs(10),
+        "took over in {:?}",
+        took_over.elapsed()
+    );
+    second.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_slot_is_recreated_and_everything_flushed() {
+    let (db, redis) = setup("slotlost").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, RULES)).await;
+    daemon.stop().await.unwrap();
+    let client = db.client().await;
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.name])
+        .await
+        .unwrap();
+    // Changes nobody streams: the gap.
+    db.execute_batch(
+        "UPDATE users SET name = 'gap' WHERE id = 7; UPDATE posts SET title = 'gap' WHERE id = 9",
+    )
+    .await;
+    cache(&redis, &["user:7", "user_full:8", "post:9", "user_posts:1"]).await;
+    let daemon = Daemon::start(&db, config(&db, &redis, RULES)).await;
+    // Every rule's fallback: user:*, user_full:*, post:*, user_posts:* all go.
+    wait_gone(&redis, &["user:7", "user_full:8", "post:9", "user_posts:1"]).await;
+    let mut conn = redis.connection().await;
+    let marker: String = redis::AsyncCommands::get(
+        &mut conn,
+        format!("pginval:slot-state:{}:{}", db.name, db.name),
+    )
+    .await
+    .unwrap();
+    assert_eq!(marker, "active");
+    // And it streams on from the new slot.
+    cache(&redis, &["user:8"]).await;
+    db.execute_batch("UPDATE users SET name = 'new' WHERE id = 8")
+        .await;
+    wait_gone(&redis, &["user:8"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_slot_with_fail_policy_stops_with_the_reason() {
+    let (db, redis) = setup("slotfail").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, RULES)).await;
+    daemon.stop().await.unwrap();
+    db.client()
+        .await
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.name])
+        .await
+        .unwrap();
+    let text = config_text(&db, &redis, RULES).replace(
+        "status_interval_secs = 1",
+        "status_interval_secs = 1\non_slot_lost = \"fail\"",
+    );
+    let cfg = Config::parse(Path::new("t.toml"), &text, |_| None).unwrap();
+    let err = tokio::time::timeout(WAIT, pginval::pipeline::run(cfg, std::future::pending()))
+        .await
+        .expect("fails fast")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("was lost"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_invalidated_by_max_slot_wal_keep_size_is_flushed() {
+    let pg = PrivatePostgres::start();
+    let db = pg.create_database("walkeep").await;
+    db.execute_batch(crate::SCHEMA).await;
+    db.execute_batch("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        .await;
+    db.execute_batch("SELECT pg_reload_conf()").await;
+    let redis = Redis::start();
+    let daemon = Daemon::spawn(config(&db, &redis, RULES));
+    wait_streaming(&db).await;
+    daemon.stop().await.unwrap();
+    // Far more WAL than the slot may keep, then checkpoints to remove it.
+    let client = db.client().await;
+    for _ in 0..4 {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS filler (v text);
+                 INSERT INTO filler SELECT repeat('x', 500) FROM generate_series(1, 40000);
+                 SELECT pg_switch_wal(); CHECKPOINT;",
+            )
+            .await
+            .unwrap();
+    }
+    wait_until("the slot is lost", WAIT, || async {
+        client
+            .query_one(
+                "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name],
+            )
+            .await
+            .map(|r| r.get::<_, String>(0) == "lost")
+            .unwrap_or(false)
+    })
+    .await;
+    cache(&redis, &["user:9", "post:2"]).await;
+    let daemon = Daemon::spawn(config(&db, &redis, RULES));
+    wait_gone(&redis, &["user:9", "post:2"]).await;
+    wait_streaming(&db).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slot_advances_while_other_databases_write() {
+    let (db, redis) = setup("otherdb").await;
+    let other = crate::support::postgres().create_database("busy").await;
+    let text = config_text(&db, &redis, RULES).replace(
+        "status_interval_secs = 1",
+        "status_interval_secs = 1\nheartbeat_secs = 1",
+    );
+    let cfg = Config::parse(Path::new("t.toml"), &text, |_| None).unwrap();
+    let daemon = Daemon::start(&db, cfg).await;
+    other
+        .execute_batch("CREATE TABLE t (v text); INSERT INTO t SELECT repeat('y', 200) FROM generate_series(1, 20000)")
+        .await;
+    let written = current_lsn(&db).await;
+    wait_until(
+        "the slot confirms past the other database's WAL",
+        WAIT,
+        || async { confirmed_lsn(&db).await >= written },
+    )
+    .await;
+    let retained = || async {
+        db.client()
+            .await
+            .query_one(
+                "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // restart_lsn follows once running-xacts records are decoded (heartbeats help).
+    wait_until("retained WAL stays small", WAIT, || async {
+        retained().await < 4 * 1024 * 1024
+    })
+    .await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_from_files_and_env_are_never_logged() {
+    let (db, redis) = setup("secrets").await;
+    let secret_dir = std::env::temp_dir().join(format!("pginval-secret-{}", db.name));
+    std::fs::create_dir_all(&secret_dir).unwrap();
+    let pw_file = secret_dir.join("pg-password");
+    std::fs::write(&pw_file, format!("{}\n", crate::support::AUTH_PASSWORD)).unwrap();
+    db.execute_batch(&format!(
+        "CREATE PUBLICATION pginval FOR TABLE users, posts; GRANT SELECT ON users, posts TO {}",
+        crate::support::SCRAM_ROLE
+    ))
+    .await;
+    let url = format!(
+        "postgres://{}@127.0.0.1:{}/{}",
+        crate::support::SCRAM_ROLE,
+        crate::support::postgres().port(),
+        db.name
+    );
+    let text = config_text(&db, &redis, RULES)
+        .replace(&db.url, &url)
+        .replace(
+            "status_interval_secs = 1",
+            &format!(
+                "status_interval_secs = 1\npassword_file = \"{}\"",
+                pw_file.display()
+            ),
+        );
+    let path = config_file(&db, &text);
+    let log = path.with_extension("log");
+    let mut child = spawn_run(&path, &log);
+    wait_streaming(&db).await;
+    cache(&redis, &["user:11"]).await;
+    db.execute_batch("UPDATE users SET name = 's' WHERE id = 11")
+        .await;
+    wait_gone(&redis, &["user:11"]).await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+
+    // A wrong password from the environment: refused, and not printed either.
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("PGINVAL_SOURCE_PASSWORD", "hunter2-wrong")
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let check = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let logs = format!(
+        "{}{}{}{}{}",
+        std::fs::read_to_string(&log).unwrap(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr),
+    );
+    assert!(logs.contains("password authentication failed"), "{logs}");
+    for secret in [crate::support::AUTH_PASSWORD, "hunter2-wrong"] {
+        assert!(!logs.contains(secret), "{secret} leaked:\n{logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_privilege_role_is_told_exactly_what_is_missing() {
+    let (db, redis) = setup("leastpriv").await;
+    let role = crate::support::MD5_ROLE;
+    let url = db.url_as(role, crate::support::AUTH_PASSWORD);
+    let path = config_file(&db, &config_text(&db, &redis, RULES).replace(&db.url, &url));
+    let check = || {
+        let out = Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // Without a publication, a role that owns nothing cannot create one.
+    let (code, text) = check();
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("cannot create it"), "{text}");
+    assert!(
+        text.contains("CREATE PUBLICATION \"pginval\" FOR TABLE"),
+        "{text}"
+    );
+
+    // Prepared by the owner the way sql/setup.sql does it: REPLICATION + SELECT suffice.
+    db.execute_batch(&format!(
+        "CREATE PUBLICATION pginval FOR TABLE users, posts;
+         GRANT USAGE ON SCHEMA public TO {role}; GRANT SELECT ON users, posts TO {role};"
+    ))
+    .await;
+    let (code, text) = check();
+    assert_eq!(code, Some(0), "{text}");
+    let cfg = Config::parse(
+        Path::new("t.toml"),
+        &config_text(&db, &redis, RULES).replace(&db.url, &url),
+        |_| None,
+    )
+    .unwrap();
+    let daemon = Daemon::start(&db, cfg).await;
+    cache(&redis, &["user:12"]).await;
+    db.execute_batch("UPDATE users SET name = 'lp' WHERE id = 12")
+        .await;
+    wait_gone(&redis, &["user:12"]).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_configuration_names_its_line_and_fix() {
+    let dir = std::env::temp_dir().join(format!("pginval-badcfgs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let head = "[source]\nurl = \"postgres://u@h/db\"\n\n";
+    let cases: &[(&str, String, &str)] = &[
+        ("unknown field", format!("{head}[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\ncolum = [\"x\"]\n"), "rules.toml:7: rule #1: unknown field `colum`"),
+        ("wrong type", format!("{head}[[rules]]\ntable = \"users\"\nkeys = \"u:{{id}}\"\n"), "rules.toml:6:"),
+        ("unclosed brace", format!("{head}[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id\"]\n"), "unclosed '{'"),
+        ("bad selector", format!("{head}[[rules]]\ntable = \"users\"\nkeys = [\"u:{{older.id}}\"]\n"), "is not a column name"),
+        ("conflicting rules", format!("{head}[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\naction = \"expire\"\nexpire_in = \"5s\"\n"), "with different actions"),
+        ("bad postgres url", "[source]\nurl = \"postgres://u@h:notaport/db\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{id}\"]\n".to_owned(), "rules.toml:2: [source] url is not a valid PostgreSQL connection string"),
+        ("bad redis url", format!("{head}[redis]\nurl = \"http://nope\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\n"), "rules.toml:5: [redis] url is not a valid Redis URL"),
+        ("bad duration", format!("{head}[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\nredelete_after = \"soon\"\n"), "is not a duration"),
+        ("bad operation", format!("{head}[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\non = [\"upsert\"]\n"), "unknown operation \"upsert\""),
+    ];
+    for (what, text, expected) in cases {
+        let path = dir.join("rules.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .env_remove("PGINVAL_SOURCE_URL")
+            .env_remove("PGINVAL_REDIS_URL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{what}: expected {expected:?} in\n{stderr}"
+        );
+        assert!(
+            stderr.contains("fix:") || *what == "unclosed brace" || *what == "bad selector",
+            "{what}: no fix in\n{stderr}"
+        );
+    }
+}
