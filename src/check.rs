@@ -61,7 +61,7 @@ impl CheckReport {
 
 /// Connects with the configuration's source settings and checks everything.
 pub async fn check(config: &Config) -> Result<CheckReport, CheckError> {
-    let client = catalog::connect(&config.source.pg).await?;
+    let client = catalog::connect(&config.source).await?;
     Ok(check_with(&client, config).await?)
 }
 

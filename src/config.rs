@@ -13,6 +13,7 @@ use serde::de::IntoDeserializer;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::replication::tls::{TlsSettings, split_tls_params, tokio_postgres_mode};
 use crate::rules::compile::{self, RuleSet};
 use crate::rules::model::RuleModel;
 use crate::sink::tags::TagLayout;
@@ -75,6 +76,10 @@ pub struct RedisConfig {
     /// `PGINVAL_REDIS_PASSWORD` overrides both.
     #[serde(default)]
     pub password_file: Option<Spanned<String>>,
+    /// With `rediss://`: PEM file of the roots to verify the server with (default: the
+    /// public web PKI roots).
+    #[serde(default)]
+    pub ca_file: Option<Spanned<String>>,
 }
 
 /// `[tags]`: how cache tags are stored.
@@ -199,6 +204,7 @@ impl Default for RedisConfig {
         RedisConfig {
             url: default_redis_url(),
             password_file: None,
+            ca_file: None,
         }
     }
 }
@@ -222,6 +228,8 @@ pub struct Config {
     pub source: Source,
     /// The Redis server (the password, if any, stays inside, never printed).
     pub redis: redis::ConnectionInfo,
+    /// PEM roots to verify a `rediss://` server with (`[redis] ca_file`).
+    pub redis_ca: Option<Vec<u8>>,
     /// How tags are stored.
     pub tags: TagLayout,
     /// Entity events, when `[events]` names a channel or a stream.
@@ -252,6 +260,10 @@ pub struct Source {
     pub on_slot_lost: SlotLost,
     /// Heartbeat interval, when enabled.
     pub heartbeat: Option<Duration>,
+    /// TLS (`sslmode`, `sslrootcert` from the connection string).
+    pub tls: TlsSettings,
+    /// The rustls configuration for those settings (`None` with sslmode=disable).
+    pub tls_config: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// `on_slot_lost`.
@@ -475,6 +487,7 @@ impl Config {
         let url_line = source.url.as_ref().and_then(|u| lines.line_of(&u.span()));
         let source_url =
             env(ENV_SOURCE_URL).or_else(|| source.url.as_ref().map(|u| u.get_ref().clone()));
+        let mut source_tls = TlsSettings::default();
         let pg = match source_url {
             None => {
                 problems.push(Problem::new(
@@ -487,8 +500,24 @@ impl Config {
                 None
             }
             Some(url) => {
+                let (url, tls) = match split_tls_params(&url) {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        problems.push(Problem::new(
+                            url_line,
+                            format!("[source] url: {e}"),
+                            Some(
+                                "use sslmode=disable, prefer, require, verify-ca or verify-full"
+                                    .into(),
+                            ),
+                        ));
+                        (url.clone(), TlsSettings::default())
+                    }
+                };
+                source_tls = tls;
                 match tokio_postgres::Config::from_str(&url) {
                     Ok(mut pg) => {
+                        pg.ssl_mode(tokio_postgres_mode(source_tls.mode));
                         match secret(
                             &env,
                             ENV_SOURCE_PASSWORD,
@@ -564,6 +593,35 @@ impl Config {
                 ));
                 None
             }
+        };
+        let tls_config = if source_tls.mode == crate::replication::tls::SslMode::Disable {
+            None
+        } else {
+            match crate::replication::tls::client_config(&source_tls) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    problems.push(Problem::new(
+                        url_line,
+                        format!("[source] url: {e}"),
+                        Some("point sslrootcert at a readable PEM file of CA certificates".into()),
+                    ));
+                    None
+                }
+            }
+        };
+        let redis_ca = match &redis.ca_file {
+            None => None,
+            Some(file) => match std::fs::read(file.get_ref()) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    problems.push(Problem::new(
+                        lines.line_of(&file.span()),
+                        format!("[redis] ca_file {}: {e}", file.get_ref()),
+                        Some("point ca_file at a readable PEM file of CA certificates".into()),
+                    ));
+                    None
+                }
+            },
         };
         let on_slot_lost = match source.on_slot_lost.get_ref().as_str() {
             "flush" => SlotLost::Flush,
@@ -671,7 +729,10 @@ impl Config {
                     on_slot_lost,
                     heartbeat: (source.heartbeat_secs > 0)
                         .then(|| Duration::from_secs(source.heartbeat_secs)),
+                    tls: source_tls,
+                    tls_config,
                 },
+                redis_ca,
                 redis,
                 tags: tag_layout,
                 events,

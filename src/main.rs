@@ -120,7 +120,7 @@ async fn execute(cli: Cli) -> u8 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let status = match pginval::replication::catalog::connect(&config.source.pg).await {
+            let status = match pginval::replication::catalog::connect(&config.source).await {
                 Ok(client) => pginval::status::status(&client, &config).await,
                 Err(e) => Err(e),
             };
@@ -150,7 +150,7 @@ async fn execute(cli: Cli) -> u8 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let client = match pginval::replication::catalog::connect(&config.source.pg).await {
+            let client = match pginval::replication::catalog::connect(&config.source).await {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!(

@@ -137,7 +137,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let control = catalog::connect(&config.source.pg).await?;
+    let control = catalog::connect(&config.source).await?;
     let report = check::check_with(&control, &config).await?;
     if !report.problems.is_empty() {
         return Err(RunError::Check(report));
@@ -169,6 +169,7 @@ pub async fn run(
 
     let mut sink = RedisSink::new(
         config.redis.clone(),
+        config.redis_ca.as_deref(),
         config.tags.clone(),
         config.events.clone(),
         config.dry_run,
@@ -216,13 +217,14 @@ pub async fn run(
                 tracing::error!(error = %e, "the replication slot is gone");
                 let mut recovery = RedisSink::new(
                     state.config.redis.clone(),
+                    state.config.redis_ca.as_deref(),
                     state.config.tags.clone(),
                     None,
                     false,
                     metrics.clone(),
                     health.clone(),
                 )?;
-                let control = catalog::connect(&state.config.source.pg).await?;
+                let control = catalog::connect(&state.config.source).await?;
                 let exists = catalog::slot(&control, &state.config.source.slot)
                     .await?
                     .is_some();
@@ -278,6 +280,7 @@ pub async fn run(
 async fn poll_stats(config: Config, metrics: Arc<Metrics>, health: Arc<Health>) {
     let Ok(mut redis) = RedisSink::new(
         config.redis.clone(),
+        config.redis_ca.as_deref(),
         config.tags.clone(),
         None,
         true,
@@ -304,7 +307,7 @@ async fn poll_stats(config: Config, metrics: Arc<Metrics>, health: Arc<Health>) 
             Err(_) => health.set_redis_ok(false),
         }
         if control.is_none() {
-            control = catalog::connect(&config.source.pg).await.ok();
+            control = catalog::connect(&config.source).await.ok();
         }
         if let Some(client) = &control {
             match catalog::slot_retained_wal(client, &config.source.slot).await {
@@ -616,7 +619,7 @@ impl Stream {
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> Result<(), RunError> {
         let source = &self.config.source;
-        let mut conn = ReplicationConnection::connect(&source.pg, "pginval").await?;
+        let mut conn = ReplicationConnection::connect(source, "pginval").await?;
         let publication = format!("\"{}\"", source.publication);
         conn.start_logical(
             &source.slot,

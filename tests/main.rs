@@ -41,11 +41,14 @@ tags = ["category:{category_id}"]
 
 /// The configuration text for a test: its database, its own slot, its Redis.
 fn config_text(db: &TestDb, redis: &Redis, rules: &str) -> String {
+    config_text_url(db, &redis.url(), rules)
+}
+
+/// Like [`config_text`], for a Redis given by URL.
+fn config_text_url(db: &TestDb, redis_url: &str, rules: &str) -> String {
     format!(
         "[source]\nurl = \"{}\"\nslot = \"{}\"\nstatus_interval_secs = 1\n\n[redis]\nurl = \"{}\"\n{rules}",
-        db.url,
-        db.name,
-        redis.url()
+        db.url, db.name, redis_url
     )
 }
 

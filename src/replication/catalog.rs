@@ -4,6 +4,9 @@
 //! Never streams changes; that is `conn`. Every identifier it interpolates is quoted.
 
 use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::Source;
 
 use super::relation::ReplicaIdentity;
 
@@ -64,19 +67,34 @@ pub struct SlotInfo {
     pub wal_status: Option<String>,
 }
 
-/// Opens the control connection and drives it on a background task.
-pub async fn connect(pg: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
-    let mut pg = pg.clone();
+/// Opens the control connection (with the source's TLS settings) and drives it on a
+/// background task.
+pub async fn connect(source: &Source) -> Result<Client, tokio_postgres::Error> {
+    let mut pg = source.pg.clone();
     if pg.get_application_name().is_none() {
         pg.application_name("pginval-control");
     }
-    let (client, connection) = pg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "control connection closed");
+    let client = match &source.tls_config {
+        None => {
+            let (client, connection) = pg.connect(NoTls).await?;
+            tokio::spawn(drive(connection));
+            client
         }
-    });
+        Some(config) => {
+            let (client, connection) = pg
+                .connect(MakeRustlsConnect::new((**config).clone()))
+                .await?;
+            tokio::spawn(drive(connection));
+            client
+        }
+    };
     Ok(client)
+}
+
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "control connection closed");
+    }
 }
 
 /// A database error with the server's message, detail and hint (the `Display` of

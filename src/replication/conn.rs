@@ -16,7 +16,10 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
+
+use super::tls::{self, SslMode};
+use crate::config::Source;
 
 /// How much the read buffer grows by at least: big reads keep the walsender from
 /// being woken per message.
@@ -128,14 +131,10 @@ impl ReplicationConnection {
     /// Connects, authenticates and waits for ReadyForQuery. Tries each host of the
     /// configuration in turn.
     pub async fn connect(
-        pg: &tokio_postgres::Config,
+        source: &Source,
         application_name: &str,
     ) -> Result<ReplicationConnection, ReplicationError> {
-        if matches!(pg.get_ssl_mode(), SslMode::Require) {
-            return Err(ReplicationError::Unsupported(
-                "sslmode=require: TLS for the replication connection is not built yet; use sslmode=disable or prefer".into(),
-            ));
-        }
+        let pg = &source.pg;
         let user = pg.get_user().ok_or_else(|| {
             ReplicationError::Unsupported("the connection string names no user".into())
         })?;
@@ -157,7 +156,7 @@ impl ReplicationConnection {
                 .get_connect_timeout()
                 .copied()
                 .unwrap_or(Duration::from_secs(30));
-            let opened = tokio::time::timeout(connect_timeout, open(host, port)).await;
+            let opened = tokio::time::timeout(connect_timeout, open(host, port, source)).await;
             let (io, target) = match opened {
                 Ok(Ok(pair)) => pair,
                 Ok(Err(e)) => {
@@ -422,20 +421,52 @@ impl ReplicationConnection {
     }
 }
 
-async fn open(host: &Host, port: u16) -> Result<(Box<dyn Io>, String), ReplicationError> {
+async fn open(
+    host: &Host,
+    port: u16,
+    source: &Source,
+) -> Result<(Box<dyn Io>, String), ReplicationError> {
     match host {
         Host::Tcp(name) => {
             let target = format!("{name}:{port}");
-            let stream = TcpStream::connect((name.as_str(), port))
+            let io_err = |source| ReplicationError::Io {
+                target: target.clone(),
+                source,
+            };
+            let mut stream = TcpStream::connect((name.as_str(), port))
                 .await
-                .map_err(|source| ReplicationError::Io {
-                    target: target.clone(),
-                    source,
-                })?;
+                .map_err(io_err)?;
             let _ = stream.set_nodelay(true);
-            Ok((Box::new(stream), target))
+            let Some(config) = &source.tls_config else {
+                return Ok((Box::new(stream), target));
+            };
+            // SSLRequest, then the server answers 'S' (go ahead) or 'N' (no TLS here).
+            let mut request = BytesMut::new();
+            frontend::ssl_request(&mut request);
+            stream.write_all(&request).await.map_err(io_err)?;
+            let mut answer = [0u8; 1];
+            stream.read_exact(&mut answer).await.map_err(io_err)?;
+            match answer[0] {
+                b'S' => {
+                    let server = tls::server_name(name)
+                        .map_err(|e| ReplicationError::Unsupported(e.to_string()))?;
+                    let tls = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(server, stream)
+                        .await
+                        .map_err(io_err)?;
+                    Ok((Box::new(tls), target))
+                }
+                b'N' if source.tls.mode == SslMode::Prefer => Ok((Box::new(stream), target)),
+                b'N' => Err(ReplicationError::Unsupported(format!(
+                    "{target} does not accept TLS, but sslmode asks for it"
+                ))),
+                other => Err(ReplicationError::Protocol(format!(
+                    "unexpected answer {other:#x} to SSLRequest"
+                ))),
+            }
         }
         Host::Unix(dir) => {
+            // As with libpq, a Unix socket never uses TLS.
             let path = Path::new(dir).join(format!(".s.PGSQL.{port}"));
             let target = path.display().to_string();
             let stream =

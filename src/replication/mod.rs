@@ -8,3 +8,4 @@ pub mod event;
 pub mod pgoutput;
 pub mod protocol;
 pub mod relation;
+pub mod tls;

@@ -135,14 +135,26 @@ impl RedisSink {
     /// A sink for `url`; connects lazily. With `dry_run` it logs instead of writing.
     pub fn new(
         url: redis::ConnectionInfo,
+        ca_pem: Option<&[u8]>,
         tags: TagLayout,
         events: Option<EventsConfig>,
         dry_run: bool,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
+        let client = match ca_pem {
+            // rediss:// with the operator's CA instead of the public roots.
+            Some(pem) => Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            )?,
+            None => Client::open(url)?,
+        };
         Ok(RedisSink {
-            client: Client::open(url)?,
+            client,
             conn: None,
             tags,
             events,

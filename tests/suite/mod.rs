@@ -3,3 +3,4 @@
 mod faults;
 mod ops;
 mod rules;
+mod tls;
