@@ -217,7 +217,13 @@ pub async fn check_with(
                     ),
                     Some(format!(
                         "as the tables' owner: {}\n(or run `pginval setup --apply` / sql/setup.sql as the owner)",
-                        catalog::create_publication_sql(pub_name, &tables)
+                        catalog::create_publication_sql(
+                            pub_name,
+                            &tables
+                                .iter()
+                                .map(|(s, t)| catalog::PublishedTable::whole(s, t))
+                                .collect::<Vec<_>>()
+                        )
                     )),
                 ));
             }

@@ -59,6 +59,15 @@ pub struct SourceConfig {
     /// other databases. 0 (default) disables it.
     #[serde(default)]
     pub heartbeat_secs: u64,
+    /// When pginval creates or manages the publication (PostgreSQL 15+): publish per
+    /// table only the columns the rules read plus the replica identity columns, so
+    /// the walsender sends less. Default true.
+    #[serde(default = "default_true")]
+    pub column_lists: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_on_slot_lost() -> Spanned<String> {
@@ -196,6 +205,7 @@ impl Default for SourceConfig {
             password_file: None,
             on_slot_lost: default_on_slot_lost(),
             heartbeat_secs: 0,
+            column_lists: true,
         }
     }
 }
@@ -262,6 +272,8 @@ pub struct Source {
     pub heartbeat: Option<Duration>,
     /// TLS (`sslmode`, `sslrootcert` from the connection string).
     pub tls: TlsSettings,
+    /// Column lists in a publication pginval creates or manages.
+    pub column_lists: bool,
     /// The rustls configuration for those settings (`None` with sslmode=disable).
     pub tls_config: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
@@ -730,6 +742,7 @@ impl Config {
                     heartbeat: (source.heartbeat_secs > 0)
                         .then(|| Duration::from_secs(source.heartbeat_secs)),
                     tls: source_tls,
+                    column_lists: source.column_lists,
                     tls_config,
                 },
                 redis_ca,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, watch};
 
@@ -31,6 +32,8 @@ use crate::sink::redis::{RedisSink, SinkError};
 /// Stop reading WAL once this many keys, tags, patterns and events wait for Redis:
 /// Postgres keeps the WAL meanwhile, pginval's memory stays bounded.
 const MAX_PENDING: usize = 200_000;
+/// A batch this big goes to Redis without first reading what else has arrived.
+const BATCH_SOFT_LIMIT: usize = 20_000;
 /// Least time between two status updates sent because the flush position moved.
 const MIN_STATUS_GAP: Duration = Duration::from_millis(200);
 /// How long shutdown waits for Redis to acknowledge the in-flight batches.
@@ -328,13 +331,55 @@ async fn prepare(
     sink: &mut RedisSink,
 ) -> Result<Lsn, RunError> {
     let source = &config.source;
+    let desired = crate::setup::desired_publication(control, config).await?;
     if catalog::publication(control, &source.publication)
         .await?
         .is_none()
     {
-        let tables: Vec<_> = config.rules.tables().into_iter().collect();
-        catalog::create_publication(control, &source.publication, &tables).await?;
-        tracing::info!(publication = %source.publication, tables = tables.len(), "created publication");
+        catalog::execute(
+            control,
+            &catalog::create_publication_sql(&source.publication, &desired),
+        )
+        .await?;
+        tracing::info!(
+            publication = %source.publication,
+            tables = desired.len(),
+            column_lists = desired.iter().filter(|t| t.columns.is_some()).count(),
+            "created publication"
+        );
+    } else if catalog::publication_is_managed(control, &source.publication).await?
+        && catalog::server_version(control).await? >= 150000
+    {
+        // A publication pginval manages follows the rules: same tables, same columns.
+        let current = catalog::publication_columns(control, &source.publication).await?;
+        let mut changed = current.len() != desired.len();
+        for t in &desired {
+            let now = current
+                .iter()
+                .find(|(s, n, _)| *s == t.schema && *n == t.table)
+                .map(|(_, _, cols)| cols.clone());
+            let want = match &t.columns {
+                Some(cols) => Some(cols.clone()),
+                None => catalog::table_info(control, &t.schema, &t.table)
+                    .await?
+                    .map(|i| i.columns),
+            };
+            let sorted = |v: Option<Vec<String>>| {
+                v.map(|mut v| {
+                    v.sort();
+                    v
+                })
+            };
+            changed |= sorted(now) != sorted(want);
+        }
+        if changed && !desired.is_empty() {
+            catalog::execute(
+                control,
+                &catalog::set_publication_tables_sql(&source.publication, &desired),
+            )
+            .await?;
+            tracing::info!(publication = %source.publication, "updated the managed publication to the rules' tables and columns");
+        }
     }
     let slot = catalog::slot(control, &source.slot).await?;
     if config.dry_run {
@@ -647,12 +692,27 @@ impl Stream {
             // Everything already read is decoded before waiting: batches grow across
             // transactions while the stream has more buffered, and go out when it has not.
             self.drain_buffered().await?;
-            let conn = self.conn.as_mut().expect("connected");
             let backlog = self.pending.as_ref().map_or(0, Batch::len);
+            // A status update owed because the last one was too recent.
+            let status_due = (self.confirmable() > self.confirmed)
+                .then(|| tokio::time::Instant::from_std(last_status + MIN_STATUS_GAP));
+            let conn = self.conn.as_mut().expect("connected");
+            // Before a batch goes out, take whatever the kernel already holds: batches
+            // then span every transaction that has arrived, without waiting for any
+            // more (a read that would block returns at once). Cancel-safe: `fill`
+            // either read or did nothing.
+            if self.pending.is_some() && backlog < BATCH_SOFT_LIMIT {
+                if let Some(read) = conn.fill().now_or_never() {
+                    read?;
+                    continue;
+                }
+            }
             let wake = tokio::select! {
                 biased;
                 // Shutdown first: nothing else is started once it is asked for.
                 _ = &mut *shutdown => Wake::Shutdown,
+                // Confirm what Redis acknowledged once the minimum gap has passed.
+                _ = tokio::time::sleep_until(status_due.unwrap_or_else(tokio::time::Instant::now)), if status_due.is_some() => Wake::StatusTimer,
                 // Periodic status keeps the walsender from timing out the connection.
                 _ = status_timer.tick() => Wake::StatusTimer,
                 // Redis acknowledged a batch: the flush position may move.
@@ -832,6 +892,9 @@ impl Stream {
             Message::Insert(m) => {
                 if let Some(t) = self.rules_for(m.relation)? {
                     t.changes[0].inc();
+                    if self.tx.as_ref().is_some_and(|tx| tx.saturated(&t.rules)) {
+                        return Ok(());
+                    }
                     let ev = RowEvent::insert(t.table, m);
                     self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
                 }
@@ -839,6 +902,9 @@ impl Stream {
             Message::Update(m) => {
                 if let Some(t) = self.rules_for(m.relation)? {
                     t.changes[1].inc();
+                    if self.tx.as_ref().is_some_and(|tx| tx.saturated(&t.rules)) {
+                        return Ok(());
+                    }
                     let ev = RowEvent::update(t.table, m);
                     self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
                 }
@@ -846,6 +912,9 @@ impl Stream {
             Message::Delete(m) => {
                 if let Some(t) = self.rules_for(m.relation)? {
                     t.changes[2].inc();
+                    if self.tx.as_ref().is_some_and(|tx| tx.saturated(&t.rules)) {
+                        return Ok(());
+                    }
                     let ev = RowEvent::delete(t.table, m);
                     self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
                 }

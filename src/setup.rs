@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::replication::catalog::{self, quote_ident, quote_table};
+use crate::replication::catalog::{self, PublishedTable, quote_ident, quote_table};
 use crate::replication::relation::ReplicaIdentity;
 use crate::rules::template::ImageSelector;
 
@@ -38,6 +38,51 @@ impl Plan {
         }
         out
     }
+}
+
+/// The publication pginval wants for `config`'s rules: every rule table Postgres can
+/// replicate, each with a column list of the columns the rules read plus the replica
+/// identity columns (PostgreSQL 15+). A table with REPLICA IDENTITY FULL is published
+/// whole: Postgres requires a column list to cover the identity, which for FULL is
+/// every column.
+pub async fn desired_publication(
+    client: &Client,
+    config: &Config,
+) -> Result<Vec<PublishedTable>, tokio_postgres::Error> {
+    let lists = config.source.column_lists && catalog::server_version(client).await? >= 150000;
+    let mut out = Vec::new();
+    for (schema, table) in config.rules.tables() {
+        let Some(info) = catalog::table_info(client, &schema, &table).await? else {
+            continue;
+        };
+        if !info.replicates_updates {
+            continue;
+        }
+        let columns =
+            (lists && info.replica_identity != ReplicaIdentity::Full && !info.partitioned)
+                .then(|| {
+                    let needed: BTreeSet<&str> = config
+                        .rules
+                        .rules
+                        .iter()
+                        .filter(|r| r.schema == schema && r.table == table)
+                        .flat_map(|r| r.columns())
+                        .chain(info.identity_columns.iter().map(String::as_str))
+                        .collect();
+                    info.columns
+                        .iter()
+                        .filter(|c| needed.contains(c.as_str()))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .filter(|cols| cols.len() < info.columns.len());
+        out.push(PublishedTable {
+            schema,
+            table,
+            columns,
+        });
+    }
+    Ok(out)
 }
 
 /// Computes the statements that prepare the database behind `client` for `config`.
@@ -86,10 +131,21 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
         ));
     }
     let pub_name = &config.source.publication;
+    let desired = desired_publication(client, config).await?;
     match catalog::publication(client, pub_name).await? {
         None if !publishable.is_empty() => {
+            // Tables whose identity setup changes to FULL are published whole.
+            let tables: Vec<PublishedTable> = desired
+                .into_iter()
+                .map(|mut t| {
+                    if full.contains(&(t.schema.clone(), t.table.clone())) {
+                        t.columns = None;
+                    }
+                    t
+                })
+                .collect();
             plan.statements
-                .push(catalog::create_publication_sql(pub_name, &publishable));
+                .push(catalog::create_publication_sql(pub_name, &tables));
         }
         None => {}
         Some(publ) => {

@@ -303,28 +303,112 @@ pub async fn current_database(client: &Client) -> Result<String, tokio_postgres:
         .get(0))
 }
 
-/// `CREATE PUBLICATION name FOR TABLE ...`.
-pub async fn create_publication(
-    client: &Client,
-    name: &str,
-    tables: &[(String, String)],
-) -> Result<(), tokio_postgres::Error> {
-    client
-        .batch_execute(&create_publication_sql(name, tables))
-        .await
+/// A table as pginval publishes it: with a column list, or whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedTable {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+    /// The published columns; `None` publishes every column.
+    pub columns: Option<Vec<String>>,
 }
 
-/// The SQL that creates pginval's publication for `tables`.
-pub fn create_publication_sql(name: &str, tables: &[(String, String)]) -> String {
+impl PublishedTable {
+    /// A whole table.
+    pub fn whole(schema: &str, table: &str) -> PublishedTable {
+        PublishedTable {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            columns: None,
+        }
+    }
+
+    fn sql(&self) -> String {
+        let name = quote_table(&self.schema, &self.table);
+        match &self.columns {
+            None => name,
+            Some(cols) => format!(
+                "{name} ({})",
+                cols.iter()
+                    .map(|c| quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+/// Comment that marks a publication pginval created and keeps up to date.
+pub const MANAGED_COMMENT: &str = "managed by pginval";
+
+/// The SQL that creates pginval's publication for `tables` and marks it as managed.
+pub fn create_publication_sql(name: &str, tables: &[PublishedTable]) -> String {
     let list = tables
         .iter()
-        .map(|(s, t)| quote_table(s, t))
+        .map(PublishedTable::sql)
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true);",
+        "CREATE PUBLICATION {0} FOR TABLE {list} WITH (publish_via_partition_root = true);\nCOMMENT ON PUBLICATION {0} IS '{MANAGED_COMMENT}';",
         quote_ident(name)
     )
+}
+
+/// The SQL that brings a managed publication to exactly `tables`.
+pub fn set_publication_tables_sql(name: &str, tables: &[PublishedTable]) -> String {
+    let list = tables
+        .iter()
+        .map(PublishedTable::sql)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("ALTER PUBLICATION {} SET TABLE {list};", quote_ident(name))
+}
+
+/// Runs SQL made by the functions above.
+pub async fn execute(client: &Client, sql: &str) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(sql).await
+}
+
+/// Whether the publication carries pginval's "managed" comment.
+pub async fn publication_is_managed(
+    client: &Client,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .is_some_and(|c| c == MANAGED_COMMENT))
+}
+
+/// The published columns of each table of a publication (PostgreSQL 15+).
+pub async fn publication_columns(
+    client: &Client,
+    name: &str,
+) -> Result<Vec<(String, String, Vec<String>)>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT schemaname::text, tablename::text, attnames::text[]
+               FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// `server_version_num`, like 150004.
+pub async fn server_version(client: &Client) -> Result<u32, tokio_postgres::Error> {
+    let v: String = client
+        .query_one("SELECT current_setting('server_version_num')", &[])
+        .await?
+        .get(0);
+    Ok(v.parse().unwrap_or(0))
 }
 
 /// Drops a replication slot.

@@ -164,6 +164,16 @@ impl Invalidation {
         }
     }
 
+    /// Every rule of `rules` has passed its row limit in this transaction (its
+    /// fallback is in place): further rows of the table change nothing.
+    pub fn saturated(&self, rules: &[BoundRule]) -> bool {
+        rules.iter().all(|r| {
+            self.rows
+                .get(&r.rule.number)
+                .is_some_and(|n| *n > r.rule.max_keys_per_transaction)
+        })
+    }
+
     /// Applies `rules` to one row change. `id_columns` are the tuple positions of the
     /// table's primary key (for entity events).
     pub fn add_row(&mut self, rules: &[BoundRule], event: &RowEvent, id_columns: &[usize]) {

@@ -209,3 +209,46 @@ async fn setup_prepares_the_database_once() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+async fn published_columns(db: &crate::support::TestDb, table: &str) -> Vec<String> {
+    let mut cols: Vec<String> = db
+        .client()
+        .await
+        .query_one(
+            "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = 'pginval' AND tablename = $1",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    cols.sort();
+    cols
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_publication_carries_only_the_columns_rules_need() {
+    let (db, redis) = setup("collists").await;
+    let daemon = Daemon::start(&db, crate::config(&db, &redis, RULES)).await;
+    // users: DEFAULT identity, rules read only the key; posts: FULL identity, whole.
+    assert_eq!(published_columns(&db, "users").await, vec!["id"]);
+    assert_eq!(
+        published_columns(&db, "posts").await,
+        vec!["author_id", "category_id", "id", "title"]
+    );
+    cache(&redis, &["user:3"]).await;
+    db.execute_batch("UPDATE users SET name = 'narrow' WHERE id = 3")
+        .await;
+    wait_gone(&redis, &["user:3"]).await;
+    daemon.stop().await.unwrap();
+
+    // Changed rules: the managed publication follows at the next start.
+    let rules =
+        format!("{RULES}\n[[rules]]\ntable = \"users\"\nkeys = [\"by_name:{{new.name}}\"]\n");
+    let daemon = Daemon::start(&db, crate::config(&db, &redis, &rules)).await;
+    assert_eq!(published_columns(&db, "users").await, vec!["id", "name"]);
+    cache(&redis, &["by_name:renamed"]).await;
+    db.execute_batch("UPDATE users SET name = 'renamed' WHERE id = 4")
+        .await;
+    wait_gone(&redis, &["by_name:renamed"]).await;
+    daemon.stop().await.unwrap();
+}
