@@ -61,13 +61,11 @@ pub struct SourceConfig {
     pub heartbeat_secs: u64,
     /// When pginval creates or manages the publication (PostgreSQL 15+): publish per
     /// table only the columns the rules read plus the replica identity columns, so
-    /// the walsender sends less. Default true.
-    #[serde(default = "default_true")]
+    /// the walsender sends less. Off by default: while on, changing a table's REPLICA
+    /// IDENTITY before pginval updates the list makes the application's UPDATE and
+    /// DELETE on that table fail.
+    #[serde(default)]
     pub column_lists: bool,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 fn default_on_slot_lost() -> Spanned<String> {
@@ -205,7 +203,7 @@ impl Default for SourceConfig {
             password_file: None,
             on_slot_lost: default_on_slot_lost(),
             heartbeat_secs: 0,
-            column_lists: true,
+            column_lists: false,
         }
     }
 }

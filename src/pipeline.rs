@@ -32,6 +32,9 @@ use crate::sink::redis::{RedisSink, SinkError};
 /// Stop reading WAL once this many keys, tags, patterns and events wait for Redis:
 /// Postgres keeps the WAL meanwhile, pginval's memory stays bounded.
 const MAX_PENDING: usize = 200_000;
+/// Reads taken without waiting before a batch is handed over regardless (so a
+/// stream that never pauses cannot hold a batch back, nor delay shutdown).
+const MAX_EAGER_READS: u32 = 32;
 /// A batch this big goes to Redis without first reading what else has arrived.
 const BATCH_SOFT_LIMIT: usize = 20_000;
 /// Least time between two status updates sent because the flush position moved.
@@ -182,7 +185,18 @@ pub async fn run(
     if let Err(e) = sink.ping().await {
         tracing::warn!(error = %e, "redis is not reachable yet; changes will wait for it");
     }
-    let start = prepare(&control, &config, &mut sink).await?;
+    tokio::pin!(shutdown);
+    // Preparing can wait on Redis (the slot marker): a stop request ends the wait.
+    let start = tokio::select! {
+        biased;
+        _ = &mut shutdown => {
+            for task in &background {
+                task.abort();
+            }
+            return Ok(());
+        }
+        start = prepare(&control, &config, &mut sink) => start?,
+    };
     if let Some(every) = config.source.heartbeat {
         background.push(tokio::spawn(heartbeat(control, every)));
     } else {
@@ -204,7 +218,6 @@ pub async fn run(
         metrics.clone(),
         health.clone(),
     );
-    tokio::pin!(shutdown);
     let mut backoff = RECONNECT_BACKOFF.0;
     let mut waiting_for_slot = false;
     let result = loop {
@@ -228,12 +241,21 @@ pub async fn run(
                     health.clone(),
                 )?;
                 let control = catalog::connect(&state.config.source).await?;
-                let exists = catalog::slot(&control, &state.config.source.slot)
-                    .await?
-                    .is_some();
-                if let Err(e) =
-                    recover_lost_slot(&control, &state.config, &mut recovery, exists).await
-                {
+                let slot = catalog::slot(&control, &state.config.source.slot).await?;
+                let lost = slot
+                    .as_ref()
+                    .is_none_or(|s| s.wal_status.as_deref() == Some("lost"));
+                if !lost {
+                    // The server says the slot is gone but the catalog disagrees (another
+                    // server behind the DSN, say): not a case to flush the cache over.
+                    break Err(RunError::Replication(e));
+                }
+                let recovered = tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break state.drain_on_shutdown().await,
+                    r = recover_lost_slot(&control, &state.config, &mut recovery, slot.is_some()) => r,
+                };
+                if let Err(e) = recovered {
                     break Err(e);
                 }
                 state.conn = None;
@@ -331,6 +353,22 @@ async fn prepare(
     sink: &mut RedisSink,
 ) -> Result<Lsn, RunError> {
     let source = &config.source;
+    if config.dry_run {
+        // A dry run changes nothing: no DDL, no marker; it streams from a temporary
+        // slot of its own (see `session`), so the real slot is neither moved nor held.
+        if catalog::publication(control, &source.publication)
+            .await?
+            .is_none()
+        {
+            return Err(RunError::Replication(ReplicationError::Unsupported(
+                format!(
+                    "--dry-run needs the publication {} to exist; create it with `pginval setup --apply`",
+                    source.publication
+                ),
+            )));
+        }
+        return Ok(0);
+    }
     let desired = crate::setup::desired_publication(control, config).await?;
     if catalog::publication(control, &source.publication)
         .await?
@@ -382,12 +420,7 @@ async fn prepare(
         }
     }
     let slot = catalog::slot(control, &source.slot).await?;
-    if config.dry_run {
-        // A dry run writes nothing to Redis, so it neither reads nor writes the marker.
-        if slot.is_none() {
-            catalog::create_slot(control, &source.slot).await?;
-        }
-    } else {
+    {
         let marker_key = slot_marker(config);
         let marker = sink.get_until_ok(&marker_key).await;
         let invalidated = slot
@@ -498,6 +531,17 @@ async fn apply_batches(
     let mut dropped_reported = 0;
     loop {
         let due = redelete.next_due();
+        // Second deletes that are due go first, so a steady stream of batches cannot
+        // postpone them.
+        if due.is_some_and(|d| d <= tokio::time::Instant::now()) {
+            let keys = redelete.take_due(tokio::time::Instant::now());
+            let count = keys.len();
+            let mut inv = Invalidation::default();
+            inv.keys.extend(keys);
+            sink.apply_until_ok(&inv, &[]).await;
+            metrics.second_deletes.inc_by(count as u64);
+            continue;
+        }
         tokio::select! {
             biased;
             batch = rx.recv() => {
@@ -666,8 +710,16 @@ impl Stream {
         let source = &self.config.source;
         let mut conn = ReplicationConnection::connect(source, "pginval").await?;
         let publication = format!("\"{}\"", source.publication);
+        let slot = if self.config.dry_run {
+            let name = format!("{}_dry_run_{}", source.slot, std::process::id());
+            conn.create_temporary_slot(&name).await?;
+            tracing::info!(slot = %name, "dry run: streaming from a temporary slot (changes from now on)");
+            name
+        } else {
+            source.slot.clone()
+        };
         conn.start_logical(
-            &source.slot,
+            &slot,
             0,
             &[
                 ("proto_version", "1"),
@@ -688,6 +740,7 @@ impl Stream {
         let mut status_timer = tokio::time::interval(self.config.source.status_interval);
         status_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = Instant::now();
+        let mut eager_reads = 0;
         loop {
             // Everything already read is decoded before waiting: batches grow across
             // transactions while the stream has more buffered, and go out when it has not.
@@ -701,12 +754,15 @@ impl Stream {
             // then span every transaction that has arrived, without waiting for any
             // more (a read that would block returns at once). Cancel-safe: `fill`
             // either read or did nothing.
-            if self.pending.is_some() && backlog < BATCH_SOFT_LIMIT {
+            if self.pending.is_some() && backlog < BATCH_SOFT_LIMIT && eager_reads < MAX_EAGER_READS
+            {
                 if let Some(read) = conn.fill().now_or_never() {
                     read?;
+                    eager_reads += 1;
                     continue;
                 }
             }
+            eager_reads = 0;
             let wake = tokio::select! {
                 biased;
                 // Shutdown first: nothing else is started once it is asked for.

@@ -134,7 +134,17 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
     let desired = desired_publication(client, config).await?;
     match catalog::publication(client, pub_name).await? {
         None if !publishable.is_empty() => {
-            // Tables whose identity setup changes to FULL are published whole.
+            // Tables whose identity setup changes to FULL are published whole (and
+            // those without a key become publishable once they have it).
+            let mut desired = desired;
+            for (schema, table) in &full {
+                if !desired
+                    .iter()
+                    .any(|t| t.schema == *schema && t.table == *table)
+                {
+                    desired.push(PublishedTable::whole(schema, table));
+                }
+            }
             let tables: Vec<PublishedTable> = desired
                 .into_iter()
                 .map(|mut t| {

@@ -72,8 +72,12 @@ impl ReplicationError {
     pub fn is_slot_lost(&self) -> bool {
         match self {
             ReplicationError::Server { code, message, .. } => {
-                code == "42704"
-                    || (code == "55000" && message.contains("can no longer get changes"))
+                // Only the slot's own absence: a missing publication is also 42704.
+                (code == "42704" && message.contains("replication slot"))
+                    || (code == "55000"
+                        && (message.contains("can no longer get changes")
+                            || message.contains("cannot read from logical replication slot")))
+                    || (code == "58P01" && message.contains("has already been removed"))
             }
             _ => false,
         }
@@ -272,6 +276,19 @@ impl ReplicationConnection {
             }
             self.flush().await?;
         }
+        loop {
+            if let Backend::Other(backend::Message::ReadyForQuery(_)) = self.next_message().await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Creates a temporary pgoutput slot, dropped by the server when this connection
+    /// ends (used by dry runs, which must not touch the real slot).
+    pub async fn create_temporary_slot(&mut self, name: &str) -> Result<(), ReplicationError> {
+        let sql = format!("CREATE_REPLICATION_SLOT \"{name}\" TEMPORARY LOGICAL pgoutput");
+        frontend::query(&sql, &mut self.wbuf).map_err(|e| self.io_err(e))?;
+        self.flush().await?;
         loop {
             if let Backend::Other(backend::Message::ReadyForQuery(_)) = self.next_message().await? {
                 return Ok(());

@@ -187,7 +187,12 @@ pub fn client_config(settings: &TlsSettings) -> Result<Arc<ClientConfig>, TlsErr
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    let config = match settings.mode {
+    // As libpq: `require` with a root certificate verifies like `verify-ca`.
+    let mode = match settings.mode {
+        SslMode::Require if settings.root_cert.is_some() => SslMode::VerifyCa,
+        m => m,
+    };
+    let config = match mode {
         SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
@@ -197,7 +202,7 @@ pub fn client_config(settings: &TlsSettings) -> Result<Arc<ClientConfig>, TlsErr
             let webpki = WebPkiServerVerifier::builder_with_provider(store, provider)
                 .build()
                 .map_err(|e| TlsError::Rustls(e.to_string()))?;
-            if settings.mode == SslMode::VerifyFull {
+            if mode == SslMode::VerifyFull {
                 builder.with_webpki_verifier(webpki).with_no_client_auth()
             } else {
                 builder

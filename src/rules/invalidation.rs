@@ -488,6 +488,10 @@ enum Lookup<'a> {
     Unknown,
 }
 
+fn image_is_old(image: Image) -> bool {
+    matches!(image, Image::Old)
+}
+
 fn lookup(event: &RowEvent, image: Image, index: usize) -> Lookup<'_> {
     fn cell(row: &Option<Vec<Cell>>, index: usize) -> Option<Option<&Cell>> {
         row.as_ref().map(|r| r.get(index))
@@ -497,6 +501,16 @@ fn lookup(event: &RowEvent, image: Image, index: usize) -> Lookup<'_> {
         Image::Old => cell(&event.old, index),
     };
     match found {
+        // An UPDATE without an old image (REPLICA IDENTITY DEFAULT, key unchanged): the
+        // old key columns equal the new ones; other old values are unknown.
+        None if image_is_old(image) && event.op == Op::Update => {
+            let is_key = event.table.columns.get(index).is_some_and(|c| c.is_key);
+            match (is_key, cell(&event.new, index)) {
+                (true, Some(Some(Cell::Text(b)))) => Lookup::Text(b),
+                (true, Some(Some(Cell::Null))) => Lookup::Absent,
+                _ => Lookup::Unknown,
+            }
+        }
         // `{old.x}` on an INSERT (or `{new.x}` on a DELETE): that image does not exist.
         None => Lookup::Absent,
         Some(None) => Lookup::Unknown,
@@ -649,6 +663,27 @@ mod tests {
         assert!(inv.key_patterns.contains("user_posts:*"));
         assert!(inv.tag_patterns.contains("a:*"));
         assert_eq!(inv.fallbacks[&FallbackReason::ValueNotSent], 1);
+    }
+
+    #[test]
+    fn old_key_of_an_update_without_old_image_is_the_new_key() {
+        let ev = RowEvent {
+            table: table(),
+            op: Op::Update,
+            old: None,
+            new: Some(vec![text("5"), text("3"), text("b")]),
+        };
+        let mut inv = Invalidation::default();
+        inv.add_row(
+            &rules(&["was:{old.id}", "by:{old.author_id}"], &[]),
+            &ev,
+            &[0],
+        );
+        assert_eq!(keys(&inv), vec!["was:5"]);
+        assert!(
+            inv.key_patterns.contains("by:*"),
+            "old non-key value unknown: fallback"
+        );
     }
 
     #[test]

@@ -28,9 +28,6 @@ const INLINE_TAG_MEMBERS: usize = 5000;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Attempts for an error that is not about the connection (a wrong type, a script
-/// error) before the batch is given up, loudly.
-const MAX_COMMAND_ERROR_ATTEMPTS: u32 = 5;
 
 /// Flushes one tag. Small tags: deletes (or expires) every member, then the tag,
 /// atomically. Big tags, or a tag whose earlier chunked flush was interrupted: moves
@@ -253,6 +250,21 @@ impl RedisSink {
         }
     }
 
+    /// Redis' major version (`INFO server`), e.g. 7.
+    pub async fn major_version(&mut self) -> Result<u32, SinkError> {
+        let mut conn = self.connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await?;
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .and_then(|v| v.split('.').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
     /// Checks that Redis answers (PING).
     pub async fn ping(&mut self) -> Result<(), SinkError> {
         let mut conn = self.connection().await?;
@@ -282,14 +294,14 @@ impl RedisSink {
     }
 
     /// Applies `inv` and publishes `events`, retrying with capped exponential backoff
-    /// until Redis acknowledges. Connection errors are retried without limit; a
-    /// command error (a key of the wrong type, say) is retried a few times and then
-    /// reported as an error and skipped, so one bad key cannot stall the stream.
-    /// Logs once when Redis starts failing and once when it recovers.
+    /// until Redis acknowledges. Nothing is ever given up: a batch Redis keeps
+    /// rejecting holds the flush position (Postgres keeps the WAL), `/readyz` turns
+    /// unready and the error is logged, once when it starts and once more as an error
+    /// if it is not about the connection. Logs again when Redis recovers.
     pub async fn apply_until_ok(&mut self, inv: &Invalidation, events: &[String]) {
         let mut backoff = MIN_BACKOFF;
         let mut failing_since = None;
-        let mut command_errors = 0;
+        let mut reported_command_error = false;
         loop {
             match self.apply(inv, events).await {
                 Ok(()) => {
@@ -306,15 +318,12 @@ impl RedisSink {
                 Err(e) => {
                     self.metrics.redis_errors.inc();
                     self.health.set_redis_ok(false);
-                    if !e.is_connection_error() {
-                        command_errors += 1;
-                        if command_errors >= MAX_COMMAND_ERROR_ATTEMPTS {
-                            tracing::error!(
-                                error = %e, keys = inv.keys.len(), tags = inv.tags.len(),
-                                "redis rejected a command of this batch {MAX_COMMAND_ERROR_ATTEMPTS} times; giving the batch up"
-                            );
-                            return;
-                        }
+                    if !e.is_connection_error() && !reported_command_error {
+                        tracing::error!(
+                            error = %e, keys = inv.keys.len(), tags = inv.tags.len(),
+                            "redis rejects a command of this batch; holding the flush position until it is accepted"
+                        );
+                        reported_command_error = true;
                     }
                     if failing_since.is_none() {
                         tracing::warn!(error = %e, "redis failed; holding the flush position and retrying with backoff");
@@ -367,6 +376,23 @@ impl RedisSink {
                 found.push(key.to_owned());
             })
             .await?;
+            // Tags whose chunked flush was interrupted exist only as spill keys now.
+            let spill_pattern = format!("{pattern}{SPILL_SUFFIX}");
+            self.scan_each(
+                &mut conn,
+                "SCAN",
+                None,
+                &spill_pattern,
+                Some(kind),
+                |_, key| {
+                    if let Some(tag) = key.strip_suffix(SPILL_SUFFIX) {
+                        found.push(tag.to_owned());
+                    }
+                },
+            )
+            .await?;
+            found.sort();
+            found.dedup();
             for tag_key in found.iter().filter(|k| !k.ends_with(SPILL_SUFFIX)) {
                 let mut pipe = redis::pipe();
                 self.push_flush(&mut pipe, tag_key, TagAction::Delete);

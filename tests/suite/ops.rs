@@ -228,7 +228,14 @@ async fn published_columns(db: &crate::support::TestDb, table: &str) -> Vec<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn managed_publication_carries_only_the_columns_rules_need() {
     let (db, redis) = setup("collists").await;
-    let daemon = Daemon::start(&db, crate::config(&db, &redis, RULES)).await;
+    let with_lists = |rules: &str| {
+        let text = crate::config_text(&db, &redis, rules).replace(
+            "status_interval_secs = 1",
+            "status_interval_secs = 1\ncolumn_lists = true",
+        );
+        pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None).unwrap()
+    };
+    let daemon = Daemon::start(&db, with_lists(RULES)).await;
     // users: DEFAULT identity, rules read only the key; posts: FULL identity, whole.
     assert_eq!(published_columns(&db, "users").await, vec!["id"]);
     assert_eq!(
@@ -244,7 +251,7 @@ async fn managed_publication_carries_only_the_columns_rules_need() {
     // Changed rules: the managed publication follows at the next start.
     let rules =
         format!("{RULES}\n[[rules]]\ntable = \"users\"\nkeys = [\"by_name:{{new.name}}\"]\n");
-    let daemon = Daemon::start(&db, crate::config(&db, &redis, &rules)).await;
+    let daemon = Daemon::start(&db, with_lists(&rules)).await;
     assert_eq!(published_columns(&db, "users").await, vec!["id", "name"]);
     cache(&redis, &["by_name:renamed"]).await;
     db.execute_batch("UPDATE users SET name = 'renamed' WHERE id = 4")

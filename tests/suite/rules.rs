@@ -374,16 +374,31 @@ async fn explain_prints_what_a_change_would_do() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_touches_neither_redis_nor_the_slot() {
     let (db, redis) = setup("dryrun").await;
+    // The real slot and publication exist (a real run made them) and stay put.
+    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    daemon.stop().await.unwrap();
+    let before = confirmed_lsn(&db).await;
     let mut cfg = config(&db, &redis, crate::RULES);
     cfg.dry_run = true;
-    let daemon = Daemon::start(&db, cfg).await;
-    let before = confirmed_lsn(&db).await;
+    let dry = Daemon::spawn(cfg);
+    let client = db.client().await;
+    wait_until("the dry run streams from a temporary slot", WAIT, || async {
+        client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE temporary AND active AND slot_name LIKE $1",
+                &[&format!("{}_dry_run_%", db.name)],
+            )
+            .await
+            .map(|r| r.is_some())
+            .unwrap_or(false)
+    })
+    .await;
     cache(&redis, &["user:15"]).await;
     db.execute_batch("UPDATE users SET name = 'dry' WHERE id = 15")
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_cached(&redis, &["user:15"]).await;
-    daemon.stop().await.unwrap();
+    dry.stop().await.unwrap();
     assert_eq!(
         confirmed_lsn(&db).await,
         before,
