@@ -13,6 +13,10 @@
 #   --big-scale S     pgbench scale of the big-transaction database (default 10: 1,000,000 rows)
 #   --big-runs N      big-transaction runs (default: --runs)
 #   --only LIST       phases to run, of catchup,latency,big (default all)
+#   --confirm-wait S  after the last key is deleted, how long to watch the slot's
+#                     confirmed_flush_lsn reach the end (diagnostic; default 1)
+#   --perf            profile pginval's catch-up runs (perf record -e cpu-clock) and print
+#                     the hottest symbols; those runs' timings are then not comparable
 #   --json FILE       also write every measurement as JSON
 #   --keep-files      keep the temporary directory (server logs, pginval logs)
 #   -h, --help        show this help
@@ -49,7 +53,9 @@ RATES=2000,5000
 BIG_SCALE=10
 ONLY=catchup,latency,big
 JSON=''
+CONFIRM_WAIT=1
 KEEP_FILES=false
+PERF=false
 
 usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
@@ -65,9 +71,11 @@ while (($#)); do
     --rates) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--rates needs a list like 2000,5000"; RATES=$2; shift ;;
     --big-scale) number "$1" "${2:-}"; BIG_SCALE=$2; shift ;;
     --only) [[ ${2:-} =~ ^(catchup|latency|big)(,(catchup|latency|big))*$ ]] || die "--only needs a list of catchup,latency,big"; ONLY=$2; shift ;;
+    --confirm-wait) number "$1" "${2:-}"; CONFIRM_WAIT=$2; shift ;;
     --json) [[ -n ${2:-} ]] || die "--json needs a file name"; JSON=$(realpath -m -- "$2"); shift ;;
     --quick) RUNS=1 BACKLOG=4000 LATENCY_SECS=5 BIG_SCALE=1 ;;
     --keep-files) KEEP_FILES=true ;;
+    --perf) PERF=true ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
@@ -237,13 +245,32 @@ printf 'pginval benchmark  %s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
 printf 'machine: %s cores, %s, %s GB RAM; PostgreSQL %s (fsync=off), Redis %s\n' \
   "$(nproc)" "$cpu_model" "$mem_gb" "$("$PG_BINDIR/postgres" --version | awk '{print $3}')" \
   "$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')"
+busy_pct() { # the machine's CPU use over 2 s, in % of all cores
+  local a b
+  read -r -a a < <(sed -n 's/^cpu  //p' /proc/stat)
+  sleep 2
+  read -r -a b < <(sed -n 's/^cpu  //p' /proc/stat)
+  local busy=0 total=0 i d
+  for i in "${!a[@]}"; do
+    ((i < 8)) || break
+    d=$((b[i] - a[i]))
+    total=$((total + d))
+    ((i == 3 || i == 4)) || busy=$((busy + d))
+  done
+  printf '%s' $((total ? 100 * busy / total : 0))
+}
+printf 'machine load before the run: %s%% of all cores busy (other programs; the benchmark assumes an idle machine)\n' "$(busy_pct)"
 printf 'pginval: %s (%s); runs %s, backlog %s transactions, big transaction scale %s\n\n' \
   "$BIN" "$rev" "$RUNS" "$BACKLOG" "$BIG_SCALE"
 
 args=(--pg-bindir "$PG_BINDIR" --pg-data "$PG_DIR/data" --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" --redis-pid "$REDIS_PID"
   --pginval "$BIN" --work "$WORK" --runs "$RUNS" --big-runs "$BIG_RUNS" --backlog "$BACKLOG"
-  --latency-secs "$LATENCY_SECS" --rates "$RATES" --only "$ONLY")
+  --latency-secs "$LATENCY_SECS" --rates "$RATES" --only "$ONLY" --confirm-wait "$CONFIRM_WAIT")
 [[ -n $JSON ]] && args+=(--json "$JSON")
+if $PERF; then
+  command -v perf >/dev/null || die "--perf needs perf (apt-get install linux-perf)"
+  args+=(--perf)
+fi
 "$PYTHON" "$ROOT/scripts/bench/bench.py" "${args[@]}" &
 BENCH_PID=$!
 wait "$BENCH_PID"

@@ -184,6 +184,17 @@ pub async fn run(
     )?;
     if let Err(e) = sink.ping().await {
         tracing::warn!(error = %e, "redis is not reachable yet; changes will wait for it");
+    } else if config
+        .rules
+        .rules
+        .iter()
+        .any(|r| matches!(r.action, crate::rules::compile::Action::Expire(_)))
+        && sink.major_version().await.is_ok_and(|v| v < 7)
+    {
+        // PEXPIRE ... LT (never extend a TTL) arrived in Redis 7.
+        return Err(RunError::Replication(ReplicationError::Unsupported(
+            "rules with action = \"expire\" need Redis 7 or newer (PEXPIRE ... LT)".into(),
+        )));
     }
     tokio::pin!(shutdown);
     // Preparing can wait on Redis (the slot marker): a stop request ends the wait.

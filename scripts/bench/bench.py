@@ -8,19 +8,22 @@ scripts/bench.sh starts PostgreSQL and Redis, initializes the pgbench databases 
            written between them), a pgbench TPC-B backlog, one marker transaction, then
            pg_recvlogical (to --endpos) and pginval (bench_all, then its own publication)
            read the same backlog, one after the other, order rotated per run.
-  latency  pginval streaming while pgbench runs single-row UPDATEs at a fixed rate; a
-           probe sets acct:<aid>, updates that row and times commit -> key deleted
-           (Redis keyspace notification on `del`).
+  latency  while pgbench runs single-row UPDATEs at a fixed rate, a probe sets
+           acct:<aid>, updates that row and times commit returned -> key deleted (Redis
+           keyevent notification on `del`) with pginval streaming; as a baseline, the
+           same probe with pg_recvlogical alone times commit -> the change received.
   big      one UPDATE of 1,000,000 rows (scale 10), read by pg_recvlogical and pginval.
 
 pginval's time is process start -> the marker key deleted in Redis. The marker is a row
-of pgbench_accounts outside pgbench's range, updated in its own transaction after the
+of pgbench_tellers outside pgbench's range, updated in its own transaction after the
 backlog, so its key is in pginval's last batch; every key is pre-populated in Redis,
 so pginval deletes real keys. pg_recvlogical's time is process start -> exit at
 --endpos (the WAL position after the marker transaction).
 
-CPU and peak RSS of both programs come from GNU time (`/usr/bin/time -f '%e %U %S %M'`),
-which runs each of them (cross-checked with wait4() on time).
+CPU, peak RSS and voluntary context switches ("wakeups": how often the program blocked
+waiting, e.g. for the next message) of both programs come from GNU time
+(`/usr/bin/time -f '%e %U %S %M %w %c'`), which runs each of them (cross-checked with
+wait4() on time).
 The server side (walsender) CPU is the growth of the postmaster's reaped-children time
 (cutime + cstime in /proc/<postmaster>/stat) over the consumer's run, read once every
 new backend has exited: autovacuum is off and the harness's own connection stays open,
@@ -105,6 +108,14 @@ class Redis:
             self.sock.sendall(b"".join(self.encode(c) for c in part))
             replies.extend(self.read() for _ in part)
         return replies
+
+    def scan_all(self):
+        cursor, keys = b"0", []
+        while True:
+            cursor, batch = self.cmd("SCAN", cursor, "COUNT", 10000)
+            keys.extend(batch)
+            if cursor == b"0":
+                return keys
 
     def populate(self, prefix, first, last):
         """SET prefix<first..last> 'x' inside Redis (one Lua call, no round trips)."""
@@ -194,7 +205,7 @@ def stop_all():
 
 
 class Proc:
-    """A program run under GNU time (`/usr/bin/time -f '%e %U %S %M'`).
+    """A program run under GNU time (`/usr/bin/time -f '%e %U %S %M %w %c'`).
 
     The measured program is a child of `time`, not of this Python process: a direct
     child's peak RSS would include the Python parent's pages it was forked with. `pid`
@@ -208,7 +219,7 @@ class Proc:
         out = open(logfile, "ab") if logfile else (stdout or subprocess.DEVNULL)
         self.t0 = time.perf_counter()
         err = open(stderr_log, "ab") if stderr_log else subprocess.STDOUT
-        self.p = subprocess.Popen([GNU_TIME, "-f", "%e %U %S %M", "-o", timefile, "--"] + argv,
+        self.p = subprocess.Popen([GNU_TIME, "-f", "%e %U %S %M %w %c", "-o", timefile, "--"] + argv,
                                   stdout=out, stderr=err, env=env)
         if logfile:
             out.close()
@@ -256,7 +267,8 @@ class Proc:
         try:
             with open(self.timefile) as f:
                 last = f.read().strip().splitlines()[-1].split()
-            self.times = {"elapsed": float(last[0]), "user": float(last[1]), "sys": float(last[2]), "maxrss_kb": int(last[3])}
+            self.times = {"elapsed": float(last[0]), "user": float(last[1]), "sys": float(last[2]), "maxrss_kb": int(last[3]),
+                          "voluntary_switches": int(last[4]), "involuntary_switches": int(last[5])}
         except (OSError, IndexError, ValueError):
             self.times = None
 
@@ -304,6 +316,8 @@ class Proc:
         return {
             "cpu_s": self.cpu(),
             "rss_mb": self.rss_mb(),
+            "wakeups": self.times["voluntary_switches"] if self.times else self.rusage.ru_nvcsw,
+            "preempted": self.times["involuntary_switches"] if self.times else self.rusage.ru_nivcsw,
             "wait4_cpu_s": self.rusage.ru_utime + self.rusage.ru_stime,
             "wait4_rss_mb": self.rusage.ru_maxrss / 1024,
         }
@@ -336,6 +350,7 @@ class Bench:
         with open(os.path.join(a.pg_data, "postmaster.pid")) as f:
             self.postmaster = int(f.readline())
         self.warnings = []  # suspicious things seen, for the summary
+        self.profiles = {}  # --perf: top symbols of one profiled pginval run per kind
         self.seq = 0
 
     # -- PostgreSQL helpers
@@ -416,7 +431,7 @@ class Bench:
     def other_cpu(self, begin):
         end = self.cpu_sample()
         busy, steal, ours = (e - b for e, b in zip(end, begin))
-        return {"other_cpu_s": max(0.0, busy - steal - ours), "steal_s": steal}
+        return {"other_cpu_s": max(0.0, busy - steal - ours), "steal_s": steal, "busy_s": busy}
 
     def server_cpu_begin(self):
         return (self.children(), self.reaped_ticks())
@@ -500,6 +515,12 @@ class Bench:
         meter = self.cpu_sample()
         begin = self.server_cpu_begin()
         p = self.start_pginval(db, config, name)
+        perf = None
+        if self.a.perf and name.startswith("catchup"):
+            # A CPU profile (software clock; timings of a profiled run are not comparable).
+            perf_data = p.logfile[: -len(".log")] + ".perf"
+            perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-p", str(p.pid), "-o", perf_data],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             t_gone = sub.wait_for_key(b"del", self.a.timeout, alive=p.alive)
             if t_gone is None:
@@ -520,8 +541,15 @@ class Bench:
         finally:
             sub.close()
             status = p.stop()
+            if perf is not None:
+                perf.wait(30)
         if status != 0:
             raise RuntimeError(f"pginval ({name}) exited with {status} after SIGTERM (log: {p.logfile})")
+        if perf is not None and name not in self.profiles:
+            rep = subprocess.run(["perf", "report", "-i", perf_data, "--stdio", "-q", "--no-children",
+                                  "--sort", "dso,symbol", "--percent-limit", "1.5"],
+                                 capture_output=True, text=True)
+            self.profiles[name] = [line.rstrip() for line in rep.stdout.splitlines() if line.strip()][:25]
         server = self.server_cpu_end(begin, conn, slot)
         return {
             "wall_s": wall,
@@ -547,14 +575,24 @@ class Bench:
         return float(m.group(1)) if m else None
 
     def prepare_db(self, conn, db):
-        """Adds the marker row (outside pgbench's aid range) and returns the row counts."""
-        naccounts = self.q1(conn, "SELECT count(*) FROM pgbench_accounts")
-        nbranches = self.q1(conn, "SELECT count(*) FROM pgbench_branches")
-        ntellers = self.q1(conn, "SELECT count(*) FROM pgbench_tellers")
-        marker = naccounts + 1
-        self.q(conn, "INSERT INTO pgbench_accounts (aid, bid, abalance, filler) VALUES (%s, 1, 0, '') ON CONFLICT DO NOTHING", (marker,))
+        """Row counts from pgbench's scale, and two marker rows outside pgbench's ranges
+        (pgbench never touches them): account naccounts+1 (the latency test's start
+        probe) and teller ntellers+1, whose update ends every backlog: its key
+        teller:<ntellers+1> is in pginval's last batch, and no fallback pattern of the
+        accounts table (acct:*) can delete it early. (pgbench takes its scale from
+        count(*) of pgbench_branches, so no marker goes there.)"""
+        scale = self.q1(conn, "SELECT count(*) FROM pgbench_branches")
+        naccounts, nbranches, ntellers = 100000 * scale, scale, 10 * scale
+        self.q(conn, "INSERT INTO pgbench_accounts (aid, bid, abalance, filler) VALUES (%s, 1, 0, '') ON CONFLICT DO NOTHING", (naccounts + 1,))
+        self.q(conn, "INSERT INTO pgbench_tellers (tid, bid, tbalance, filler) VALUES (%s, 1, 0, '') ON CONFLICT DO NOTHING", (ntellers + 1,))
         self.q(conn, "VACUUM ANALYZE")
-        return naccounts, nbranches, ntellers, marker
+        return naccounts, nbranches, ntellers, naccounts + 1, ntellers + 1
+
+    def publication(self, conn, name):
+        """The publication's tables, with their column lists (PostgreSQL 15+)."""
+        rows = self.q(conn, "SELECT schemaname || '.' || tablename || coalesce(' (' || array_to_string(attnames, ', ') || ')', '') "
+                            "FROM pg_publication_tables WHERE pubname = %s ORDER BY 1", (name,))
+        return [r[0] for r in rows]
 
     def ensure_own_publication(self, db, conn):
         """Lets pginval create its own publication (pginval_own) once, as in production."""
@@ -575,9 +613,9 @@ class Bench:
             raise RuntimeError(f"pginval did not start streaming (log: {p.logfile})")
         p.stop()
         self.reset_slots(conn, ["bench_setup"])
-        definition = self.q(conn, "SELECT schemaname || '.' || tablename || coalesce(' (' || array_to_string(attnames, ', ') || ')', '') FROM pg_publication_tables WHERE pubname = 'pginval_own' ORDER BY 1")
-        self.results["own_publication"] = [r[0] for r in definition]
-        log("pginval created its publication pginval_own: " + "; ".join(r[0] for r in definition))
+        definition = self.publication(conn, "pginval_own")
+        self.results["own_publication"] = definition
+        log("pginval created its publication pginval_own: " + "; ".join(definition))
 
     # -- 1. catch-up
 
@@ -585,31 +623,34 @@ class Bench:
         a = self.a
         db = "bench"
         conn = self.connect(db)
-        naccounts, nbranches, ntellers, marker = self.prepare_db(conn, db)
+        naccounts, nbranches, ntellers, _, marker = self.prepare_db(conn, db)
         self.ensure_own_publication(db, conn)
-        marker_key = f"acct:{marker}"
+        marker_key = f"teller:{marker}"
         per_client = a.backlog // 4
         txns = per_client * 4
         changes = 3 * txns + 1  # accounts, tellers, branches per TPC-B transaction + marker
 
         def populate():
-            self.redis.populate("acct:", 1, marker)
-            self.redis.populate("teller:", 1, ntellers)
+            self.redis.populate("acct:", 1, naccounts)
+            self.redis.populate("teller:", 1, marker)
             self.redis.populate("branch:", 1, nbranches)
 
         self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Kg")
+        bench_all = self.publication(conn, "bench_all")
+        log("publication bench_all: " + "; ".join(bench_all))
         slots = {"recv": "bench_recv", "all": "bench_inval", "own": "bench_own"}
         order = ["recv", "all", "own"]
         runs = []
         for i in range(a.runs):
             self.reset_slots(conn, slots.values())
             self.q(conn, "TRUNCATE pgbench_history")
+            self.q(conn, "VACUUM pgbench_accounts, pgbench_tellers, pgbench_branches")
             self.q(conn, "CHECKPOINT")
             start_lsns = [self.q1(conn, "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (s,)) for s in slots.values()]
             t = time.perf_counter()
             out = self.pgbench(db, ["-n", "-t", str(per_client), "-c", "4", "-j", "2", "-M", "prepared"])
             backlog_s = time.perf_counter() - t
-            self.q(conn, "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s", (marker,))
+            self.q(conn, "UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = %s", (marker,))
             end_lsn = self.q1(conn, "SELECT pg_current_wal_lsn()::text")
             wal_bytes = int(self.q1(conn, "SELECT %s::pg_lsn - %s::pg_lsn", (end_lsn, start_lsns[0])))
             touched = self.q(conn, "SELECT 'acct:' || aid FROM pgbench_history UNION SELECT 'teller:' || tid FROM pgbench_history UNION SELECT 'branch:' || bid FROM pgbench_history")
@@ -625,12 +666,14 @@ class Bench:
                 else:
                     pub = "bench_all" if who == "all" else "pginval_own"
                     r = self.pginval_catchup(db, conn, slots[who], pub, end_lsn, marker_key, populate, f"catchup-{who}")
-                    left = sum(self.redis.pipeline([["EXISTS", k] for k in touched]))
-                    r["keys_left"] = left
+                    exists = self.redis.pipeline([["EXISTS", k] for k in touched])
+                    left = [k for k, e in zip(touched, exists) if e]
+                    r["keys_left"] = len(left)
                     if left:
-                        self.warnings.append(f"catch-up run {i + 1} ({who}): {left} of {len(touched)} touched keys still in Redis after pginval stopped")
+                        self.warnings.append(f"catch-up run {i + 1} ({who}): {len(left)} of {len(touched)} touched keys still in Redis "
+                                             f"after pginval stopped, e.g. {', '.join(left[:5])}")
                 run[who] = r
-                msg = (f"   {who:>4}: {r['wall_s']:.3f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB, walsender CPU {r['walsender_cpu_s']:.2f} s, "
+                msg = (f"   {who:>4}: {r['wall_s']:.3f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB, {r['wakeups']} wakeups, walsender CPU {r['walsender_cpu_s']:.2f} s, "
                        f"other programs {r['other_cpu_s']:.2f} s, steal {r['steal_s']:.2f} s")
                 if who != "recv":
                     lag = r["confirm_lag_s"]
@@ -640,8 +683,11 @@ class Bench:
             run["order"] = rot
             runs.append(run)
         self.reset_slots(conn, slots.values())
+        if self.publication(conn, "bench_all") != bench_all:
+            self.warnings.append(f"pginval changed publication bench_all, which it did not create: now {self.publication(conn, 'bench_all')}")
         conn.close()
-        self.results["catchup"] = {"transactions": txns, "row_changes": changes, "runs": runs}
+        self.results["catchup"] = {"transactions": txns, "row_changes": changes, "runs": runs,
+                                   "bench_all": bench_all, "pginval_own": self.publication(self.connect(db), "pginval_own")}
 
     # -- 2. latency
 
@@ -652,7 +698,7 @@ class Bench:
         a = self.a
         db = "bench"
         conn = self.connect(db)
-        naccounts, _, _, marker = self.prepare_db(conn, db)
+        naccounts, _, _, marker, _ = self.prepare_db(conn, db)
         self.ensure_own_publication(db, conn)
         probe_first = max(1, naccounts - 10000 + 1)  # probes use the last 10,000 aids
         script = os.path.join(a.work, "update-one.sql")
@@ -719,6 +765,8 @@ class Bench:
             for rate in a.rates:
                 cpu0 = p.proc_cpu()
                 meter = self.cpu_sample()
+                walsender = self.q1(conn, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+                ws0 = self.ticks(walsender)
                 bg = subprocess.Popen(
                     [os.path.join(self.bindir, "pgbench"), "-h", "127.0.0.1", "-p", str(a.pg_port), "-U", "postgres",
                      "-n", "-c", "4", "-j", "2", "-M", "prepared", "-R", str(rate), "-T", str(a.latency_secs), "-f", script, db],
@@ -753,6 +801,7 @@ class Bench:
                 elapsed = time.perf_counter() - t_start
                 cpu_pct = 100 * (p.proc_cpu() - cpu0) / elapsed
                 other = self.other_cpu(meter)
+                ws_pct = 100 * (self.ticks(walsender) - ws0) / CLK_TCK / elapsed
                 lag = re.search(r"rate limit schedule lag: avg ([\d.]+) \(max ([\d.]+)\) ms", out)
                 r = {
                     "rate": rate,
@@ -768,15 +817,17 @@ class Bench:
                     "pgbench_lag_avg_ms": float(lag.group(1)) if lag else None,
                     "pgbench_lag_max_ms": float(lag.group(2)) if lag else None,
                     "cpu_pct": cpu_pct,
+                    "walsender_cpu_pct": ws_pct,
                     "other_cpu_pct": 100 * other["other_cpu_s"] / elapsed,
                     "steal_pct": 100 * other["steal_s"] / elapsed,
+                    "machine_busy_pct": 100 * other["busy_s"] / elapsed / os.cpu_count(),
                     "slow_probes": slow,  # (seconds into the load, ms) of probes over 5 ms
                 }
                 results[str(rate)] = r
                 log(f"latency, {consumer}, {rate} tps: {r['probes']} probes, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
                     f"max {r['max_ms']:.2f} ms, {len(slow)} over 5 ms; pgbench {r['pgbench_tps']:.0f} tps, "
-                    f"schedule lag avg {r['pgbench_lag_avg_ms']} ms; {consumer} CPU {cpu_pct:.0f}% of a core; "
-                    f"other programs {r['other_cpu_pct']:.0f}%, steal {r['steal_pct']:.0f}%")
+                    f"schedule lag avg {r['pgbench_lag_avg_ms']} ms; {consumer} CPU {cpu_pct:.0f}% of a core, walsender {ws_pct:.0f}%; "
+                    f"other programs {r['other_cpu_pct']:.0f}%, steal {r['steal_pct']:.0f}%; all {os.cpu_count()} cores {r['machine_busy_pct']:.0f}% busy")
                 idle(1)
         finally:
             if bg is not None and bg.poll() is None:
@@ -809,8 +860,8 @@ class Bench:
         a = self.a
         db = "bigtx"
         conn = self.connect(db)
-        naccounts, _, _, marker = self.prepare_db(conn, db)
-        marker_key = f"acct:{marker}"
+        naccounts, _, _, _, marker = self.prepare_db(conn, db)
+        marker_key = f"teller:{marker}"
         slots = {"recv": "big_recv", "inval": "big_inval"}
         self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Kg")
         runs = []
@@ -823,7 +874,7 @@ class Bench:
             t = time.perf_counter()
             rows = self.q(conn, "WITH u AS (UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= %s RETURNING 1) SELECT count(*) FROM u", (naccounts,))[0][0]
             update_s = time.perf_counter() - t
-            self.q(conn, "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s", (marker,))
+            self.q(conn, "UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = %s", (marker,))
             end_lsn = self.q1(conn, "SELECT pg_current_wal_lsn()::text")
             log(f"big transaction run {i + 1}/{a.big_runs}: UPDATE of {rows} rows took {update_s:.1f} s, end {end_lsn}")
             run = {"rows": rows, "update_s": update_s, "end_lsn": end_lsn}
@@ -833,10 +884,13 @@ class Bench:
                     r = self.pg_recvlogical(db, slots["recv"], "bench_big", end_lsn, conn)
                 else:
                     r = self.pginval_catchup(db, conn, slots["inval"], "bench_big", end_lsn, marker_key,
-                                             lambda: self.redis.populate("acct:", 1, marker), "big")
-                    r["keys_left"] = self.redis.cmd("DBSIZE")
-                    if r["keys_left"]:
-                        self.warnings.append(f"big transaction run {i + 1}: {r['keys_left']} keys still in Redis after pginval stopped")
+                                             lambda: (self.redis.populate("acct:", 1, naccounts),
+                                                      self.redis.cmd("SET", marker_key, "x")), "big")
+                    left = [k for k in self.redis.scan_all() if not k.startswith(b"pginval:")]  # pginval keeps its state in pginval:*
+                    r["keys_left"] = len(left)
+                    if left:
+                        self.warnings.append(f"big transaction run {i + 1}: {len(left)} keys still in Redis after pginval stopped, "
+                                             f"e.g. {', '.join(k.decode() for k in left[:5])}")
                 run[who] = r
                 log(f"   {who:>5}: {r['wall_s']:.2f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB, walsender CPU {r['walsender_cpu_s']:.2f} s, "
                     f"other programs {r['other_cpu_s']:.2f} s, steal {r['steal_s']:.2f} s")
@@ -867,7 +921,7 @@ class Bench:
             out(f"1. Catch-up: {c['transactions']:,} pgbench TPC-B transactions + 1 marker "
                 f"({c['row_changes']:,} published row changes, median {median([r['wal_bytes'] for r in runs]) / 1e6:.0f} MB WAL), "
                 f"median of {n} run{'s' if n != 1 else ''}")
-            out(f"   {'consumer':<34}{'wall s':>8}{'ratio':>8}{'target':>8}{'':>8}{'CPU s':>8}{'RSS MB':>8}{'walsnd s':>10}{'confirm ms':>12}{'other s':>9}")
+            out(f"   {'consumer':<34}{'wall s':>8}{'ratio':>8}{'target':>8}{'':>8}{'CPU s':>8}{'RSS MB':>8}{'wakeups':>9}{'walsnd s':>10}{'confirm ms':>12}{'other s':>9}")
             per_120k = 120000 / c["row_changes"]
             summary = {}
             for who, label, target in (("recv", "pg_recvlogical, bench_all", None),
@@ -879,11 +933,12 @@ class Bench:
                 rss = median([r[who]["rss_mb"] for r in runs])
                 ws = median([r[who]["walsender_cpu_s"] for r in runs])
                 other = median([r[who]["other_cpu_s"] for r in runs])
+                wakeups = median([r[who]["wakeups"] for r in runs])
                 lag = None
                 if who != "recv":
                     lags = [r[who]["confirm_lag_s"] for r in runs]
                     lag = None if any(x is None for x in lags) else median(lags) * 1000
-                summary[who] = {"wall_s": wall, "ratio": ratio, "cpu_s": cpu, "rss_mb": rss, "walsender_cpu_s": ws, "other_cpu_s": other,
+                summary[who] = {"wall_s": wall, "ratio": ratio, "cpu_s": cpu, "rss_mb": rss, "walsender_cpu_s": ws, "other_cpu_s": other, "wakeups": wakeups,
                                 "cpu_per_120k_s": cpu * per_120k, "confirm_lag_ms": lag}
                 if who == "recv":
                     lag_txt = ""
@@ -892,14 +947,15 @@ class Bench:
                 else:
                     lag_txt = f"{lag:.0f}"
                 out(f"   {label:<34}{f(wall):>8}{f(ratio, '{:.2f}'):>8}{f(target, '≤{:.2f}') if target else '':>8}"
-                    f"{verdict(ratio, target) if target else '':>8}{f(cpu, '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}{f(ws, '{:.2f}'):>10}{lag_txt:>12}{f(other, '{:.2f}'):>9}")
+                    f"{verdict(ratio, target) if target else '':>8}{f(cpu, '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}{f(wakeups, '{:.0f}'):>9}{f(ws, '{:.2f}'):>10}{lag_txt:>12}{f(other, '{:.2f}'):>9}")
             for who in ("all", "own"):
                 s = summary[who]
                 out(f"   cost, pginval ({who}): {s['cpu_s']:.2f} s CPU = {s['cpu_per_120k_s']:.2f} s per 120,000 row changes "
                     f"(target ≤ 0.50: {verdict(s['cpu_per_120k_s'], 0.5)}), peak RSS {s['rss_mb']:.1f} MB (target ≤ 30: {verdict(s['rss_mb'], 30)})")
             out("   ratio: median of the per-run ratios to pg_recvlogical. wall: process start -> last key deleted (pginval),")
             out("   -> exit at --endpos (pg_recvlogical). walsnd: the walsender's CPU. confirm: marker deleted -> slot's")
-            out("   confirmed_flush_lsn at the end. other: CPU used by other programs on the machine meanwhile (noise).")
+            out("   confirmed_flush_lsn at the end. wakeups: voluntary context switches (blocking reads and waits).")
+            out("   other: CPU used by other programs on the machine meanwhile (noise).")
             c["summary"] = summary
 
         lat = self.results.get("latency")
@@ -908,7 +964,7 @@ class Bench:
             out(f"2. Latency: commit returned -> key deleted in Redis (pginval) / change received (pg_recvlogical, the")
             out(f"   baseline), single-row UPDATEs by pgbench at a fixed rate, 4 clients, {a.latency_secs} s per rate, each consumer alone")
             out(f"   {'consumer':<17}{'rate':>6}{'probes':>8}{'p50 ms':>9}{'target':>8}{'p99 ms':>9}{'target':>8}{'max ms':>9}"
-                f"{'pgbench tps':>13}{'sched lag':>11}{'CPU':>6}{'other':>7}")
+                f"{'pgbench tps':>13}{'sched lag':>11}{'CPU':>6}{'walsnd':>8}{'other':>7}{'busy':>6}")
             targets = {2000: (0.4, 1.0), 5000: (1.0, 5.0)}
             for rate in a.rates:
                 for consumer, label in (("recv", "pg_recvlogical"), ("pginval", "pginval")):
@@ -919,11 +975,14 @@ class Bench:
                     out(f"   {label:<17}{rate:>6}{r['probes']:>8}{f(r['p50_ms']):>9}{f(t50, '≤{:g}') if t50 else '':>8}{f(r['p99_ms']):>9}"
                         f"{f(t99, '≤{:g}') if t99 else '':>8}{f(r['max_ms'], '{:.2f}'):>9}{f(r['pgbench_tps'], '{:.0f}'):>13}"
                         f"{f(r['pgbench_lag_avg_ms'], '{:.2f}') + ' ms':>11}{f(r['cpu_pct'], '{:.0f}') + '%':>6}"
-                        f"{f(r['other_cpu_pct'], '{:.0f}') + '%':>7}"
+                        f"{f(r['walsender_cpu_pct'], '{:.0f}') + '%':>8}{f(r['other_cpu_pct'], '{:.0f}') + '%':>7}"
+                        f"{f(r['machine_busy_pct'], '{:.0f}') + '%':>6}"
                         + (f"   p50 {verdict(r['p50_ms'], t50)}, p99 {verdict(r['p99_ms'], t99)}" if t50 else ""))
             if "pginval" in lat:
-                out(f"   pginval peak RSS over the latency test: {lat['pginval']['rss_mb']:.1f} MB. CPU: the consumer's, in % of one core;")
-                out("   other: CPU used by other programs on the machine meanwhile (noise). sched lag: pgbench's own schedule lag.")
+                out(f"   pginval peak RSS over the latency test: {lat['pginval']['rss_mb']:.1f} MB. CPU, walsnd: the consumer's and its")
+                out("   walsender's, in % of one core.")
+                out("   other: CPU used by other programs on the machine meanwhile (noise). busy: the whole machine's CPU use,")
+                out("   in % of all its cores. sched lag: pgbench's own schedule lag.")
 
         b = self.results.get("big")
         if b:
@@ -945,6 +1004,13 @@ class Bench:
                 f"{f(median([r['inval']['other_cpu_s'] for r in runs]), '{:.2f}'):>9}")
             out(f"   pginval peak RSS {rss:.1f} MB (target ≤ 100: {verdict(rss, 100)})")
             b["summary"] = {"recv_wall_s": rw, "pginval_wall_s": iw, "ratio": ratio, "pginval_rss_mb": rss}
+
+        for name, top in self.profiles.items():
+            out("")
+            out(f"Profile of pginval ({name}; perf record -e cpu-clock, whole process lifetime, self time):")
+            for line in top:
+                out(f"   {line}")
+        self.results["profiles"] = self.profiles
 
         if self.warnings:
             out("")
@@ -976,6 +1042,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=300, help="longest wait for pginval to finish a backlog")
     ap.add_argument("--confirm-wait", type=float, default=1.0, help="how long to watch for the confirmed flush position")
     ap.add_argument("--json")
+    ap.add_argument("--perf", action="store_true", help="profile pginval's catch-up runs with perf record")
     a = ap.parse_args()
     a.rates = [int(x) for x in a.rates.split(",") if x]
     a.only = [x for x in a.only.split(",") if x]

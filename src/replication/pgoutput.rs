@@ -664,4 +664,308 @@ mod tests {
             let _ = decode(&Bytes::from(b));
         }
     }
+
+    /// Every captured message, parsed once for all property test cases.
+    static CAPTURED: std::sync::LazyLock<Vec<Bytes>> =
+        std::sync::LazyLock::new(|| fixture(TEXT).into_iter().chain(fixture(BINARY)).collect());
+
+    /// Encodes a message as pgoutput sends it: the inverse of `decode`.
+    fn encode(msg: &Message) -> Vec<u8> {
+        fn cstr(b: &mut Vec<u8>, s: &[u8]) {
+            b.extend_from_slice(s);
+            b.push(0);
+        }
+        fn data(b: &mut Vec<u8>, kind: u8, d: &[u8]) {
+            b.push(kind);
+            b.extend((d.len() as u32).to_be_bytes());
+            b.extend_from_slice(d);
+        }
+        fn tuple(b: &mut Vec<u8>, marker: u8, t: &Tuple) {
+            b.push(marker);
+            b.extend((t.len() as u16).to_be_bytes());
+            for v in t {
+                match v {
+                    Value::Null => b.push(b'n'),
+                    Value::UnchangedToast => b.push(b'u'),
+                    Value::Text(d) => data(b, b't', d),
+                    Value::Binary(d) => data(b, b'b', d),
+                }
+            }
+        }
+        fn old(b: &mut Vec<u8>, o: &OldTuple) {
+            match o {
+                OldTuple::Key(t) => tuple(b, b'K', t),
+                OldTuple::Full(t) => tuple(b, b'O', t),
+            }
+        }
+        let mut b = Vec::new();
+        match msg {
+            Message::Begin(m) => {
+                b.push(b'B');
+                b.extend(m.final_lsn.to_be_bytes());
+                b.extend(m.commit_time.to_be_bytes());
+                b.extend(m.xid.to_be_bytes());
+            }
+            Message::Commit(m) => {
+                b.extend([b'C', m.flags]);
+                b.extend(m.commit_lsn.to_be_bytes());
+                b.extend(m.end_lsn.to_be_bytes());
+                b.extend(m.commit_time.to_be_bytes());
+            }
+            Message::Origin(m) => {
+                b.push(b'O');
+                b.extend(m.commit_lsn.to_be_bytes());
+                cstr(&mut b, &m.name);
+            }
+            Message::Relation(m) => {
+                b.push(b'R');
+                b.extend(m.oid.to_be_bytes());
+                cstr(&mut b, &m.namespace);
+                cstr(&mut b, &m.name);
+                b.push(m.replica_identity);
+                b.extend((m.columns.len() as u16).to_be_bytes());
+                for c in &m.columns {
+                    b.push(c.flags);
+                    cstr(&mut b, &c.name);
+                    b.extend(c.type_oid.to_be_bytes());
+                    b.extend(c.type_modifier.to_be_bytes());
+                }
+            }
+            Message::Type(m) => {
+                b.push(b'Y');
+                b.extend(m.oid.to_be_bytes());
+                cstr(&mut b, &m.namespace);
+                cstr(&mut b, &m.name);
+            }
+            Message::Insert(m) => {
+                b.push(b'I');
+                b.extend(m.relation.to_be_bytes());
+                tuple(&mut b, b'N', &m.new);
+            }
+            Message::Update(m) => {
+                b.push(b'U');
+                b.extend(m.relation.to_be_bytes());
+                if let Some(o) = &m.old {
+                    old(&mut b, o);
+                }
+                tuple(&mut b, b'N', &m.new);
+            }
+            Message::Delete(m) => {
+                b.push(b'D');
+                b.extend(m.relation.to_be_bytes());
+                old(&mut b, &m.old);
+            }
+            Message::Truncate(m) => {
+                b.push(b'T');
+                b.extend((m.relations.len() as u32).to_be_bytes());
+                b.push(m.options);
+                for oid in &m.relations {
+                    b.extend(oid.to_be_bytes());
+                }
+            }
+            Message::Message(m) => {
+                b.extend([b'M', m.transactional as u8]);
+                b.extend(m.lsn.to_be_bytes());
+                cstr(&mut b, &m.prefix);
+                b.extend((m.content.len() as u32).to_be_bytes());
+                b.extend_from_slice(&m.content);
+            }
+        }
+        b
+    }
+
+    mod strategy {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::option;
+        use proptest::prelude::*;
+
+        /// A name: any bytes but NUL, which ends it on the wire.
+        fn name() -> impl Strategy<Value = Bytes> {
+            vec(1..=u8::MAX, 0..12).prop_map(Bytes::from)
+        }
+
+        fn data() -> impl Strategy<Value = Bytes> {
+            vec(any::<u8>(), 0..24).prop_map(Bytes::from)
+        }
+
+        fn tuple() -> impl Strategy<Value = Tuple> {
+            let value = prop_oneof![
+                Just(Value::Null),
+                Just(Value::UnchangedToast),
+                data().prop_map(Value::Text),
+                data().prop_map(Value::Binary),
+            ];
+            vec(value, 0..6)
+        }
+
+        fn old_tuple() -> impl Strategy<Value = OldTuple> {
+            prop_oneof![
+                tuple().prop_map(OldTuple::Key),
+                tuple().prop_map(OldTuple::Full)
+            ]
+        }
+
+        /// Any pgoutput v1 message.
+        pub fn message() -> impl Strategy<Value = Message> {
+            let column = (any::<u8>(), name(), any::<u32>(), any::<i32>()).prop_map(
+                |(flags, name, type_oid, type_modifier)| Column {
+                    flags,
+                    name,
+                    type_oid,
+                    type_modifier,
+                },
+            );
+            prop_oneof![
+                any::<(u64, i64, u32)>().prop_map(|(final_lsn, commit_time, xid)| {
+                    Message::Begin(Begin {
+                        final_lsn,
+                        commit_time,
+                        xid,
+                    })
+                }),
+                any::<(u8, u64, u64, i64)>().prop_map(
+                    |(flags, commit_lsn, end_lsn, commit_time)| Message::Commit(Commit {
+                        flags,
+                        commit_lsn,
+                        end_lsn,
+                        commit_time,
+                    })
+                ),
+                (any::<u64>(), name())
+                    .prop_map(|(commit_lsn, name)| Message::Origin(Origin { commit_lsn, name })),
+                (any::<u32>(), name(), name(), any::<u8>(), vec(column, 0..5)).prop_map(
+                    |(oid, namespace, name, replica_identity, columns)| {
+                        Message::Relation(Relation {
+                            oid,
+                            namespace,
+                            name,
+                            replica_identity,
+                            columns,
+                        })
+                    }
+                ),
+                (any::<u32>(), name(), name()).prop_map(|(oid, namespace, name)| {
+                    Message::Type(TypeInfo {
+                        oid,
+                        namespace,
+                        name,
+                    })
+                }),
+                (any::<u32>(), tuple())
+                    .prop_map(|(relation, new)| Message::Insert(Insert { relation, new })),
+                (any::<u32>(), option::of(old_tuple()), tuple()).prop_map(
+                    |(relation, old, new)| { Message::Update(Update { relation, old, new }) }
+                ),
+                (any::<u32>(), old_tuple())
+                    .prop_map(|(relation, old)| Message::Delete(Delete { relation, old })),
+                (any::<u8>(), vec(any::<u32>(), 0..5)).prop_map(|(options, relations)| {
+                    Message::Truncate(Truncate { options, relations })
+                }),
+                (any::<(bool, u64)>(), name(), data()).prop_map(
+                    |((transactional, lsn), prefix, content)| {
+                        Message::Message(LogicalMessage {
+                            transactional,
+                            lsn,
+                            prefix,
+                            content,
+                        })
+                    }
+                ),
+            ]
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn generated_messages_round_trip_and_every_prefix_is_truncated(
+            msg in strategy::message()
+        ) {
+            let bytes = Bytes::from(encode(&msg));
+            proptest::prop_assert_eq!(decode(&bytes), Ok(msg));
+            for len in 0..bytes.len() {
+                let err = decode(&bytes.slice(..len)).unwrap_err();
+                proptest::prop_assert!(
+                    matches!(err, DecodeError::Truncated { .. } | DecodeError::Empty),
+                    "{}: {}", len, err
+                );
+            }
+        }
+
+        #[test]
+        fn any_bytes_after_any_tag_never_panic(
+            tag in proptest::sample::select(b"BCORYIUDTMZ".to_vec()),
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+        ) {
+            let _ = decode(&Bytes::from([&[tag][..], &rest].concat()));
+        }
+
+        #[test]
+        fn changing_one_byte_of_a_captured_message_never_panics(
+            which in proptest::prelude::any::<proptest::sample::Index>(),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let mut msg = which.get(&CAPTURED).to_vec();
+            let at = at.index(msg.len());
+            msg[at] = byte;
+            let _ = decode(&Bytes::from(msg));
+        }
+    }
+
+    /// The files of `fuzz/corpus/<target>` and of `fuzz/regressions/<target>` when it exists.
+    fn fuzz_inputs(target: &str) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        let corpus = fuzz.join("corpus").join(target);
+        let seeds =
+            std::fs::read_dir(&corpus).unwrap_or_else(|e| panic!("{}: {e}", corpus.display()));
+        let regressions = std::fs::read_dir(fuzz.join("regressions").join(target));
+        let inputs: Vec<_> = seeds
+            .chain(regressions.into_iter().flatten())
+            .map(|entry| {
+                let path = entry.unwrap().path();
+                let bytes = std::fs::read(&path).unwrap();
+                (path, bytes)
+            })
+            .collect();
+        assert!(!inputs.is_empty(), "{} is empty", corpus.display());
+        inputs
+    }
+
+    #[test]
+    fn fuzz_corpus_and_regressions_decode_without_panic() {
+        for (path, bytes) in fuzz_inputs("pgoutput_decode") {
+            let result = std::panic::catch_unwind(|| decode(&Bytes::from(bytes)));
+            assert!(result.is_ok(), "{} panicked", path.display());
+        }
+    }
+
+    // The template and config fuzz targets' inputs are replayed here, beside the other
+    // parsers' corpora, until `rules::template` and `config` replay them in their own tests.
+
+    #[test]
+    fn template_fuzz_corpus_and_regressions_parse_without_panic() {
+        use crate::rules::template::Template;
+        for (path, bytes) in fuzz_inputs("template_parse") {
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let result = std::panic::catch_unwind(|| {
+                    Template::parse(text).map(|t| t.wildcard_pattern())
+                });
+                assert!(result.is_ok(), "{} panicked", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn config_fuzz_corpus_and_regressions_parse_without_panic() {
+        use crate::config::Config;
+        for (path, bytes) in fuzz_inputs("config_parse") {
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let result = std::panic::catch_unwind(|| {
+                    Config::parse(&path, text, |_| None).map_err(|e| e.to_string())
+                });
+                assert!(result.is_ok(), "{} panicked", path.display());
+            }
+        }
+    }
 }
