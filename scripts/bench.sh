@@ -15,8 +15,8 @@
 #   --only LIST       phases to run, of catchup,latency,big (default all)
 #   --confirm-wait S  after the last key is deleted, how long to watch the slot's
 #                     confirmed_flush_lsn reach the end (diagnostic; default 1)
-#   --perf            profile pginval's catch-up runs (perf record -e cpu-clock) and print
-#                     the hottest symbols; those runs' timings are then not comparable
+#   --perf            profile pginval's catch-up and big-transaction runs (perf record
+#                     -e cpu-clock), print the hottest symbols; timings are then not comparable
 #   --json FILE       also write every measurement as JSON
 #   --keep-files      keep the temporary directory (server logs, pginval logs)
 #   -h, --help        show this help

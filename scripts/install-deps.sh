@@ -10,6 +10,7 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && [[ -z ${PGINVAL
 fi
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v psql >/dev/null || missing+=(postgresql-client)
+command -v openssl >/dev/null || missing+=(openssl)   # the TLS tests make their certificates
 
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
