@@ -14,4 +14,14 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && [[ -z ${PGINVAL
 fi
 command -v redis-server >/dev/null || { echo "redis-server not found: run scripts/install-deps.sh" >&2; exit 1; }
 
-cargo test --all-targets "$@"
+# The output goes to the terminal as usual and is also kept, to close with one line
+# that adds up every test binary's result (the benchmark target, run once as a smoke
+# test, prints none of its own).
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
+passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
+failed=$(grep -Eo '; [0-9]+ failed' "$log" | awk '{s += $2} END {print s + 0}')
+echo "tests: ${passed} passed, ${failed} failed"
+exit "$status"

@@ -956,36 +956,9 @@ impl Stream {
                     },
                 );
             }
-            Message::Insert(m) => {
-                if let Some(t) = self.rules_for(m.relation)? {
-                    t.changes[0].inc();
-                    if self.tx.as_ref().is_some_and(|tx| tx.saturated(&t.rules)) {
-                        return Ok(());
-                    }
-                    let ev = RowEvent::insert(t.table, m);
-                    self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
-                }
-            }
-            Message::Update(m) => {
-                if let Some(t) = self.rules_for(m.relation)? {
-                    t.changes[1].inc();
-                    if self.tx.as_ref().is_some_and(|tx| tx.saturated(&t.rules)) {
-                        return Ok(());
-                    }
-                    let ev = RowEvent::update(t.table, m);
-                    self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
-                }
-            }
-            Message::Delete(m) => {
-                if let Some(t) = self.rules_for(m.relation)? {
-                    t.changes[2].inc();
-                    if self.tx.as_ref().is_some_and(|tx| tx.saturated(&t.rules)) {
-                        return Ok(());
-                    }
-                    let ev = RowEvent::delete(t.table, m);
-                    self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
-                }
-            }
+            Message::Insert(m) => self.apply_row(m.relation, 0, |t| RowEvent::insert(t, m))?,
+            Message::Update(m) => self.apply_row(m.relation, 1, |t| RowEvent::update(t, m))?,
+            Message::Delete(m) => self.apply_row(m.relation, 2, |t| RowEvent::delete(t, m))?,
             Message::Truncate(m) => {
                 for oid in m.relations {
                     if let Some(t) = self.rules_for(oid)? {
@@ -998,6 +971,26 @@ impl Stream {
             Message::Message(m) if m.prefix == HINT_PREFIX => self.apply_hint(&m),
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
         }
+        Ok(())
+    }
+
+    /// Applies a row change of `relation`; `op` indexes its change counter. The event
+    /// is only built when some rule of the table still needs rows.
+    fn apply_row(
+        &mut self,
+        relation: u32,
+        op: usize,
+        event: impl FnOnce(Arc<Table>) -> RowEvent,
+    ) -> Result<(), RunError> {
+        let Some(t) = self.rules_for(relation)? else {
+            return Ok(());
+        };
+        t.changes[op].inc();
+        if self.tx.as_ref().is_some_and(|tx| tx.saturated(&t.rules)) {
+            return Ok(());
+        }
+        let ev = event(t.table);
+        self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
         Ok(())
     }
 

@@ -22,8 +22,8 @@ so pginval deletes real keys. pg_recvlogical's time is process start -> exit at
 
 CPU, peak RSS and voluntary context switches ("wakeups": how often the program blocked
 waiting, e.g. for the next message) of both programs come from GNU time
-(`/usr/bin/time -f '%e %U %S %M %w %c'`), which runs each of them (cross-checked with
-wait4() on time).
+(`/usr/bin/time -f '%e %U %S %M %w %c'`), which runs each of them (CPU cross-checked
+with wait4() on time).
 The server side (walsender) CPU is the growth of the postmaster's reaped-children time
 (cutime + cstime in /proc/<postmaster>/stat) over the consumer's run, read once every
 new backend has exited: autovacuum is off and the harness's own connection stays open,
@@ -210,7 +210,7 @@ class Proc:
     The measured program is a child of `time`, not of this Python process: a direct
     child's peak RSS would include the Python parent's pages it was forked with. `pid`
     is the program's own pid (signals go there); user+sys CPU and peak RSS are read
-    from time's report, and cross-checked with wait4() on `time` (which covers its
+    from time's report; CPU is cross-checked with wait4() on `time` (which covers its
     reaped child)."""
 
     def __init__(self, argv, logfile=None, env=None, timefile=None, stdout=None, stderr_log=None):
@@ -315,11 +315,14 @@ class Proc:
         """CPU, RSS and wait4's view of them (a cross-check of time's report)."""
         return {
             "cpu_s": self.cpu(),
+            "user_s": self.times["user"] if self.times else self.rusage.ru_utime,
+            "sys_s": self.times["sys"] if self.times else self.rusage.ru_stime,
             "rss_mb": self.rss_mb(),
             "wakeups": self.times["voluntary_switches"] if self.times else self.rusage.ru_nvcsw,
             "preempted": self.times["involuntary_switches"] if self.times else self.rusage.ru_nivcsw,
+            # wait4() on time covers its reaped child: a cross-check of time's CPU figure.
+            # (Not of RSS: time's own peak, taken over from Python when it forked, is larger.)
             "wait4_cpu_s": self.rusage.ru_utime + self.rusage.ru_stime,
-            "wait4_rss_mb": self.rusage.ru_maxrss / 1024,
         }
 
 
