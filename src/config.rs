@@ -945,4 +945,16 @@ keys = ["post:{id"]
         );
         assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
     }
+
+    #[test]
+    fn config_fuzz_corpus_and_regressions_parse_without_panic() {
+        for (path, bytes) in crate::fuzz_inputs::fuzz_inputs("config_parse") {
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let result = std::panic::catch_unwind(|| {
+                    Config::parse(&path, text, |_| None).map_err(|e| e.to_string())
+                });
+                assert!(result.is_ok(), "{} panicked", path.display());
+            }
+        }
+    }
 }

@@ -23,6 +23,8 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod explain;
+#[cfg(test)]
+mod fuzz_inputs;
 pub mod metrics;
 pub mod pipeline;
 pub mod replication;

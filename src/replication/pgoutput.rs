@@ -913,59 +913,11 @@ mod tests {
         }
     }
 
-    /// The files of `fuzz/corpus/<target>` and of `fuzz/regressions/<target>` when it exists.
-    fn fuzz_inputs(target: &str) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-        let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-        let corpus = fuzz.join("corpus").join(target);
-        let seeds =
-            std::fs::read_dir(&corpus).unwrap_or_else(|e| panic!("{}: {e}", corpus.display()));
-        let regressions = std::fs::read_dir(fuzz.join("regressions").join(target));
-        let inputs: Vec<_> = seeds
-            .chain(regressions.into_iter().flatten())
-            .map(|entry| {
-                let path = entry.unwrap().path();
-                let bytes = std::fs::read(&path).unwrap();
-                (path, bytes)
-            })
-            .collect();
-        assert!(!inputs.is_empty(), "{} is empty", corpus.display());
-        inputs
-    }
-
     #[test]
     fn fuzz_corpus_and_regressions_decode_without_panic() {
-        for (path, bytes) in fuzz_inputs("pgoutput_decode") {
+        for (path, bytes) in crate::fuzz_inputs::fuzz_inputs("pgoutput_decode") {
             let result = std::panic::catch_unwind(|| decode(&Bytes::from(bytes)));
             assert!(result.is_ok(), "{} panicked", path.display());
-        }
-    }
-
-    // The template and config fuzz targets' inputs are replayed here, beside the other
-    // parsers' corpora, until `rules::template` and `config` replay them in their own tests.
-
-    #[test]
-    fn template_fuzz_corpus_and_regressions_parse_without_panic() {
-        use crate::rules::template::Template;
-        for (path, bytes) in fuzz_inputs("template_parse") {
-            if let Ok(text) = std::str::from_utf8(&bytes) {
-                let result = std::panic::catch_unwind(|| {
-                    Template::parse(text).map(|t| t.wildcard_pattern())
-                });
-                assert!(result.is_ok(), "{} panicked", path.display());
-            }
-        }
-    }
-
-    #[test]
-    fn config_fuzz_corpus_and_regressions_parse_without_panic() {
-        use crate::config::Config;
-        for (path, bytes) in fuzz_inputs("config_parse") {
-            if let Ok(text) = std::str::from_utf8(&bytes) {
-                let result = std::panic::catch_unwind(|| {
-                    Config::parse(&path, text, |_| None).map_err(|e| e.to_string())
-                });
-                assert!(result.is_ok(), "{} panicked", path.display());
-            }
         }
     }
 }

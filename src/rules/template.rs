@@ -259,4 +259,16 @@ mod tests {
         let t = Template::parse("q[1]*:{id}:{old.x}").unwrap();
         assert_eq!(t.wildcard_pattern(), "q\\[1\\]\\*:*:*");
     }
+
+    #[test]
+    fn template_fuzz_corpus_and_regressions_parse_without_panic() {
+        for (path, bytes) in crate::fuzz_inputs::fuzz_inputs("template_parse") {
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let result = std::panic::catch_unwind(|| {
+                    Template::parse(text).map(|t| t.wildcard_pattern())
+                });
+                assert!(result.is_ok(), "{} panicked", path.display());
+            }
+        }
+    }
 }
