@@ -39,6 +39,9 @@ const MAX_EAGER_READS: u32 = 32;
 const BATCH_SOFT_LIMIT: usize = 20_000;
 /// Least time between two status updates sent because the flush position moved.
 const MIN_STATUS_GAP: Duration = Duration::from_millis(200);
+/// A transaction the walsender sends this long after its commit means a backlog: reads
+/// are then paced (the kernel wakes pginval per 64 KiB, not per message).
+const CATCH_UP_AGE_MICROS: i64 = 200_000;
 /// How long shutdown waits for Redis to acknowledge the in-flight batches.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// First and longest wait between reconnection attempts.
@@ -646,6 +649,10 @@ struct Stream {
     rule_labels: HashMap<usize, RuleLabel>,
     /// Sequence number and first commit time of batches handed to the sink.
     in_flight: std::collections::VecDeque<(u64, i64)>,
+    /// Server clock of the XLogData frame being applied.
+    frame_time: i64,
+    /// The latest transaction came from a backlog (sent long after its commit).
+    catching_up: bool,
 }
 
 impl Stream {
@@ -689,6 +696,8 @@ impl Stream {
             health,
             rule_labels,
             in_flight: std::collections::VecDeque::new(),
+            frame_time: 0,
+            catching_up: false,
         }
     }
 
@@ -774,6 +783,7 @@ impl Stream {
                 }
             }
             eager_reads = 0;
+            conn.pace_reads(self.catching_up);
             let wake = tokio::select! {
                 biased;
                 // Shutdown first: nothing else is started once it is asked for.
@@ -837,10 +847,11 @@ impl Stream {
                     ServerFrame::XLogData {
                         start,
                         wal_end,
+                        server_time,
                         data,
-                        ..
                     } => {
                         self.server_wal_end = self.server_wal_end.max(wal_end);
+                        self.frame_time = server_time;
                         self.apply_message(start, &data)?
                     }
                     ServerFrame::Keepalive {
@@ -870,7 +881,10 @@ impl Stream {
             source,
         })?;
         match msg {
-            Message::Begin(_) => self.tx = Some(Invalidation::default()),
+            Message::Begin(begin) => {
+                self.catching_up = self.frame_time - begin.commit_time > CATCH_UP_AGE_MICROS;
+                self.tx = Some(Invalidation::default());
+            }
             Message::Commit(commit) => {
                 let mut inv = self.tx.take().unwrap_or_default();
                 self.metrics.transactions.inc();

@@ -6,6 +6,7 @@
 //! It never sends CopyFail: a stream is ended with CopyDone.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -28,6 +29,12 @@ const READ_CHUNK: usize = 256 * 1024;
 /// reason to allocate gigabytes. (A walsender message holds at most one WAL record's
 /// decoded change, bounded by Postgres' 1 GB value limit.)
 const MAX_MESSAGE: usize = 1 << 30;
+/// While catching up, the kernel wakes pginval only once this much stream data is
+/// waiting (`SO_RCVLOWAT`): one wake-up per 64 KiB instead of one per walsender send,
+/// which also spares the walsender waking a reader per message.
+const PACED_READ_BYTES: usize = 64 * 1024;
+/// A paced read that has waited this long takes whatever has arrived.
+const PACED_READ_WAIT: Duration = Duration::from_millis(2);
 
 /// An error on the replication connection.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +128,10 @@ pub struct ReplicationConnection {
     target: String,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// The TCP socket under `io` (none for a Unix socket), for read pacing.
+    tcp_fd: Option<RawFd>,
+    /// The socket's current receive low-water mark.
+    low_water: usize,
 }
 
 impl std::fmt::Debug for ReplicationConnection {
@@ -161,7 +172,7 @@ impl ReplicationConnection {
                 .copied()
                 .unwrap_or(Duration::from_secs(30));
             let opened = tokio::time::timeout(connect_timeout, open(host, port, source)).await;
-            let (io, target) = match opened {
+            let (io, target, tcp_fd) = match opened {
                 Ok(Ok(pair)) => pair,
                 Ok(Err(e)) => {
                     last_err = Some(e);
@@ -180,6 +191,8 @@ impl ReplicationConnection {
                 target,
                 rbuf: BytesMut::with_capacity(READ_CHUNK),
                 wbuf: BytesMut::with_capacity(1024),
+                tcp_fd,
+                low_water: 1,
             };
             match conn.startup(pg, user, application_name).await {
                 Ok(()) => return Ok(conn),
@@ -375,13 +388,49 @@ impl ReplicationConnection {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
             self.rbuf.reserve(READ_CHUNK);
         }
-        match self.io.read_buf(&mut self.rbuf).await {
+        let (fd, paced) = (self.tcp_fd, self.low_water > 1);
+        let mut read = std::pin::pin!(self.io.read_buf(&mut self.rbuf));
+        let read = if paced {
+            tokio::select! {
+                biased;
+                r = &mut read => r,
+                // Not enough for a paced read came: take what is there. Lowering the
+                // mark makes the kernel signal data that is already waiting.
+                _ = tokio::time::sleep(PACED_READ_WAIT) => {
+                    if fd.is_some_and(|fd| set_low_water(fd, 1).is_ok()) {
+                        self.low_water = 1;
+                    }
+                    read.await
+                }
+            }
+        } else {
+            read.await
+        };
+        match read {
             Ok(0) => Err(self.io_err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "server closed the connection",
             ))),
             Ok(_) => Ok(()),
             Err(e) => Err(self.io_err(e)),
+        }
+    }
+
+    /// Paces reads for a catch-up (`true`: wake only for 64 KiB of data or after 2 ms)
+    /// or for live changes (`false`: wake for every byte, the default).
+    pub fn pace_reads(&mut self, catching_up: bool) {
+        let want = if catching_up { PACED_READ_BYTES } else { 1 };
+        if want == self.low_water {
+            return;
+        }
+        if let Some(fd) = self.tcp_fd {
+            match set_low_water(fd, want) {
+                Ok(()) => self.low_water = want,
+                Err(e) => {
+                    tracing::debug!(error = %e, "SO_RCVLOWAT refused; reads stay unpaced");
+                    self.tcp_fd = None;
+                }
+            }
         }
     }
 
@@ -438,11 +487,33 @@ impl ReplicationConnection {
     }
 }
 
+/// Sets the socket's receive low-water mark: readiness is signalled only once `bytes`
+/// are waiting (Linux also signals when the receive buffer runs short of room).
+fn set_low_water(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is the open socket owned by this connection's stream, and the option
+    // value is a c_int that lives across the call, as SO_RCVLOWAT expects.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 async fn open(
     host: &Host,
     port: u16,
     source: &Source,
-) -> Result<(Box<dyn Io>, String), ReplicationError> {
+) -> Result<(Box<dyn Io>, String, Option<RawFd>), ReplicationError> {
     match host {
         Host::Tcp(name) => {
             let target = format!("{name}:{port}");
@@ -454,8 +525,9 @@ async fn open(
                 .await
                 .map_err(io_err)?;
             let _ = stream.set_nodelay(true);
+            let fd = Some(stream.as_raw_fd());
             let Some(config) = &source.tls_config else {
-                return Ok((Box::new(stream), target));
+                return Ok((Box::new(stream), target, fd));
             };
             // SSLRequest, then the server answers 'S' (go ahead) or 'N' (no TLS here).
             let mut request = BytesMut::new();
@@ -471,9 +543,9 @@ async fn open(
                         .connect(server, stream)
                         .await
                         .map_err(io_err)?;
-                    Ok((Box::new(tls), target))
+                    Ok((Box::new(tls), target, fd))
                 }
-                b'N' if source.tls.mode == SslMode::Prefer => Ok((Box::new(stream), target)),
+                b'N' if source.tls.mode == SslMode::Prefer => Ok((Box::new(stream), target, fd)),
                 b'N' => Err(ReplicationError::Unsupported(format!(
                     "{target} does not accept TLS, but sslmode asks for it"
                 ))),
@@ -493,7 +565,7 @@ async fn open(
                         target: target.clone(),
                         source,
                     })?;
-            Ok((Box::new(stream), target))
+            Ok((Box::new(stream), target, None))
         }
     }
 }
@@ -516,5 +588,65 @@ fn server_error(body: &backend::ErrorResponseBody) -> ReplicationError {
         code,
         message,
         detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection over a loopback TCP pair, without a server behind it.
+    async fn pair() -> (ReplicationConnection, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        let fd = Some(client.as_raw_fd());
+        let conn = ReplicationConnection {
+            io: Box::new(client),
+            target: "test".into(),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            tcp_fd: fd,
+            low_water: 1,
+        };
+        (conn, peer)
+    }
+
+    #[tokio::test]
+    async fn a_paced_read_takes_a_short_tail_after_its_wait() {
+        let (mut conn, mut peer) = pair().await;
+        conn.pace_reads(true);
+        assert_eq!(conn.low_water, PACED_READ_BYTES);
+        peer.write_all(b"tail").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), conn.fill())
+            .await
+            .expect("the paced read gives up waiting for 64 KiB")
+            .unwrap();
+        assert_eq!(&conn.rbuf[..], b"tail");
+        // Pacing lapses with the wait; live reads wake per byte again.
+        assert_eq!(conn.low_water, 1);
+    }
+
+    #[tokio::test]
+    async fn a_paced_read_wakes_for_a_full_chunk() {
+        let (mut conn, mut peer) = pair().await;
+        conn.pace_reads(true);
+        peer.write_all(&vec![7u8; 2 * PACED_READ_BYTES])
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), conn.fill())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            conn.rbuf.len() >= PACED_READ_BYTES,
+            "read {} bytes",
+            conn.rbuf.len()
+        );
+        assert_eq!(conn.low_water, PACED_READ_BYTES);
+        conn.pace_reads(false);
+        assert_eq!(conn.low_water, 1);
     }
 }
