@@ -153,12 +153,13 @@ impl Default for MetricsConfig {
     }
 }
 
-/// `[limits]`: memory bounds.
+/// `[limits]`: when a big transaction is cheaper to over-invalidate.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Rows of one rule one transaction may buffer before the rule's fallback
-    /// replaces them (a rule may override it).
+    /// Rows of one rule in one transaction past which the rule's fallback replaces its
+    /// exact keys (a rule may override it). Default: no limit — big transactions are
+    /// applied exactly, in parts, with flat memory.
     #[serde(default = "default_max_keys")]
     pub max_keys_per_transaction: usize,
 }
@@ -170,7 +171,7 @@ fn default_stream_maxlen() -> u64 {
     100_000
 }
 fn default_max_keys() -> usize {
-    100_000
+    usize::MAX
 }
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -699,7 +700,7 @@ impl Config {
             problems.push(Problem::new(
                 None,
                 "[limits] max_keys_per_transaction must be at least 1",
-                Some("the default is 100000".into()),
+                Some("leave it out for no limit (big transactions are applied exactly)".into()),
             ));
         }
         if rule_models.is_empty() && !problems.iter().any(|p| p.message.starts_with("rule #")) {

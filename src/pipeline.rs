@@ -107,6 +107,12 @@ fn slot_marker(config: &Config) -> String {
     )
 }
 
+/// A transaction with this many entries waiting for Redis sends them on before its
+/// COMMIT arrives. Safe: with protocol version 1 the walsender sends a transaction only
+/// once its commit has been decoded, so every part is already committed; the flush
+/// position still moves only past the COMMIT of a transaction whose parts Redis has all
+/// acknowledged. Keeps memory flat for million-row transactions.
+const TX_PART_ENTRIES: usize = 10_000;
 /// Most commit times one batch keeps for the latency histogram.
 const MAX_COMMIT_SAMPLES: usize = 10_000;
 /// How often the slot's retained WAL and Redis' keyspace stats are read.
@@ -633,6 +639,8 @@ struct Stream {
     bound: HashMap<u32, TableRules>,
     /// The open transaction's invalidations (None between COMMIT and BEGIN).
     tx: Option<Invalidation>,
+    /// The open transaction's commit position and time (from BEGIN), for its events.
+    tx_commit: (Lsn, i64),
     /// Committed, not yet handed to the sink.
     pending: Option<Batch>,
     /// Batches handed to the sink.
@@ -686,6 +694,7 @@ impl Stream {
             relations: RelationCache::default(),
             bound: HashMap::new(),
             tx: None,
+            tx_commit: (0, 0),
             pending: None,
             sent_batches: 0,
             confirmed: start,
@@ -884,6 +893,7 @@ impl Stream {
             Message::Begin(begin) => {
                 self.catching_up = self.frame_time - begin.commit_time > CATCH_UP_AGE_MICROS;
                 self.tx = Some(Invalidation::default());
+                self.tx_commit = (begin.final_lsn, begin.commit_time);
             }
             Message::Commit(commit) => {
                 let mut inv = self.tx.take().unwrap_or_default();
@@ -914,21 +924,9 @@ impl Stream {
                         "exact invalidation impossible; applied the rules' fallbacks (over-invalidation)"
                     );
                 }
-                let events: Vec<String> = if inv.events.is_empty() {
-                    Vec::new()
-                } else {
-                    let at = format_lsn(commit.commit_lsn);
-                    let time =
-                        humantime::format_rfc3339_micros(protocol::pg_time(commit.commit_time))
-                            .to_string();
-                    inv.events
-                        .drain(..)
-                        .map(|e| e.to_json(&at, &time))
-                        .collect()
-                };
+                self.tx_commit = (commit.commit_lsn, commit.commit_time);
+                self.queue(inv);
                 let batch = self.pending.get_or_insert_with(Batch::default);
-                batch.inv.merge(inv);
-                batch.events.extend(events);
                 batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
                 batch.transactions += 1;
                 if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
@@ -1005,7 +1003,35 @@ impl Stream {
         }
         let ev = event(t.table);
         self.tx_mut().add_row(&t.rules, &ev, &t.id_columns);
+        self.queue_part_if_big();
         Ok(())
+    }
+
+    /// Adds the open transaction's work to the pending batch, its events stamped with
+    /// the transaction's commit. Moves no flush position.
+    fn queue(&mut self, mut inv: Invalidation) {
+        let events: Vec<String> = if inv.events.is_empty() {
+            Vec::new()
+        } else {
+            let (lsn, time) = self.tx_commit;
+            let at = format_lsn(lsn);
+            let time = humantime::format_rfc3339_micros(protocol::pg_time(time)).to_string();
+            inv.events
+                .drain(..)
+                .map(|e| e.to_json(&at, &time))
+                .collect()
+        };
+        let batch = self.pending.get_or_insert_with(Batch::default);
+        batch.inv.merge(inv);
+        batch.events.extend(events);
+    }
+
+    /// Sends a big open transaction's work on in parts (see `TX_PART_ENTRIES`).
+    fn queue_part_if_big(&mut self) {
+        if let Some(tx) = self.tx.as_mut().filter(|tx| tx.len() >= TX_PART_ENTRIES) {
+            let part = tx.take_work();
+            self.queue(part);
+        }
     }
 
     /// A `pg_logical_emit_message(.., 'pginval', '{"keys":[..],"tags":[..]}')` hint:

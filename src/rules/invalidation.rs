@@ -164,6 +164,22 @@ impl Invalidation {
         }
     }
 
+    /// Moves out what Redis is to do so far (keys, tags, patterns, second deletes,
+    /// events), keeping the per-transaction accounting (rows per rule, fallbacks used,
+    /// rendered counts): a big transaction goes to Redis in parts.
+    pub fn take_work(&mut self) -> Invalidation {
+        Invalidation {
+            keys: std::mem::take(&mut self.keys),
+            expire_keys: std::mem::take(&mut self.expire_keys),
+            tags: std::mem::take(&mut self.tags),
+            key_patterns: std::mem::take(&mut self.key_patterns),
+            tag_patterns: std::mem::take(&mut self.tag_patterns),
+            redelete: std::mem::take(&mut self.redelete),
+            events: std::mem::take(&mut self.events),
+            ..Invalidation::default()
+        }
+    }
+
     /// Every rule of `rules` has passed its row limit in this transaction (its
     /// fallback is in place): further rows of the table change nothing.
     pub fn saturated(&self, rules: &[BoundRule]) -> bool {

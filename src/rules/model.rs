@@ -38,8 +38,8 @@ pub struct RuleModel {
     /// left the table). Default: every template of the rule with `{...}` as `*`.
     #[serde(default)]
     pub fallback: Option<Spanned<FallbackModel>>,
-    /// Rows of this rule one transaction may buffer before the fallback replaces
-    /// them. Default: `[limits] max_keys_per_transaction`.
+    /// Rows of this rule in one transaction past which the fallback replaces its exact
+    /// keys. Default: `[limits] max_keys_per_transaction` (no limit).
     #[serde(default)]
     pub max_keys_per_transaction: Option<Spanned<usize>>,
     /// "delete" (default) or "expire": lower the keys' TTL to `expire_in` instead of

@@ -111,6 +111,51 @@ async fn transaction_over_the_row_limit_uses_the_fallback() {
     daemon.stop().await.unwrap();
 }
 
+/// 25,000 rows in one transaction are over the 10,000-entry part size: the keys and the
+/// events go to Redis in parts, exactly (no fallback), each event stamped with the
+/// transaction's commit, and the slot moves past the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_transaction_is_applied_exactly_in_parts() {
+    let (db, redis) = setup("bigtx").await;
+    let rules = "[events]\nstream = \"pginval:stream\"\nstream_maxlen = 100000\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\nentity = \"user\"\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    let rows = 25_000;
+    let keys: Vec<String> = (1..=rows).map(|i| format!("user:{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    cache(&redis, &refs).await;
+    // Not a row: only a fallback pattern (user:*) would delete it.
+    cache(&redis, &["user:0"]).await;
+    db.execute_batch(&format!(
+        "INSERT INTO users SELECT g, 'u', 'member' FROM generate_series(301, {rows}) g;
+         UPDATE users SET name = name || '+' WHERE id <= 300;"
+    ))
+    .await;
+    wait_gone(&redis, &refs).await;
+    let end = crate::current_lsn(&db).await;
+    wait_until("the slot passes the big commit", WAIT, || async {
+        confirmed_lsn(&db).await >= end
+    })
+    .await;
+    assert_cached(&redis, &["user:0"]).await;
+    let mut conn = redis.connection().await;
+    let entries: redis::streams::StreamRangeReply = conn
+        .xrange_count("pginval:stream", "-", "+", rows + 10)
+        .await
+        .unwrap();
+    assert_eq!(entries.ids.len(), rows);
+    let lsns: std::collections::HashSet<String> = entries
+        .ids
+        .iter()
+        .map(|e| {
+            let json: String = e.get("event").unwrap();
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            v["lsn"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(lsns.len(), 1, "every part carries the one commit: {lsns:?}");
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_column_switches_the_rule_to_its_fallback() {
     let (db, redis) = setup("fbschema").await;
