@@ -195,6 +195,9 @@ pub async fn check_with(
         ));
     }
 
+    check_row_filters(client, config, &mut report).await?;
+    let problems = &mut report.problems;
+
     let pub_name = &config.source.publication;
     match catalog::publication(client, pub_name).await? {
         None => {
@@ -348,6 +351,88 @@ pub async fn check_with(
         }
     }
     Ok(report)
+}
+
+/// Each rule's `where` as PostgreSQL takes it: a valid row filter, and one whose
+/// columns the replica identity covers (otherwise PostgreSQL refuses the application's
+/// UPDATE and DELETE on the table once the filter is in the publication).
+async fn check_row_filters(
+    client: &Client,
+    config: &Config,
+    report: &mut CheckReport,
+) -> Result<(), tokio_postgres::Error> {
+    let filtered: Vec<_> = config
+        .rules
+        .rules
+        .iter()
+        .filter_map(|r| Some((r, r.row_filter.as_deref()?)))
+        .collect();
+    if filtered.is_empty() {
+        return Ok(());
+    }
+    let pub_name = &config.source.publication;
+    let unmanaged = catalog::publication(client, pub_name).await?.is_some()
+        && !catalog::publication_is_managed(client, pub_name).await?;
+    let pg15 = catalog::server_version(client).await? >= 150000;
+    for (rule, filter) in filtered {
+        let line = Some(rule.line);
+        let qualified = quote_table(&rule.schema, &rule.table);
+        if !pg15 {
+            report.warnings.push(Problem::new(
+                line,
+                format!("{rule}: `where` needs PostgreSQL 15 or later (publication row filters); the rule fires for every row"),
+                None,
+            ));
+            continue;
+        }
+        if unmanaged {
+            report.warnings.push(Problem::new(
+                line,
+                format!("{rule}: publication {pub_name} was not created by pginval, so pginval does not set its row filters; the rule fires for every row it sends"),
+                Some(format!("ALTER PUBLICATION {} SET TABLE ... {qualified} WHERE ({filter}), ...;", quote_ident(pub_name))),
+            ));
+        }
+        let Some(info) = catalog::table_info(client, &rule.schema, &rule.table).await? else {
+            continue;
+        };
+        match catalog::probe_row_filter(client, &rule.schema, &rule.table, filter).await? {
+            Err(reason) if reason.contains("(42501)") => report.warnings.push(Problem::new(
+                line,
+                format!("{rule}: cannot try `where` as a row filter: {reason}"),
+                Some("run `pginval check` as the table's owner to verify it".into()),
+            )),
+            Err(reason) => report.problems.push(Problem::new(
+                line,
+                format!("{rule}: PostgreSQL refuses `where` as a publication row filter: {reason}"),
+                Some("a row filter is a simple condition on the table's own columns: no subqueries, no user-defined or volatile functions".into()),
+            )),
+            Ok(probed) => {
+                let uncovered: BTreeSet<&str> = probed
+                    .columns
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|c| !info.identity_columns.iter().any(|x| x == c))
+                    .collect();
+                if info.replica_identity != ReplicaIdentity::Full && !uncovered.is_empty() {
+                    report.problems.push(Problem::new(
+                        line,
+                        format!(
+                            "{rule}: `where` reads {}, which REPLICA IDENTITY {} of {} does not send: with that row filter PostgreSQL refuses the application's UPDATE and DELETE on the table",
+                            join_ticked(&uncovered),
+                            info.replica_identity,
+                            rule.qualified_table()
+                        ),
+                        Some(format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL;")),
+                    ));
+                } else {
+                    report
+                        .notes
+                        .push(format!("{rule}: row filter ({}) accepted", probed.canonical));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn join_ticked(items: &BTreeSet<&str>) -> String {

@@ -923,6 +923,46 @@ keys = ["post:{id"]
     }
 
     #[test]
+    fn a_row_filter_needs_insert_and_delete_beside_update() {
+        let text = r#"
+[source]
+url = "postgres://postgres@127.0.0.1:5432/app"
+
+[[rules]]
+table = "posts"
+keys = ["post:{id}"]
+where = "status = 'published'"
+
+[[rules]]
+table = "posts"
+keys = ["post_title:{id}"]
+on = ["update"]
+where = "status = 'published'"
+
+[[rules]]
+table = "users"
+keys = ["user:{id}"]
+where = " "
+"#;
+        let err = parse(text).unwrap_err();
+        let lines: Vec<_> = err.problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![Some(14), Some(19)], "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains("arrives as a DELETE"), "{shown}");
+        assert!(shown.contains("`where` is empty"), "{shown}");
+        let ok = parse(
+            &text[..text
+                .find("[[rules]]\ntable = \"posts\"\nkeys = [\"post_title")
+                .unwrap()],
+        )
+        .unwrap();
+        assert_eq!(
+            ok.rules.rules[0].row_filter.as_deref(),
+            Some("status = 'published'")
+        );
+    }
+
+    #[test]
     fn toml_syntax_errors_name_the_line() {
         let err = parse("[source]\nurl = \"x\n").unwrap_err();
         assert_eq!(err.problems[0].line, Some(2));

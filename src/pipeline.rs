@@ -408,35 +408,17 @@ async fn prepare(
     } else if catalog::publication_is_managed(control, &source.publication).await?
         && catalog::server_version(control).await? >= 150000
     {
-        // A publication pginval manages follows the rules: same tables, same columns.
-        let current = catalog::publication_columns(control, &source.publication).await?;
-        let mut changed = current.len() != desired.len();
-        for t in &desired {
-            let now = current
-                .iter()
-                .find(|(s, n, _)| *s == t.schema && *n == t.table)
-                .map(|(_, _, cols)| cols.clone());
-            let want = match &t.columns {
-                Some(cols) => Some(cols.clone()),
-                None => catalog::table_info(control, &t.schema, &t.table)
-                    .await?
-                    .map(|i| i.columns),
-            };
-            let sorted = |v: Option<Vec<String>>| {
-                v.map(|mut v| {
-                    v.sort();
-                    v
-                })
-            };
-            changed |= sorted(now) != sorted(want);
-        }
+        // A publication pginval manages follows the rules: same tables, same columns,
+        // same row filters.
+        let changed =
+            crate::setup::publication_differs(control, &source.publication, &desired).await?;
         if changed && !desired.is_empty() {
             catalog::execute(
                 control,
                 &catalog::set_publication_tables_sql(&source.publication, &desired),
             )
             .await?;
-            tracing::info!(publication = %source.publication, "updated the managed publication to the rules' tables and columns");
+            tracing::info!(publication = %source.publication, "updated the managed publication to the rules' tables, columns and row filters");
         }
     }
     let slot = catalog::slot(control, &source.slot).await?;

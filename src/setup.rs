@@ -49,7 +49,8 @@ pub async fn desired_publication(
     client: &Client,
     config: &Config,
 ) -> Result<Vec<PublishedTable>, tokio_postgres::Error> {
-    let lists = config.source.column_lists && catalog::server_version(client).await? >= 150000;
+    let pg15 = catalog::server_version(client).await? >= 150000;
+    let lists = config.source.column_lists && pg15;
     let mut out = Vec::new();
     for (schema, table) in config.rules.tables() {
         let Some(info) = catalog::table_info(client, &schema, &table).await? else {
@@ -76,13 +77,89 @@ pub async fn desired_publication(
                         .collect::<Vec<_>>()
                 })
                 .filter(|cols| cols.len() < info.columns.len());
+        let row_filter = pg15.then(|| row_filter(config, &schema, &table)).flatten();
         out.push(PublishedTable {
             schema,
             table,
             columns,
+            row_filter,
         });
     }
     Ok(out)
+}
+
+/// Whether publication `name`'s tables, column lists or row filters differ from
+/// `desired` (PostgreSQL 15+).
+pub async fn publication_differs(
+    client: &Client,
+    name: &str,
+    desired: &[PublishedTable],
+) -> Result<bool, tokio_postgres::Error> {
+    let current = catalog::publication_tables(client, name).await?;
+    if current.len() != desired.len() {
+        return Ok(true);
+    }
+    let sorted = |v: Option<Vec<String>>| {
+        v.map(|mut v| {
+            v.sort();
+            v
+        })
+    };
+    for want in desired {
+        let Some(now) = current
+            .iter()
+            .find(|c| c.schema == want.schema && c.table == want.table)
+        else {
+            return Ok(true);
+        };
+        let want_columns = match &want.columns {
+            Some(cols) => Some(cols.clone()),
+            None => catalog::table_info(client, &want.schema, &want.table)
+                .await?
+                .map(|i| i.columns),
+        };
+        if sorted(now.columns.clone()) != sorted(want_columns) {
+            return Ok(true);
+        }
+        // PostgreSQL keeps a filter in its own words: compare in those.
+        let want_filter = match &want.row_filter {
+            None => None,
+            Some(f) => match catalog::probe_row_filter(client, &want.schema, &want.table, f).await?
+            {
+                Ok(probed) => Some(probed.canonical),
+                Err(_) => return Ok(true),
+            },
+        };
+        if now.row_filter != want_filter {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The row filter of a table: when every rule of the table has a `where`, their OR;
+/// otherwise none (a rule without one needs every row).
+pub fn row_filter(config: &Config, schema: &str, table: &str) -> Option<String> {
+    let filters: Option<Vec<&str>> = config
+        .rules
+        .rules
+        .iter()
+        .filter(|r| r.schema == schema && r.table == table)
+        .map(|r| r.row_filter.as_deref())
+        .collect();
+    let mut filters = filters?;
+    filters.sort_unstable();
+    filters.dedup();
+    match filters.as_slice() {
+        [] => None,
+        [one] => Some((*one).to_owned()),
+        many => Some(
+            many.iter()
+                .map(|f| format!("({f})"))
+                .collect::<Vec<_>>()
+                .join(" OR "),
+        ),
+    }
 }
 
 /// Computes the statements that prepare the database behind `client` for `config`.
@@ -94,6 +171,7 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
             "wal_level is {wal_level}: run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL (setup does not restart servers)"
         ));
     }
+    let pg15 = catalog::server_version(client).await? >= 150000;
     let mut publishable = Vec::new();
     let mut partitioned = false;
     let mut full = BTreeSet::new();
@@ -115,9 +193,24 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
             .filter(|(image, _)| *image != ImageSelector::New)
             .map(|(_, c)| c)
             .collect();
-        let uncovered = needs_old
+        let mut uncovered = needs_old
             .iter()
             .any(|c| !info.identity_columns.iter().any(|x| x == c));
+        // A row filter's columns must be in the replica identity, or PostgreSQL
+        // refuses UPDATE and DELETE on the table.
+        if let Some(filter) = row_filter(config, &schema, &table).filter(|_| pg15) {
+            match catalog::probe_row_filter(client, &schema, &table, &filter).await? {
+                Ok(probed) => {
+                    uncovered |= probed
+                        .columns
+                        .iter()
+                        .any(|c| !info.identity_columns.contains(c))
+                }
+                Err(reason) => plan.notes.push(format!(
+                    "the row filter of {schema}.{table} ({filter}) was refused: {reason}"
+                )),
+            }
+        }
         if info.replica_identity != ReplicaIdentity::Full && (uncovered || !info.replicates_updates)
         {
             full.insert((schema.clone(), table.clone()));

@@ -312,6 +312,8 @@ pub struct PublishedTable {
     pub table: String,
     /// The published columns; `None` publishes every column.
     pub columns: Option<Vec<String>>,
+    /// The row filter (a SQL condition); `None` publishes every row.
+    pub row_filter: Option<String>,
 }
 
 impl PublishedTable {
@@ -321,21 +323,20 @@ impl PublishedTable {
             schema: schema.to_owned(),
             table: table.to_owned(),
             columns: None,
+            row_filter: None,
         }
     }
 
     fn sql(&self) -> String {
-        let name = quote_table(&self.schema, &self.table);
-        match &self.columns {
-            None => name,
-            Some(cols) => format!(
-                "{name} ({})",
-                cols.iter()
-                    .map(|c| quote_ident(c))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        let mut sql = quote_table(&self.schema, &self.table);
+        if let Some(cols) = &self.columns {
+            let cols: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+            sql.push_str(&format!(" ({})", cols.join(", ")));
         }
+        if let Some(filter) = &self.row_filter {
+            sql.push_str(&format!(" WHERE ({filter})"));
+        }
+        sql
     }
 }
 
@@ -385,21 +386,95 @@ pub async fn publication_is_managed(
         .is_some_and(|c| c == MANAGED_COMMENT))
 }
 
-/// The published columns of each table of a publication (PostgreSQL 15+).
-pub async fn publication_columns(
+/// The published columns and row filter of each table of a publication
+/// (PostgreSQL 15+).
+pub async fn publication_tables(
     client: &Client,
     name: &str,
-) -> Result<Vec<(String, String, Vec<String>)>, tokio_postgres::Error> {
+) -> Result<Vec<PublishedTable>, tokio_postgres::Error> {
     Ok(client
         .query(
-            "SELECT schemaname::text, tablename::text, attnames::text[]
+            "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter
                FROM pg_publication_tables WHERE pubname = $1",
             &[&name],
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| PublishedTable {
+            schema: r.get(0),
+            table: r.get(1),
+            columns: r.get(2),
+            row_filter: r.get(3),
+        })
         .collect())
+}
+
+/// What PostgreSQL makes of a rule's `where` as a publication row filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowFilter {
+    /// The condition as PostgreSQL prints it back (`pg_publication_tables.rowfilter`).
+    pub canonical: String,
+    /// The columns it reads.
+    pub columns: Vec<String>,
+}
+
+/// Tries `filter` as the row filter of `schema.table` in a publication created and
+/// rolled back at once: `Ok(Err(reason))` when PostgreSQL refuses it (reason given as
+/// PostgreSQL says it), otherwise its canonical form and the columns it reads. Needs
+/// the right to create a publication for the table (its owner).
+pub async fn probe_row_filter(
+    client: &Client,
+    schema: &str,
+    table: &str,
+    filter: &str,
+) -> Result<Result<RowFilter, String>, tokio_postgres::Error> {
+    let probe = format!("pginval_probe_{}", std::process::id());
+    client.batch_execute("BEGIN").await?;
+    let probed = async {
+        // One statement through the extended protocol: a filter cannot smuggle in
+        // a second one.
+        let create = format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WHERE ({filter})",
+            quote_ident(&probe),
+            quote_table(schema, table)
+        );
+        if let Err(e) = client.execute(create.as_str(), &[]).await {
+            return Ok(Err(describe_error(&e)));
+        }
+        let row = client
+            .query_one(
+                "SELECT t.rowfilter, pr.prqual::text, pr.prrelid
+                   FROM pg_publication p
+                   JOIN pg_publication_rel pr ON pr.prpubid = p.oid
+                   JOIN pg_publication_tables t ON t.pubname = p.pubname
+                  WHERE p.pubname = $1",
+                &[&probe],
+            )
+            .await?;
+        let canonical: String = row.get(0);
+        let tree: String = row.get(1);
+        let relid: u32 = row.get(2);
+        // The stored expression tree names each column it reads as `:varattno N`.
+        let attnums: Vec<i16> = tree
+            .split(":varattno ")
+            .skip(1)
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .collect();
+        let columns = client
+            .query(
+                "SELECT attname::text FROM pg_attribute
+                  WHERE attrelid = $1 AND attnum = ANY($2) ORDER BY attnum",
+                &[&relid, &attnums],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(Ok(RowFilter { canonical, columns }))
+    }
+    .await;
+    client.batch_execute("ROLLBACK").await?;
+    probed
 }
 
 /// `server_version_num`, like 150004.

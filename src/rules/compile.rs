@@ -98,6 +98,8 @@ pub struct Rule {
     pub redelete_after: Option<Duration>,
     /// Entity name for entity events.
     pub entity: Option<String>,
+    /// `where`: the SQL row condition for the publication's row filter.
+    pub row_filter: Option<String>,
 }
 
 impl Rule {
@@ -451,6 +453,26 @@ pub fn compile(
                 patterns: f.patterns,
             }
         });
+        let row_filter = model.row_filter.and_then(|w| {
+            if w.get_ref().trim().is_empty() {
+                problems.push(Problem::new(
+                    at(w.span()),
+                    format!("{name}: `where` is empty"),
+                    Some("write a condition like where = \"status = 'published'\", or remove it".into()),
+                ));
+                return None;
+            }
+            // PostgreSQL turns an UPDATE whose row leaves the filter into a DELETE, and
+            // one whose row enters it into an INSERT: an update-only rule would miss them.
+            if ops.update && !(ops.insert && ops.delete) {
+                problems.push(Problem::new(
+                    at(w.span()),
+                    format!("{name}: with `where`, an UPDATE that moves a row out of (or into) the condition arrives as a DELETE (or an INSERT), which `on` does not fire on"),
+                    Some("add \"insert\" and \"delete\" to `on`, or remove `on`".into()),
+                ));
+            }
+            Some(w.into_inner())
+        });
         let columns = model.columns.into_iter().map(Spanned::into_inner).collect();
         let entity = model.entity.map(Spanned::into_inner);
         rules.push(Rule {
@@ -468,6 +490,7 @@ pub fn compile(
             action,
             redelete_after,
             entity,
+            row_filter,
         });
     }
     // The same key of the same table deleted by one rule and expired by another:

@@ -588,6 +588,7 @@ mod tests {
             max_keys_per_transaction: 1000,
             action: Action::Delete,
             redelete_after: None,
+            row_filter: None,
             entity: None,
         }
     }

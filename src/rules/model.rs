@@ -56,6 +56,11 @@ pub struct RuleModel {
     /// Entity name for entity events (`[events]`), like "user".
     #[serde(default)]
     pub entity: Option<Spanned<String>>,
+    /// A SQL condition on the row, like "status = 'published'": the publication's row
+    /// filter (PostgreSQL 15+), so the walsender sends only rows it holds for, before
+    /// or after the change. Applied when every rule of the table has one (their OR).
+    #[serde(default, rename = "where")]
+    pub row_filter: Option<Spanned<String>>,
 }
 
 /// A rule's declared fallback.

@@ -454,3 +454,86 @@ async fn dry_run_touches_neither_redis_nor_the_slot() {
     wait_gone(&redis, &["user:15"]).await;
     daemon.stop().await.unwrap();
 }
+
+/// The publication's row filter for a table, as PostgreSQL prints it.
+async fn published_row_filter(db: &crate::support::TestDb, table: &str) -> Option<String> {
+    db.client()
+        .await
+        .query_one(
+            "SELECT rowfilter FROM pg_publication_tables WHERE pubname = 'pginval' AND tablename = $1",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `where` becomes the publication's row filter: rows outside it are never sent, rows
+/// that enter or leave it (sent as INSERT / DELETE) still invalidate; check refuses a
+/// filter PostgreSQL would refuse and one whose columns the replica identity lacks; a
+/// changed `where` updates the managed publication on the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_becomes_the_publication_row_filter() {
+    let (db, redis) = setup("rowfilter").await;
+    // users.role is not in users' REPLICA IDENTITY (the primary key); random() is volatile.
+    let bad = "[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\nwhere = \"role = 'admin'\"\n\n[[rules]]\ntable = \"posts\"\nkeys = [\"post:{id}\"]\nwhere = \"random() > 0.5\"\n";
+    let path = config_file(&db, &config_text(&db, &redis, bad));
+    let out = crate::pginval(&["check"], &path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{}:8: rule #1", path.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("`role`")
+            && stdout.contains("ALTER TABLE \"public\".\"users\" REPLICA IDENTITY FULL;"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{}:13: rule #2", path.display()))
+            && stdout.contains("refuses `where`"),
+        "{stdout}"
+    );
+
+    let rules = |filter: &str| {
+        format!(
+            "[[rules]]\ntable = \"users\"\nkeys = [\"user:{{id}}\"]\n\n[[rules]]\ntable = \"posts\"\nkeys = [\"post:{{id}}\"]\nwhere = \"{filter}\"\n"
+        )
+    };
+    let daemon = Daemon::start(&db, config(&db, &redis, &rules("category_id = 1"))).await;
+    assert_eq!(
+        published_row_filter(&db, "posts").await.as_deref(),
+        Some("(category_id = 1)")
+    );
+    assert_eq!(published_row_filter(&db, "users").await, None);
+    // post 3 is in category 0, post 4 in category 1.
+    cache(&redis, &["post:3", "post:4"]).await;
+    db.execute_batch("UPDATE posts SET title = 'x' WHERE id IN (3, 4)")
+        .await;
+    wait_gone(&redis, &["post:4"]).await;
+    barrier(&db, &redis).await;
+    assert_cached(&redis, &["post:3"]).await;
+    // Leaving the filter arrives as a DELETE, entering it as an INSERT.
+    cache(&redis, &["post:4"]).await;
+    db.execute_batch("UPDATE posts SET category_id = 2 WHERE id = 4")
+        .await;
+    wait_gone(&redis, &["post:4"]).await;
+    db.execute_batch("UPDATE posts SET category_id = 1 WHERE id = 3")
+        .await;
+    wait_gone(&redis, &["post:3"]).await;
+    daemon.stop().await.unwrap();
+
+    let daemon = Daemon::start(&db, config(&db, &redis, &rules("category_id = 2"))).await;
+    assert_eq!(
+        published_row_filter(&db, "posts").await.as_deref(),
+        Some("(category_id = 2)")
+    );
+    cache(&redis, &["post:4", "post:3"]).await;
+    db.execute_batch("UPDATE posts SET title = 'y' WHERE id IN (3, 4)")
+        .await;
+    wait_gone(&redis, &["post:4"]).await;
+    barrier(&db, &redis).await;
+    assert_cached(&redis, &["post:3"]).await;
+    daemon.stop().await.unwrap();
+}
