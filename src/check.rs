@@ -370,6 +370,13 @@ async fn check_row_filters(
     if filtered.is_empty() {
         return Ok(());
     }
+    if catalog::in_recovery(client).await? {
+        report.notes.push(
+            "standby: row filters (`where`) are checked and applied by pginval on the primary"
+                .into(),
+        );
+        return Ok(());
+    }
     let pub_name = &config.source.publication;
     let unmanaged = catalog::publication(client, pub_name).await?.is_some()
         && !catalog::publication_is_managed(client, pub_name).await?;
@@ -385,13 +392,27 @@ async fn check_row_filters(
             ));
             continue;
         }
-        if unmanaged {
+        // The filter in force for the table: the OR of its rules' conditions, none when
+        // one of its rules has no `where`.
+        let applied = crate::setup::row_filter(config, &rule.schema, &rule.table);
+        if applied.is_none() {
+            report.warnings.push(Problem::new(
+                line,
+                format!("{rule}: `where` is not applied: another rule of {} has none, so every row is sent (the rule fires for all of them)", rule.qualified_table()),
+                None,
+            ));
+        } else if unmanaged {
             report.warnings.push(Problem::new(
                 line,
                 format!("{rule}: publication {pub_name} was not created by pginval, so pginval does not set its row filters; the rule fires for every row it sends"),
-                Some(format!("ALTER PUBLICATION {} SET TABLE ... {qualified} WHERE ({filter}), ...;", quote_ident(pub_name))),
+                Some(format!(
+                    "as the owner, give {qualified} the row filter ({}) in {pub_name} (ALTER PUBLICATION {} SET TABLE lists every table)",
+                    applied.as_deref().unwrap_or_default(),
+                    quote_ident(pub_name)
+                )),
             ));
         }
+        let enforced = applied.is_some() && !unmanaged;
         let Some(info) = catalog::table_info(client, &rule.schema, &rule.table).await? else {
             continue;
         };
@@ -413,7 +434,10 @@ async fn check_row_filters(
                     .map(String::as_str)
                     .filter(|c| !info.identity_columns.iter().any(|x| x == c))
                     .collect();
-                if info.replica_identity != ReplicaIdentity::Full && !uncovered.is_empty() {
+                if enforced
+                    && info.replica_identity != ReplicaIdentity::Full
+                    && !uncovered.is_empty()
+                {
                     report.problems.push(Problem::new(
                         line,
                         format!(

@@ -365,6 +365,76 @@ async fn poll_stats(config: Config, metrics: Arc<Metrics>, health: Arc<Health>) 
     }
 }
 
+/// Redis key naming the tables whose rules' fallbacks are owed after a change of the
+/// managed publication (set before the change, removed once the fallbacks applied).
+fn publication_marker(config: &Config) -> String {
+    format!(
+        "pginval:publication-changed:{}:{}",
+        config.source.pg.get_dbname().unwrap_or(""),
+        config.source.slot
+    )
+}
+
+/// Brings a publication pginval manages to the rules' tables, columns and row filters.
+/// The backlog before the change is decoded with the old definition, so a table that
+/// may now send more (new table, wider columns, changed filter) gets its rules'
+/// fallbacks once, after the change; a Redis marker makes that survive a crash.
+async fn sync_publication(
+    control: &tokio_postgres::Client,
+    config: &Config,
+    sink: &mut RedisSink,
+    desired: &[catalog::PublishedTable],
+) -> Result<(), RunError> {
+    let source = &config.source;
+    let drift = crate::setup::publication_drift(control, &source.publication, desired).await?;
+    if !drift.differs || desired.is_empty() {
+        return Ok(());
+    }
+    let owed = publication_marker(config);
+    let tables: Vec<String> = drift
+        .widened
+        .iter()
+        .map(|(s, t)| format!("{s}.{t}"))
+        .collect();
+    let tables = tables.join("\n");
+    if !tables.is_empty() {
+        sink.set_until_ok(&owed, &tables).await;
+    }
+    catalog::execute(
+        control,
+        &catalog::set_publication_tables_sql(&source.publication, desired),
+    )
+    .await?;
+    tracing::info!(publication = %source.publication, "updated the managed publication to the rules' tables, columns and row filters");
+    if !tables.is_empty() {
+        apply_table_fallbacks(sink, config, &tables, &owed).await;
+    }
+    Ok(())
+}
+
+/// Applies the fallbacks of every rule of `tables` (`schema.table` lines), then
+/// removes `marker`.
+async fn apply_table_fallbacks(sink: &mut RedisSink, config: &Config, tables: &str, marker: &str) {
+    let tables: Vec<&str> = tables.lines().collect();
+    let mut inv = Invalidation::default();
+    for rule in &config.rules.rules {
+        if tables.contains(&rule.qualified_table().as_str()) {
+            inv.add_rule_fallback(
+                &rule.effective_fallback(),
+                FallbackReason::PublicationChanged,
+            );
+        }
+    }
+    tracing::warn!(
+        tables = %tables.join(","),
+        "the publication now sends these tables' changes differently; changes before that were filtered by the old definition: applying their rules' fallbacks (over-invalidation)"
+    );
+    sink.apply_until_ok(&inv, &[]).await;
+    let mut done = Invalidation::default();
+    done.keys.insert(marker.to_owned());
+    sink.apply_until_ok(&done, &[]).await;
+}
+
 /// Creates the publication and the slot when they are missing, and recovers from a
 /// lost slot; returns the slot's confirmed position (where streaming resumes).
 async fn prepare(
@@ -408,18 +478,17 @@ async fn prepare(
     } else if catalog::publication_is_managed(control, &source.publication).await?
         && catalog::server_version(control).await? >= 150000
     {
-        // A publication pginval manages follows the rules: same tables, same columns,
-        // same row filters.
-        let changed =
-            crate::setup::publication_differs(control, &source.publication, &desired).await?;
-        if changed && !desired.is_empty() {
-            catalog::execute(
-                control,
-                &catalog::set_publication_tables_sql(&source.publication, &desired),
-            )
-            .await?;
-            tracing::info!(publication = %source.publication, "updated the managed publication to the rules' tables, columns and row filters");
+        if catalog::in_recovery(control).await? {
+            // A standby's catalog is the primary's: the publication changes there.
+            tracing::info!(publication = %source.publication, "standby: the managed publication is kept up to date by a pginval on the primary");
+        } else {
+            sync_publication(control, config, sink, &desired).await?;
         }
+    }
+    // A change of the managed publication that a crash interrupted: its fallbacks.
+    let owed = publication_marker(config);
+    if let Some(tables) = sink.get_until_ok(&owed).await {
+        apply_table_fallbacks(sink, config, &tables, &owed).await;
     }
     let slot = catalog::slot(control, &source.slot).await?;
     {
@@ -1013,6 +1082,11 @@ impl Stream {
         if let Some(tx) = self.tx.as_mut().filter(|tx| tx.len() >= TX_PART_ENTRIES) {
             let part = tx.take_work();
             self.queue(part);
+            // Its commit time, so lag and readiness see a part waiting for Redis.
+            let batch = self.pending.get_or_insert_with(Batch::default);
+            if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
+                batch.commit_times.push(self.tx_commit.1);
+            }
         }
     }
 

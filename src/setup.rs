@@ -88,17 +88,28 @@ pub async fn desired_publication(
     Ok(out)
 }
 
-/// Whether publication `name`'s tables, column lists or row filters differ from
-/// `desired` (PostgreSQL 15+).
-pub async fn publication_differs(
+/// How a managed publication differs from the rules' (PostgreSQL 15+).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PublicationDrift {
+    /// Its tables, column lists or row filters differ: `ALTER PUBLICATION ... SET TABLE`.
+    pub differs: bool,
+    /// Tables that may now send rows or columns the old definition held back. The
+    /// backlog before the change is decoded with the old definition, so these tables'
+    /// rules apply their fallbacks once.
+    pub widened: Vec<(String, String)>,
+}
+
+/// Compares publication `name` with `desired`.
+pub async fn publication_drift(
     client: &Client,
     name: &str,
     desired: &[PublishedTable],
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<PublicationDrift, tokio_postgres::Error> {
     let current = catalog::publication_tables(client, name).await?;
-    if current.len() != desired.len() {
-        return Ok(true);
-    }
+    let mut drift = PublicationDrift {
+        differs: current.len() != desired.len(),
+        widened: Vec::new(),
+    };
     let sorted = |v: Option<Vec<String>>| {
         v.map(|mut v| {
             v.sort();
@@ -110,7 +121,11 @@ pub async fn publication_differs(
             .iter()
             .find(|c| c.schema == want.schema && c.table == want.table)
         else {
-            return Ok(true);
+            drift.differs = true;
+            drift
+                .widened
+                .push((want.schema.clone(), want.table.clone()));
+            continue;
         };
         let want_columns = match &want.columns {
             Some(cols) => Some(cols.clone()),
@@ -118,23 +133,22 @@ pub async fn publication_differs(
                 .await?
                 .map(|i| i.columns),
         };
-        if sorted(now.columns.clone()) != sorted(want_columns) {
-            return Ok(true);
-        }
         // PostgreSQL keeps a filter in its own words: compare in those.
         let want_filter = match &want.row_filter {
             None => None,
-            Some(f) => match catalog::probe_row_filter(client, &want.schema, &want.table, f).await?
-            {
-                Ok(probed) => Some(probed.canonical),
-                Err(_) => return Ok(true),
-            },
+            Some(f) => catalog::probe_row_filter(client, &want.schema, &want.table, f)
+                .await?
+                .ok()
+                .map(|probed| probed.canonical),
         };
-        if now.row_filter != want_filter {
-            return Ok(true);
+        if sorted(now.columns.clone()) != sorted(want_columns) || now.row_filter != want_filter {
+            drift.differs = true;
+            drift
+                .widened
+                .push((want.schema.clone(), want.table.clone()));
         }
     }
-    Ok(false)
+    Ok(drift)
 }
 
 /// The row filter of a table: when every rule of the table has a `where`, their OR;
@@ -172,6 +186,7 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
         ));
     }
     let pg15 = catalog::server_version(client).await? >= 150000;
+    let mut refused = BTreeSet::new();
     let mut publishable = Vec::new();
     let mut partitioned = false;
     let mut full = BTreeSet::new();
@@ -206,9 +221,12 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
                         .iter()
                         .any(|c| !info.identity_columns.contains(c))
                 }
-                Err(reason) => plan.notes.push(format!(
-                    "the row filter of {schema}.{table} ({filter}) was refused: {reason}"
-                )),
+                Err(reason) => {
+                    plan.notes.push(format!(
+                        "the row filter of {schema}.{table} ({filter}) was refused, so the table is published without one: {reason}"
+                    ));
+                    refused.insert((schema.clone(), table.clone()));
+                }
             }
         }
         if info.replica_identity != ReplicaIdentity::Full && (uncovered || !info.replicates_updates)
@@ -241,8 +259,12 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
             let tables: Vec<PublishedTable> = desired
                 .into_iter()
                 .map(|mut t| {
-                    if full.contains(&(t.schema.clone(), t.table.clone())) {
+                    let id = (t.schema.clone(), t.table.clone());
+                    if full.contains(&id) {
                         t.columns = None;
+                    }
+                    if refused.contains(&id) {
+                        t.row_filter = None;
                     }
                     t
                 })

@@ -434,25 +434,33 @@ pub async fn probe_row_filter(
         // One statement through the extended protocol: a filter cannot smuggle in
         // a second one.
         let create = format!(
-            "CREATE PUBLICATION {} FOR TABLE {} WHERE ({filter})",
+            "CREATE PUBLICATION {} FOR TABLE {} WHERE ({filter}) WITH (publish_via_partition_root = true)",
             quote_ident(&probe),
             quote_table(schema, table)
         );
         if let Err(e) = client.execute(create.as_str(), &[]).await {
             return Ok(Err(describe_error(&e)));
         }
-        let row = client
-            .query_one(
-                "SELECT t.rowfilter, pr.prqual::text, pr.prrelid
+        let rows = client
+            .query(
+                "SELECT pg_get_expr(pr.prqual, pr.prrelid), pr.prqual::text, pr.prrelid
                    FROM pg_publication p
                    JOIN pg_publication_rel pr ON pr.prpubid = p.oid
-                   JOIN pg_publication_tables t ON t.pubname = p.pubname
                   WHERE p.pubname = $1",
                 &[&probe],
             )
             .await?;
-        let canonical: String = row.get(0);
-        let tree: String = row.get(1);
+        // Exactly the one table, with a condition: a filter cannot reach further.
+        let [row] = rows.as_slice() else {
+            return Ok(Err(format!(
+                "`{filter}` is not one condition on {schema}.{table}"
+            )));
+        };
+        let (Some(canonical), Some(tree)) =
+            (row.get::<_, Option<String>>(0), row.get::<_, Option<String>>(1))
+        else {
+            return Ok(Err(format!("`{filter}` is not a condition")));
+        };
         let relid: u32 = row.get(2);
         // The stored expression tree names each column it reads as `:varattno N`.
         let attnums: Vec<i16> = tree
@@ -475,6 +483,14 @@ pub async fn probe_row_filter(
     .await;
     client.batch_execute("ROLLBACK").await?;
     probed
+}
+
+/// Whether the server is a standby (in recovery).
+pub async fn in_recovery(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0))
 }
 
 /// `server_version_num`, like 150004.

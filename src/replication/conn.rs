@@ -426,10 +426,8 @@ impl ReplicationConnection {
         if let Some(fd) = self.tcp_fd {
             match set_low_water(fd, want) {
                 Ok(()) => self.low_water = want,
-                Err(e) => {
-                    tracing::debug!(error = %e, "SO_RCVLOWAT refused; reads stay unpaced");
-                    self.tcp_fd = None;
-                }
+                // The mark stays as it was; the next call tries again.
+                Err(e) => tracing::debug!(error = %e, "SO_RCVLOWAT refused"),
             }
         }
     }

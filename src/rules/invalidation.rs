@@ -38,6 +38,8 @@ pub enum FallbackReason {
     TooManyRows,
     /// The replication slot was lost: changes in the gap are unknown.
     SlotLost,
+    /// The managed publication changed: changes before it were filtered by the old one.
+    PublicationChanged,
 }
 
 impl FallbackReason {
@@ -49,6 +51,7 @@ impl FallbackReason {
             FallbackReason::Truncate => "truncate",
             FallbackReason::TooManyRows => "too_many_rows",
             FallbackReason::SlotLost => "slot_lost",
+            FallbackReason::PublicationChanged => "publication_changed",
         }
     }
 }

@@ -139,6 +139,11 @@ impl RedisSink {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
+        // Pipelines are written as soon as a batch is ready: Nagle's algorithm would
+        // hold a small write back behind an unacknowledged one (redis-rs leaves
+        // TCP_NODELAY off by default; hiredis and most clients turn it on).
+        let nodelay = url.tcp_settings().clone().set_nodelay(true);
+        let url = url.set_tcp_settings(nodelay);
         let client = match ca_pem {
             // rediss:// with the operator's CA instead of the public roots.
             Some(pem) => Client::build_with_tls(
