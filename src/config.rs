@@ -826,19 +826,44 @@ fn valid_identifier(s: &str) -> bool {
 
 /// A connection string with any password replaced by `***`, safe to print.
 pub fn redact(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((userinfo, host)) = rest.split_once('@')
-        && let Some((user, _)) = userinfo.split_once(':')
-    {
-        return format!("{scheme}://{user}:***@{host}");
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (base, query) = match rest.split_once('?') {
+            Some((base, query)) => (base, Some(query)),
+            None => (rest, None),
+        };
+        let mut out = format!("{scheme}://");
+        match base.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => out.push_str(&format!("{user}:***@{host}")),
+                None => out.push_str(base),
+            },
+            None => out.push_str(base),
+        }
+        if let Some(query) = query {
+            let params: Vec<&str> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some(("password", _)) => "password=***",
+                    _ => kv,
+                })
+                .collect();
+            out.push('?');
+            out.push_str(&params.join("&"));
+        }
+        return out;
     }
-    url.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some(("password", _)) => "password=***".to_owned(),
-            _ => kv.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    match crate::replication::tls::key_value_pairs(url) {
+        Some(pairs) => pairs
+            .iter()
+            .map(|(k, v)| match k.as_str() {
+                "password" => "password=***".to_owned(),
+                _ => crate::replication::tls::key_value(k, v),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        // Not a connection string: nothing in it can be told apart as a password.
+        None => "***".to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -982,7 +1007,15 @@ where = " "
         );
         assert_eq!(
             redact("host=h password=secret user=u"),
-            "host=h password=*** user=u"
+            "host='h' password=*** user='u'"
+        );
+        assert_eq!(
+            redact("host=h password = 'se cret' user=u"),
+            "host='h' password=*** user='u'"
+        );
+        assert_eq!(
+            redact("postgres://h/d?user=u&password=secret&sslmode=require"),
+            "postgres://h/d?user=u&password=***&sslmode=require"
         );
         assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
     }

@@ -112,15 +112,71 @@ pub fn split_tls_params(dsn: &str) -> Result<(String, TlsSettings), TlsError> {
         };
         Ok((rest, tls))
     } else {
+        // Unparsable: left whole for tokio_postgres to report.
+        let Some(pairs) = key_value_pairs(dsn) else {
+            return Ok((dsn.to_owned(), tls));
+        };
         let mut kept = Vec::new();
-        for token in dsn.split_whitespace() {
-            match token.split_once('=') {
-                Some((k, v)) if take(k, v.trim_matches('\''))? => {}
-                _ => kept.push(token),
+        for (k, v) in pairs {
+            if !take(&k, &v)? {
+                kept.push(key_value(&k, &v));
             }
         }
         Ok((kept.join(" "), tls))
     }
+}
+
+/// The pairs of a libpq `key=value` connection string: whitespace between pairs,
+/// optional spaces around `=`, values optionally single-quoted with `\'` and `\\`
+/// escapes. `None` when it does not parse.
+pub fn key_value_pairs(dsn: &str) -> Option<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut chars = dsn.chars().peekable();
+    let skip_spaces = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+    };
+    loop {
+        skip_spaces(&mut chars);
+        if chars.peek().is_none() {
+            return Some(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        skip_spaces(&mut chars);
+        if chars.next() != Some('=') || key.is_empty() {
+            return None;
+        }
+        skip_spaces(&mut chars);
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\'' => break,
+                    '\\' => value.push(chars.next()?),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next()?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+}
+
+/// One `key='value'` pair, quoted so that any value survives.
+pub fn key_value(key: &str, value: &str) -> String {
+    format!(
+        "{key}='{}'",
+        value.replace('\\', "\\\\").replace('\'', "\\'")
+    )
 }
 
 fn percent_decode(s: &str) -> String {
@@ -335,9 +391,17 @@ mod tests {
         assert_eq!(rest, "postgres://u:p@h:5432/db?application_name=x");
         assert_eq!(tls.mode, SslMode::VerifyFull);
         assert_eq!(tls.root_cert, Some(PathBuf::from("/etc/ca.pem")));
-        let (rest, tls) = split_tls_params("host=h sslmode=require dbname=d").unwrap();
-        assert_eq!(rest, "host=h dbname=d");
+        let (rest, tls) =
+            split_tls_params("host = h sslmode = 'require' password='a b\\'c' dbname=d").unwrap();
         assert_eq!(tls.mode, SslMode::Require);
+        assert_eq!(rest, "host='h' password='a b\\'c' dbname='d'");
+        let (rest, tls) = split_tls_params("host=h sslmode=require dbname=d").unwrap();
+        assert_eq!(rest, "host='h' dbname='d'");
+        assert_eq!(tls.mode, SslMode::Require);
+        // What is left parses as it did.
+        let pg: tokio_postgres::Config = "host='h' password='a b\\'c' dbname='d'".parse().unwrap();
+        assert_eq!(pg.get_password(), Some(&b"a b'c"[..]));
+        assert_eq!(key_value_pairs("host='unterminated"), None);
         let (_, tls) = split_tls_params("postgres://h/db").unwrap();
         assert_eq!(tls.mode, SslMode::Prefer);
         assert!(split_tls_params("postgres://h/db?sslmode=sometimes").is_err());
