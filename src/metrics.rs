@@ -45,6 +45,8 @@ pub const BATCH_ENTRIES: &str = "pginval_batch_entries";
 pub const BATCH_TRANSACTIONS: &str = "pginval_batch_transactions";
 /// Commit time to Redis acknowledgement.
 pub const COMMIT_TO_INVALIDATION: &str = "pginval_commit_to_invalidation_seconds";
+/// Reading a commit off the replication socket to Redis acknowledgement.
+pub const READ_TO_INVALIDATION: &str = "pginval_read_to_invalidation_seconds";
 /// Server WAL end minus confirmed flush position.
 pub const LAG_BYTES: &str = "pginval_replication_lag_bytes";
 /// Now minus the commit time of the last applied transaction.
@@ -112,6 +114,8 @@ pub struct Metrics {
     pub batch_transactions: Histogram,
     /// See [`COMMIT_TO_INVALIDATION`].
     pub commit_to_invalidation: Histogram,
+    /// See [`READ_TO_INVALIDATION`].
+    pub read_to_invalidation: Histogram,
     /// See [`LAG_BYTES`].
     pub lag_bytes: Gauge,
     /// See [`LAG_SECONDS`].
@@ -159,6 +163,7 @@ impl Metrics {
             batch_entries: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             batch_transactions: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             commit_to_invalidation: Histogram::new(exponential_buckets(0.0001, 2.5, 16)),
+            read_to_invalidation: Histogram::new(exponential_buckets(0.00005, 1.5, 24)),
             lag_bytes: Gauge::default(),
             lag_seconds: Gauge::default(),
             retained_wal: Gauge::default(),
@@ -220,6 +225,11 @@ impl Metrics {
             COMMIT_TO_INVALIDATION,
             "Commit time to Redis acknowledgement",
             m.commit_to_invalidation.clone(),
+        );
+        r.register(
+            READ_TO_INVALIDATION,
+            "Time from reading a commit off the replication socket to Redis acknowledging its invalidations: pginval's own share of the latency",
+            m.read_to_invalidation.clone(),
         );
         r.register(
             LAG_BYTES,

@@ -127,8 +127,9 @@ struct Batch {
     /// End LSN of the last commit in the batch.
     end_lsn: Lsn,
     transactions: u64,
-    /// Commit times (Postgres micros) of its transactions, for latency metrics.
-    commit_times: Vec<i64>,
+    /// Commit times (Postgres micros) of its transactions, and when pginval read
+    /// each commit off the socket, for latency metrics.
+    commit_times: Vec<(i64, Instant)>,
 }
 
 impl Batch {
@@ -627,10 +628,11 @@ async fn apply_batches(
                 metrics.batch_entries.observe(batch.len() as f64);
                 metrics.batch_transactions.observe(batch.transactions as f64);
                 let now_pg = protocol::pg_now_micros();
-                for t in &batch.commit_times {
+                for (t, read_at) in &batch.commit_times {
                     metrics.commit_to_invalidation.observe((now_pg - t).max(0) as f64 / 1e6);
+                    metrics.read_to_invalidation.observe(read_at.elapsed().as_secs_f64());
                 }
-                if let Some(last) = batch.commit_times.last() {
+                if let Some((last, _)) = batch.commit_times.last() {
                     metrics.lag_seconds.set((now_pg - last).max(0) as f64 / 1e6);
                 }
                 let now = tokio::time::Instant::now();
@@ -712,6 +714,8 @@ struct Stream {
     frame_time: i64,
     /// The latest transaction came from a backlog (sent long after its commit).
     catching_up: bool,
+    /// When the latest read off the replication socket completed.
+    read_at: Instant,
 }
 
 impl Stream {
@@ -758,6 +762,7 @@ impl Stream {
             in_flight: std::collections::VecDeque::new(),
             frame_time: 0,
             catching_up: false,
+            read_at: Instant::now(),
         }
     }
 
@@ -838,6 +843,7 @@ impl Stream {
             {
                 if let Some(read) = conn.fill().now_or_never() {
                     read?;
+                    self.read_at = Instant::now();
                     eager_reads += 1;
                     continue;
                 }
@@ -859,7 +865,7 @@ impl Stream {
                     Ok(permit) => {
                         if let Some(batch) = self.pending.take() {
                             self.sent_batches += 1;
-                            if let Some(first) = batch.commit_times.first() {
+                            if let Some((first, _)) = batch.commit_times.first() {
                                 self.in_flight.push_back((self.sent_batches, *first));
                             }
                             permit.send(batch);
@@ -887,7 +893,10 @@ impl Stream {
                     }
                 }
                 Wake::Acked(false) | Wake::SinkGone => return Err(RunError::SinkStopped),
-                Wake::Read(read) => read?,
+                Wake::Read(read) => {
+                    read?;
+                    self.read_at = Instant::now();
+                }
                 Wake::Sent => {}
             }
         }
@@ -981,7 +990,7 @@ impl Stream {
                 batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
                 batch.transactions += 1;
                 if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
-                    batch.commit_times.push(commit.commit_time);
+                    batch.commit_times.push((commit.commit_time, self.read_at));
                 }
             }
             Message::Relation(rel) => {
@@ -1085,7 +1094,7 @@ impl Stream {
             // Its commit time, so lag and readiness see a part waiting for Redis.
             let batch = self.pending.get_or_insert_with(Batch::default);
             if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
-                batch.commit_times.push(self.tx_commit.1);
+                batch.commit_times.push((self.tx_commit.1, self.read_at));
             }
         }
     }
@@ -1151,7 +1160,7 @@ impl Stream {
         let oldest = self.in_flight.front().map(|(_, t)| *t).or_else(|| {
             self.pending
                 .as_ref()
-                .and_then(|b| b.commit_times.first().copied())
+                .and_then(|b| b.commit_times.first().map(|(t, _)| *t))
         });
         self.health
             .set_oldest_pending(oldest.map(protocol::pg_time));

@@ -329,6 +329,49 @@ class Proc:
 # ------------------------------------------------------------------------------ bench
 
 
+READ_TO_INVALIDATION = "pginval_read_to_invalidation_seconds"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_histogram(port, name):
+    """The cumulative buckets [(upper bound, count)] of histogram `name` on pginval's /metrics."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        body = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    buckets = []
+    for line in body.decode().splitlines():
+        m = re.match(rf'{name}_bucket\{{le="([^"]+)"\}} (\S+)', line)
+        if m:
+            buckets.append((float(m.group(1)), float(m.group(2))))
+    return buckets
+
+
+def histogram_diff(after, before):
+    before = dict(before)
+    return [(le, n - before.get(le, 0)) for le, n in after]
+
+
+def histogram_quantile(buckets, q):
+    """The upper bound of the bucket holding quantile q (cumulative buckets)."""
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return float("nan")
+    for le, n in buckets:
+        if n >= q * total:
+            return le
+    return float("inf")
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -477,9 +520,11 @@ class Bench:
         server = self.server_cpu_end(begin, conn, slot)
         return {"wall_s": wall, **p.usage(), "walsender_cpu_s": server, **self.other_cpu(meter)}
 
-    def pginval_config(self, name, slot, publication, max_keys=None):
+    def pginval_config(self, name, slot, publication, max_keys=None, metrics_port=None):
         path = os.path.join(self.a.work, f"{name}.toml")
         limits = f"[limits]\nmax_keys_per_transaction = {max_keys}\n\n" if max_keys else ""
+        if metrics_port:
+            limits += f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n\n'
         with open(path, "w") as f:
             f.write(
                 # column_lists: the publication pginval creates carries only the rules' columns.
@@ -746,7 +791,8 @@ class Bench:
                 watch.drain(secs)
         else:
             watch = Subscriber("127.0.0.1", a.redis_port, "__keyevent@0__:del")
-            p = self.start_pginval(db, self.pginval_config("latency", slot, "pginval_own"), "latency")
+            metrics_port = free_port()
+            p = self.start_pginval(db, self.pginval_config("latency", slot, "pginval_own", metrics_port=metrics_port), "latency")
 
             def arm(aid):
                 self.redis.cmd("SET", f"acct:{aid}", "x")
@@ -770,6 +816,7 @@ class Bench:
                     raise RuntimeError(f"{consumer} did not start streaming (status {p.status})")
             aid = probe_first
             for rate in a.rates:
+                own0 = read_histogram(metrics_port, READ_TO_INVALIDATION) if consumer == "pginval" else None
                 cpu0 = p.proc_cpu()
                 meter = self.cpu_sample()
                 walsender = self.q1(conn, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
@@ -830,11 +877,21 @@ class Bench:
                     "machine_busy_pct": 100 * other["busy_s"] / elapsed / os.cpu_count(),
                     "slow_probes": slow,  # (seconds into the load, ms) of probes over 5 ms
                 }
+                if own0 is not None:
+                    # pginval's own share (socket read -> Redis ack) over every transaction
+                    # of this rate, from its histogram: upper bucket bounds.
+                    own = histogram_diff(read_histogram(metrics_port, READ_TO_INVALIDATION), own0)
+                    r["own_transactions"] = own[-1][1] if own else 0
+                    r["own_p50_ms"] = histogram_quantile(own, 0.50) * 1000
+                    r["own_p99_ms"] = histogram_quantile(own, 0.99) * 1000
                 results[str(rate)] = r
                 log(f"latency, {consumer}, {rate} tps: {r['probes']} probes, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
                     f"max {r['max_ms']:.2f} ms, {len(slow)} over 5 ms; pgbench {r['pgbench_tps']:.0f} tps, "
                     f"schedule lag avg {r['pgbench_lag_avg_ms']} ms; {consumer} CPU {cpu_pct:.0f}% of a core, walsender {ws_pct:.0f}%; "
                     f"other programs {r['other_cpu_pct']:.0f}%, steal {r['steal_pct']:.0f}%; all {os.cpu_count()} cores {r['machine_busy_pct']:.0f}% busy")
+                if own0 is not None:
+                    log(f"latency, pginval, {rate} tps: its own share (read -> Redis ack) over {r['own_transactions']:.0f} transactions: "
+                        f"p50 <= {r['own_p50_ms']:.3f} ms, p99 <= {r['own_p99_ms']:.3f} ms (histogram bucket bounds)")
                 idle(1)
         finally:
             if bg is not None and bg.poll() is None:
@@ -992,6 +1049,11 @@ class Bench:
                         f"{f(r['walsender_cpu_pct'], '{:.0f}') + '%':>8}{f(r['other_cpu_pct'], '{:.0f}') + '%':>7}"
                         f"{f(r['machine_busy_pct'], '{:.0f}') + '%':>6}"
                         + (f"   p50 {verdict(r['p50_ms'], t50)}, p99 {verdict(r['p99_ms'], t99)}" if t50 else ""))
+            for rate in a.rates:
+                r = lat.get("pginval", {}).get(str(rate))
+                if r and "own_p99_ms" in r:
+                    out(f"   pginval's own share at {rate} tps (socket read of the commit -> Redis ack, every transaction, "
+                        f"from its histogram): p50 <= {r['own_p50_ms']:.3f} ms, p99 <= {r['own_p99_ms']:.3f} ms")
             if "pginval" in lat:
                 out(f"   pginval peak RSS over the latency test: {lat['pginval']['rss_mb']:.1f} MB. CPU, walsnd: the consumer's and its")
                 out("   walsender's, in % of one core.")

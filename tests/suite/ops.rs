@@ -92,7 +92,8 @@ async fn metrics_count_what_happened() {
     );
     assert!(sample(&body, "pginval_redis_commands_total") >= 1.0);
     assert!(
-        sample(&body, "pginval_commit_to_invalidation_seconds_count") >= 1.0,
+        sample(&body, "pginval_commit_to_invalidation_seconds_count") >= 1.0
+            && sample(&body, "pginval_read_to_invalidation_seconds_count") >= 1.0,
         "{body}"
     );
     assert!(sample(&body, "pginval_batch_entries_count") >= 1.0);
