@@ -5,6 +5,7 @@
 //! The only module that talks to Redis. It decides nothing about LSNs: it reports
 //! success, and `pipeline` decides what that lets it confirm.
 
+use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -71,6 +72,22 @@ end
 redis.call('UNLINK', KEYS[1])
 return n
 "#;
+
+/// UNLINK for the keys (in chunks), PEXPIRE ... LT for the keys to expire that are not
+/// deleted anyway.
+fn key_pipeline(inv: &Invalidation) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    let keys: Vec<&str> = inv.keys.iter().map(String::as_str).collect();
+    for chunk in keys.chunks(KEYS_PER_UNLINK) {
+        pipe.cmd("UNLINK").arg(chunk).ignore();
+    }
+    for (key, ms) in &inv.expire_keys {
+        if !inv.keys.contains(key) {
+            pipe.cmd("PEXPIRE").arg(key).arg(*ms).arg("LT").ignore();
+        }
+    }
+    pipe
+}
 
 /// An error talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +203,36 @@ impl RedisSink {
                 .unwrap_or(0)
         };
         Ok((field("keyspace_hits"), field("keyspace_misses")))
+    }
+
+    /// Sends a batch that only deletes keys and lowers TTLs (no tags, patterns or
+    /// events) on the open connection, without waiting for the batches before it:
+    /// such commands commute, so several may be in flight. `None` when there is no open
+    /// connection, in a dry run, or for any other batch: use [`Self::apply_until_ok`].
+    /// The future's error means nothing about which commands ran: retry the batch.
+    pub fn send_commuting(
+        &self,
+        inv: &Invalidation,
+        events: &[String],
+    ) -> Option<impl Future<Output = Result<(), SinkError>> + Send + 'static> {
+        let commuting = events.is_empty()
+            && inv.tags.is_empty()
+            && inv.key_patterns.is_empty()
+            && inv.tag_patterns.is_empty();
+        if !commuting || self.dry_run {
+            return None;
+        }
+        let mut conn = self.conn.clone()?;
+        let pipe = key_pipeline(inv);
+        self.metrics.redis_commands.inc_by(pipe.len() as u64);
+        let health = self.health.clone();
+        Some(async move {
+            if !pipe.is_empty() {
+                pipe.query_async::<()>(&mut conn).await?;
+            }
+            health.set_redis_ok(true);
+            Ok(())
+        })
     }
 
     async fn connection(&mut self) -> Result<MultiplexedConnection, SinkError> {
@@ -347,16 +394,7 @@ impl RedisSink {
         let mut conn = self.connection().await?;
         let tags: Vec<(&String, &TagAction)> = inv.tags.iter().collect();
         if !inv.keys.is_empty() || !inv.expire_keys.is_empty() || !tags.is_empty() {
-            let mut pipe = redis::pipe();
-            let keys: Vec<&str> = inv.keys.iter().map(String::as_str).collect();
-            for chunk in keys.chunks(KEYS_PER_UNLINK) {
-                pipe.cmd("UNLINK").arg(chunk).ignore();
-            }
-            for (key, ms) in &inv.expire_keys {
-                if !inv.keys.contains(key) {
-                    pipe.cmd("PEXPIRE").arg(key).arg(*ms).arg("LT").ignore();
-                }
-            }
+            let mut pipe = key_pipeline(inv);
             for (tag, action) in &tags {
                 self.push_flush(&mut pipe, &self.tags.tag_key(tag), **action);
             }
