@@ -624,28 +624,28 @@ async fn apply_batches(
         }
         tokio::select! {
             biased;
-            Some((batch, sent)) = flying.next(), if !flying.is_empty() => {
-                let (batch, sent): (Batch, Result<(), SinkError>) = (batch, sent);
-                if sent.is_err() {
-                    done.metrics.redis_errors.inc();
-                    sink.apply_until_ok(&batch.inv, &batch.events).await;
-                }
-                done.batch(batch);
-            }
+            Some(sent) = flying.next(), if !flying.is_empty() => done.sent(&mut sink, sent).await,
             batch = rx.recv(), if open && flying.len() < MAX_IN_FLIGHT => {
                 let Some(batch) = batch else {
                     open = false;
                     continue;
                 };
                 match sink.send_commuting(&batch.inv, &batch.events) {
-                    Some(send) => flying.push_back(send.map(|sent| (batch, sent))),
+                    Some((generation, send)) => {
+                        // Its own task: the pipeline is written at once, whatever this
+                        // loop awaits meanwhile.
+                        let sent = tokio::spawn(send).map(move |joined| InFlight {
+                            batch,
+                            generation,
+                            result: joined
+                                .map_err(|e| e.to_string())
+                                .and_then(|r| r.map_err(|e| e.to_string())),
+                        });
+                        flying.push_back(sent);
+                    }
                     None => {
-                        while let Some((earlier, sent)) = flying.next().await {
-                            if sent.is_err() {
-                                done.metrics.redis_errors.inc();
-                                sink.apply_until_ok(&earlier.inv, &earlier.events).await;
-                            }
-                            done.batch(earlier);
+                        while let Some(sent) = flying.next().await {
+                            done.sent(&mut sink, sent).await;
                         }
                         sink.apply_until_ok(&batch.inv, &batch.events).await;
                         done.batch(batch);
@@ -661,6 +661,14 @@ async fn apply_batches(
 
 /// Most batches in flight to Redis at once.
 const MAX_IN_FLIGHT: usize = 4;
+
+/// A batch sent without waiting, with how its sending ended.
+struct InFlight {
+    batch: Batch,
+    /// The Redis connection it went on.
+    generation: u64,
+    result: Result<(), String>,
+}
 
 /// What happens once Redis acknowledged a batch.
 struct Done {
@@ -712,6 +720,20 @@ impl Done {
             a.batches += 1;
             a.lsn = a.lsn.max(batch.end_lsn);
         });
+    }
+
+    /// A batch sent without waiting has its answer: acknowledged, or retried until
+    /// Redis takes it (on a new connection) and then acknowledged. In batch order.
+    async fn sent(&mut self, sink: &mut RedisSink, sent: InFlight) {
+        if let Err(e) = &sent.result {
+            self.metrics.redis_errors.inc();
+            if sink.discard_connection(sent.generation) {
+                tracing::warn!(error = %e, "redis failed under batches in flight; retrying them");
+            }
+            sink.apply_until_ok(&sent.batch.inv, &sent.batch.events)
+                .await;
+        }
+        self.batch(sent.batch);
     }
 
     /// Deletes the keys whose second delete is due.

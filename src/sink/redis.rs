@@ -121,6 +121,9 @@ impl SinkError {
 pub struct RedisSink {
     client: Client,
     conn: Option<MultiplexedConnection>,
+    /// Counts the connections opened, so a failure seen on an old clone of one does
+    /// not drop its successor.
+    generation: u64,
     tags: TagLayout,
     events: Option<EventsConfig>,
     flush_tag: Script,
@@ -175,6 +178,7 @@ impl RedisSink {
         Ok(RedisSink {
             client,
             conn: None,
+            generation: 0,
             tags,
             events,
             flush_tag: Script::new(FLUSH_TAG_LUA),
@@ -210,11 +214,16 @@ impl RedisSink {
     /// such commands commute, so several may be in flight. `None` when there is no open
     /// connection, in a dry run, or for any other batch: use [`Self::apply_until_ok`].
     /// The future's error means nothing about which commands ran: retry the batch.
+    /// Returns the connection's generation with the future, for
+    /// [`Self::discard_connection`].
     pub fn send_commuting(
         &self,
         inv: &Invalidation,
         events: &[String],
-    ) -> Option<impl Future<Output = Result<(), SinkError>> + Send + 'static> {
+    ) -> Option<(
+        u64,
+        impl Future<Output = Result<(), SinkError>> + Send + 'static,
+    )> {
         let commuting = events.is_empty()
             && inv.tags.is_empty()
             && inv.key_patterns.is_empty()
@@ -226,13 +235,23 @@ impl RedisSink {
         let pipe = key_pipeline(inv);
         self.metrics.redis_commands.inc_by(pipe.len() as u64);
         let health = self.health.clone();
-        Some(async move {
+        Some((self.generation, async move {
             if !pipe.is_empty() {
                 pipe.query_async::<()>(&mut conn).await?;
             }
             health.set_redis_ok(true);
             Ok(())
-        })
+        }))
+    }
+
+    /// Drops the connection of `generation` after a batch failed on it, so the retry
+    /// connects afresh; true when it was still the current one.
+    pub fn discard_connection(&mut self, generation: u64) -> bool {
+        let current = self.conn.is_some() && self.generation == generation;
+        if current {
+            self.conn = None;
+        }
+        current
     }
 
     async fn connection(&mut self) -> Result<MultiplexedConnection, SinkError> {
@@ -252,6 +271,7 @@ impl RedisSink {
             .load_async(&mut conn)
             .await?;
         self.conn = Some(conn.clone());
+        self.generation += 1;
         Ok(conn)
     }
 
