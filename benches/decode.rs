@@ -64,7 +64,7 @@ fn bench(c: &mut Criterion) {
             for m in &messages {
                 match decode(m).unwrap() {
                     Message::Relation(r) => {
-                        let table: Arc<Table> = relations.update(&r);
+                        let table: Arc<Table> = relations.update(&r, None);
                         bound.insert(r.oid, (table.clone(), config.rules.bind(&table)));
                     }
                     Message::Insert(i) => {

@@ -25,6 +25,8 @@ pub struct CheckReport {
     pub warnings: Vec<Problem>,
     /// Primary key columns of the rules' tables, by `(schema, table)`.
     pub primary_keys: HashMap<(String, String), Vec<String>>,
+    /// The rules' tables that are partitioned, by `(schema, table)`.
+    pub partitioned: BTreeSet<(String, String)>,
 }
 
 /// `check` could not complete.
@@ -108,6 +110,9 @@ pub async fn check_with(
         };
         if info.partitioned {
             partitioned.push(rule.qualified_table());
+            report
+                .partitioned
+                .insert((rule.schema.clone(), rule.table.clone()));
         }
         report.primary_keys.insert(
             (rule.schema.clone(), rule.table.clone()),
@@ -161,12 +166,12 @@ pub async fn check_with(
                     format!(
                         "{rule}: templates read {} but REPLICA IDENTITY {} of {} sends only ({}) in old rows, so an UPDATE that changes {} or a DELETE could not invalidate the old key",
                         join_ticked(&missing),
-                        info.replica_identity,
+                        identity_label(&info),
                         rule.qualified_table(),
                         info.identity_columns.join(", "),
                         if missing.len() == 1 { "it" } else { "them" },
                     ),
-                    Some(format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL;")),
+                    Some(identity_fix(&info)),
                 ));
                 continue;
             }
@@ -185,14 +190,24 @@ pub async fn check_with(
                         "{rule}: without the old row Postgres cannot tell whether {} changed, so every UPDATE fires the rule",
                         blind.join(", ")
                     ),
-                    Some(format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL;")),
+                    Some(identity_fix(&info)),
                 ));
             }
         }
         report.notes.push(format!(
             "{rule}: table found, REPLICA IDENTITY {} covers every template",
-            info.replica_identity
+            identity_label(&info)
         ));
+        if info.partitioned {
+            report.warnings.push(Problem::new(
+                line,
+                format!(
+                    "{rule}: {} is partitioned: each partition has its own REPLICA IDENTITY, so a partition created or attached later must get the same (until it does, pginval applies the templates it cannot render as wildcards); and PostgreSQL does not send a partition's TRUNCATE, DETACH or DROP to pginval",
+                    rule.qualified_table()
+                ),
+                Some("install the event trigger and TRUNCATE trigger of sql/partitions.sql (as a superuser), or run `pginval setup` after every partition change and invalidate by hand after a partition's TRUNCATE, DETACH or DROP".into()),
+            ));
+        }
     }
 
     check_row_filters(client, config, &mut report).await?;
@@ -457,6 +472,25 @@ async fn check_row_filters(
         }
     }
     Ok(())
+}
+
+/// `ALTER TABLE ... REPLICA IDENTITY FULL;` for the table and each partition that
+/// needs it.
+fn identity_fix(info: &catalog::TableInfo) -> String {
+    info.full_identity_sql()
+}
+
+/// The identity in force, naming the partitions that decide it.
+fn identity_label(info: &catalog::TableInfo) -> String {
+    if info.partitioned && info.replica_identity != ReplicaIdentity::Full {
+        format!(
+            "{} (in {})",
+            info.replica_identity,
+            info.not_full.join(", ")
+        )
+    } else {
+        info.replica_identity.to_string()
+    }
 }
 
 fn join_ticked(items: &BTreeSet<&str>) -> String {

@@ -5,7 +5,7 @@
 //! end of a commit whose invalidations Redis acknowledged — or, when nothing at all
 //! is pending, to the server's keepalive position so an idle slot keeps no WAL.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use crate::replication::conn::{Backend, ReplicationConnection, ReplicationError}
 use crate::replication::event::RowEvent;
 use crate::replication::pgoutput::{self, DecodeError, LogicalMessage, Lsn, Message};
 use crate::replication::protocol::{self, FrameError, ServerFrame, format_lsn, parse_lsn};
-use crate::replication::relation::{RelationCache, ReplicaIdentity, Table};
+use crate::replication::relation::{EffectiveIdentity, RelationCache, ReplicaIdentity, Table};
 use crate::rules::compile::BoundRule;
 use crate::rules::invalidation::{FallbackReason, Invalidation};
 use crate::sink::redelete::Redelete;
@@ -48,6 +48,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// First and longest wait between reconnection attempts.
 const RECONNECT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(200), Duration::from_secs(10));
+/// Longest wait for a catalog read while streaming.
+const CATALOG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a standby instance retries a slot another instance holds.
 const SLOT_BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Prefix of `pg_logical_emit_message` hints addressed to pginval.
@@ -234,6 +236,7 @@ pub async fn run(
     let mut state = Stream::new(
         Arc::new(config),
         report.primary_keys,
+        report.partitioned,
         start,
         batch_tx,
         acked_rx,
@@ -773,6 +776,16 @@ enum Wake {
 struct Stream {
     config: Arc<Config>,
     primary_keys: HashMap<(String, String), Vec<String>>,
+    /// Rule tables that are partitioned: their old rows carry what each partition's
+    /// own identity sends, read from the catalog whenever the stream describes them.
+    partitioned: BTreeSet<(String, String)>,
+    /// A control connection for those catalog reads, opened when first needed.
+    control: Option<tokio_postgres::Client>,
+    /// The name each table OID had when the stream last described it: a different
+    /// name later is a rename, which unbinds the rules of the old name.
+    names: HashMap<u32, (String, String)>,
+    /// Tables (OID, identity) whose weaker identity was already logged.
+    identity_logged: HashSet<(u32, ReplicaIdentity)>,
     batches: mpsc::Sender<Batch>,
     acked: watch::Receiver<Applied>,
     relations: RelationCache,
@@ -809,6 +822,7 @@ impl Stream {
     fn new(
         config: Arc<Config>,
         primary_keys: HashMap<(String, String), Vec<String>>,
+        partitioned: BTreeSet<(String, String)>,
         start: Lsn,
         batches: mpsc::Sender<Batch>,
         acked: watch::Receiver<Applied>,
@@ -831,6 +845,10 @@ impl Stream {
         Stream {
             config,
             primary_keys,
+            partitioned,
+            control: None,
+            names: HashMap::new(),
+            identity_logged: HashSet::new(),
             batches,
             acked,
             relations: RelationCache::default(),
@@ -1008,7 +1026,7 @@ impl Stream {
                     } => {
                         self.server_wal_end = self.server_wal_end.max(wal_end);
                         self.frame_time = server_time;
-                        self.apply_message(start, &data)?
+                        self.apply_message(start, &data).await?
                     }
                     ServerFrame::Keepalive {
                         wal_end,
@@ -1031,7 +1049,7 @@ impl Stream {
     }
 
     /// Applies one pgoutput message to the transaction buffer.
-    fn apply_message(&mut self, lsn: Lsn, data: &Bytes) -> Result<(), RunError> {
+    async fn apply_message(&mut self, lsn: Lsn, data: &Bytes) -> Result<(), RunError> {
         let msg = pgoutput::decode(data).map_err(|source| RunError::Decode {
             lsn: format_lsn(lsn),
             source,
@@ -1081,14 +1099,27 @@ impl Stream {
                 }
             }
             Message::Relation(rel) => {
-                let table = self.relations.update(&rel);
+                let described = Table::from(&rel);
+                let name = (described.schema.clone(), described.name.clone());
+                let identity = if self.partitioned.contains(&name) {
+                    Some(self.effective_identity(&name).await)
+                } else {
+                    None
+                };
+                let table = self.relations.update(&rel, identity.as_ref());
+                if let Some(before) = self.names.insert(rel.oid, name.clone())
+                    && before != name
+                {
+                    self.table_renamed(&before, &table);
+                }
                 let rules: Arc<[BoundRule]> = self.config.rules.bind(&table).into();
                 for rule in rules.iter().filter(|r| r.broken) {
                     tracing::warn!(
                         table = %table, rule = rule.rule.number,
-                        "a column the rule reads is missing from the table; every change will use the rule's fallback"
+                        "a column the rule reads is missing from the table; its templates on that column are applied as wildcards"
                     );
                 }
+                self.log_weak_identity(&table, &rules);
                 let id_columns = self.id_columns(&table).into();
                 let counter = |op: &str| {
                     self.metrics
@@ -1214,6 +1245,84 @@ impl Stream {
             batch.inv.add_hint(hint.keys, hint.tags);
             batch.end_lsn = batch.end_lsn.max(m.lsn);
         }
+    }
+
+    /// What a partitioned table's partitions send in old rows, from the catalog now.
+    /// When the catalog cannot be read, only the primary key counts as sent (the safe
+    /// side: other old values are unknown, so their templates apply as wildcards).
+    async fn effective_identity(&mut self, name: &(String, String)) -> EffectiveIdentity {
+        let key_only = EffectiveIdentity {
+            replica_identity: ReplicaIdentity::Default,
+            columns: self.primary_keys.get(name).cloned().unwrap_or_default(),
+        };
+        if self.control.is_none() {
+            match tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&self.config.source)).await {
+                Ok(Ok(client)) => self.control = Some(client),
+                _ => {
+                    tracing::warn!(table = %format!("{}.{}", name.0, name.1), "cannot read the partitions' replica identity from the catalog; treating old rows as carrying only the primary key");
+                    return key_only;
+                }
+            }
+        }
+        let client = self.control.as_ref().expect("connected");
+        match tokio::time::timeout(CATALOG_TIMEOUT, catalog::table_info(client, &name.0, &name.1)).await {
+            Ok(Ok(Some(info))) => EffectiveIdentity {
+                replica_identity: info.replica_identity,
+                columns: info.identity_columns,
+            },
+            _ => {
+                self.control = None;
+                tracing::warn!(table = %format!("{}.{}", name.0, name.1), "cannot read the partitions' replica identity from the catalog; treating old rows as carrying only the primary key");
+                key_only
+            }
+        }
+    }
+
+    /// A table the rules name was renamed (`ALTER TABLE posts RENAME TO posts_old`):
+    /// its changes no longer concern those rules, and whatever took the name may not
+    /// be in the publication. The rules' fallbacks cover the switch.
+    fn table_renamed(&mut self, before: &(String, String), table: &Table) {
+        let rules: Vec<_> = self
+            .config
+            .rules
+            .rules
+            .iter()
+            .filter(|r| r.schema == before.0 && r.table == before.1)
+            .map(|r| r.effective_fallback())
+            .collect();
+        if rules.is_empty() {
+            return;
+        }
+        tracing::error!(
+            table = %format!("{}.{}", before.0, before.1), now = %table,
+            "a rule table was renamed: applying its rules' fallbacks (over-invalidation); the rules follow the name, not the renamed table"
+        );
+        let tx = self.tx_mut();
+        for fallback in &rules {
+            tx.add_rule_fallback(fallback, FallbackReason::TableRenamed);
+        }
+    }
+
+    /// Logs, once per table and identity, the templates that can no longer get their
+    /// old values (REPLICA IDENTITY changed while running, or a partition's own).
+    fn log_weak_identity(&mut self, table: &Table, rules: &[BoundRule]) {
+        if table.replica_identity == ReplicaIdentity::Full {
+            return;
+        }
+        let blind: BTreeSet<&str> = rules
+            .iter()
+            .flat_map(|r| r.templates())
+            .filter(|t| t.reads_old_outside_identity(table))
+            .map(|t| t.template.source())
+            .collect();
+        if blind.is_empty() || !self.identity_logged.insert((table.oid, table.replica_identity)) {
+            return;
+        }
+        tracing::warn!(
+            table = %table, replica_identity = %table.replica_identity,
+            templates = %blind.into_iter().collect::<Vec<_>>().join(", "),
+            "the table's old rows no longer carry what these templates read: they are applied as wildcards on UPDATE and DELETE (over-invalidation, counted as value_not_sent) until REPLICA IDENTITY FULL is restored"
+        );
     }
 
     /// Tuple positions of a table's primary key, for entity event ids: from the

@@ -190,6 +190,7 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
     let mut publishable = Vec::new();
     let mut partitioned = false;
     let mut full = BTreeSet::new();
+    let mut full_sql = Vec::new();
     for (schema, table) in config.rules.tables() {
         let Some(info) = catalog::table_info(client, &schema, &table).await? else {
             plan.notes.push(format!(
@@ -232,14 +233,16 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
         if info.replica_identity != ReplicaIdentity::Full && (uncovered || !info.replicates_updates)
         {
             full.insert((schema.clone(), table.clone()));
+            // A partitioned table: the root and every partition not yet FULL.
+            full_sql.push(info.full_identity_sql());
         }
         publishable.push((schema, table));
     }
-    for (schema, table) in &full {
-        plan.statements.push(format!(
-            "ALTER TABLE {} REPLICA IDENTITY FULL;",
-            quote_table(schema, table)
-        ));
+    plan.statements.extend(full_sql);
+    if partitioned {
+        plan.notes.push(
+            "partitioned tables: a partition created or attached later needs REPLICA IDENTITY FULL too; sql/partitions.sql installs an event trigger that gives it (as a superuser)".into(),
+        );
     }
     let pub_name = &config.source.publication;
     let desired = desired_publication(client, config).await?;

@@ -29,6 +29,22 @@ pub struct TableInfo {
     /// A partitioned table (its changes are published under the partitions' names
     /// unless the publication has `publish_via_partition_root`).
     pub partitioned: bool,
+    /// The tables whose own REPLICA IDENTITY is not FULL, quoted: the table itself,
+    /// and for a partitioned table each partition (their identities decide what old
+    /// rows carry; the root's only labels them).
+    pub not_full: Vec<String>,
+}
+
+impl TableInfo {
+    /// `ALTER TABLE ... REPLICA IDENTITY FULL;` for the table and every partition
+    /// that needs it, one per line.
+    pub fn full_identity_sql(&self) -> String {
+        self.not_full
+            .iter()
+            .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 /// A publication.
@@ -153,7 +169,9 @@ pub async fn can_replicate(client: &Client) -> Result<bool, tokio_postgres::Erro
         .get(0))
 }
 
-/// A table's columns and replica identity, or `None` when it does not exist.
+/// A table's columns and replica identity, or `None` when it does not exist. For a
+/// partitioned table the identity is what every partition sends: the weakest of the
+/// root's and the leaf partitions' identities, and the columns all of them send.
 pub async fn table_info(
     client: &Client,
     schema: &str,
@@ -161,7 +179,7 @@ pub async fn table_info(
 ) -> Result<Option<TableInfo>, tokio_postgres::Error> {
     let Some(row) = client
         .query_opt(
-            "SELECT c.oid, c.relreplident::text, c.relkind::text
+            "SELECT c.oid, c.relkind::text
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = $1 AND c.relname = $2",
             &[&schema, &table],
@@ -171,8 +189,7 @@ pub async fn table_info(
         return Ok(None);
     };
     let oid: u32 = row.get(0);
-    let ident: String = row.get(1);
-    let relkind: String = row.get(2);
+    let relkind: String = row.get(1);
     let columns: Vec<String> = client
         .query(
             "SELECT attname::text FROM pg_attribute
@@ -183,6 +200,77 @@ pub async fn table_info(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let own = identity(client, oid, &columns).await?;
+    let partitioned = relkind == "p";
+    let mut replica_identity = own.replica_identity;
+    let mut identity_columns = own.columns;
+    let mut not_full = Vec::new();
+    if own.replica_identity != ReplicaIdentity::Full {
+        not_full.push(quote_table(schema, table));
+    }
+    if partitioned {
+        let leaves = client
+            .query(
+                "SELECT c.oid, n.nspname::text, c.relname::text
+                   FROM pg_partition_tree($1::oid::regclass) p
+                   JOIN pg_class c ON c.oid = p.relid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE p.isleaf AND c.oid <> $1 ORDER BY c.relname",
+                &[&oid],
+            )
+            .await?;
+        for leaf in leaves {
+            let leaf_oid: u32 = leaf.get(0);
+            let leaf_columns: Vec<String> = client
+                .query(
+                    "SELECT attname::text FROM pg_attribute
+                      WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                    &[&leaf_oid],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let id = identity(client, leaf_oid, &leaf_columns).await?;
+            if id.replica_identity != ReplicaIdentity::Full {
+                not_full.push(quote_table(&leaf.get::<_, String>(1), &leaf.get::<_, String>(2)));
+            }
+            if id.replica_identity.strength() < replica_identity.strength() {
+                replica_identity = id.replica_identity;
+            }
+            identity_columns.retain(|c| id.columns.contains(c));
+        }
+    }
+    let replicates_updates = !identity_columns.is_empty();
+    Ok(Some(TableInfo {
+        oid,
+        columns,
+        replica_identity,
+        identity_columns,
+        primary_key: own.primary_key,
+        partitioned,
+        replicates_updates,
+        not_full,
+    }))
+}
+
+/// One relation's own REPLICA IDENTITY, the columns it sends in old rows, and its
+/// primary key.
+struct Identity {
+    replica_identity: ReplicaIdentity,
+    columns: Vec<String>,
+    primary_key: Vec<String>,
+}
+
+async fn identity(
+    client: &Client,
+    oid: u32,
+    columns: &[String],
+) -> Result<Identity, tokio_postgres::Error> {
+    let ident: String = client
+        .query_one("SELECT relreplident::text FROM pg_class WHERE oid = $1", &[&oid])
+        .await?
+        .get(0);
     let index_columns = |flag: &'static str| {
         format!(
             "SELECT a.attname::text FROM pg_index i
@@ -190,7 +278,7 @@ pub async fn table_info(
               WHERE i.indrelid = $1 AND i.{flag} ORDER BY a.attnum"
         )
     };
-    let pk: Vec<String> = client
+    let primary_key: Vec<String> = client
         .query(&index_columns("indisprimary"), &[&oid])
         .await?
         .iter()
@@ -199,10 +287,9 @@ pub async fn table_info(
     let replica_identity =
         ReplicaIdentity::from_code(ident.as_bytes().first().copied().unwrap_or(b'd'))
             .unwrap_or(ReplicaIdentity::Default);
-    let identity_columns = match replica_identity {
-        ReplicaIdentity::Default => pk.clone(),
-
-        ReplicaIdentity::Full => columns.clone(),
+    let columns = match replica_identity {
+        ReplicaIdentity::Default => primary_key.clone(),
+        ReplicaIdentity::Full => columns.to_vec(),
         ReplicaIdentity::Nothing => Vec::new(),
         ReplicaIdentity::Index => client
             .query(&index_columns("indisreplident"), &[&oid])
@@ -211,16 +298,11 @@ pub async fn table_info(
             .map(|r| r.get(0))
             .collect(),
     };
-    let replicates_updates = !identity_columns.is_empty();
-    Ok(Some(TableInfo {
-        oid,
-        columns,
+    Ok(Identity {
         replica_identity,
-        identity_columns,
-        primary_key: pk,
-        partitioned: relkind == "p",
-        replicates_updates,
-    }))
+        columns,
+        primary_key,
+    })
 }
 
 /// A publication, or `None` when it does not exist.

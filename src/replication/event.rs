@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::pgoutput::{self, OldTuple};
-use super::relation::Table;
+use super::relation::{ReplicaIdentity, Table};
 
 /// The kind of row change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,20 +70,23 @@ fn cells(values: pgoutput::Tuple) -> Vec<Cell> {
 }
 
 /// A key-only image carries NULL for every column outside the identity: those are
-/// unknown, not NULL.
+/// unknown, not NULL. So does a "full" image when the identity in force is not FULL:
+/// a partition with its own REPLICA IDENTITY logs only its key, and PostgreSQL labels
+/// that image by the root's identity (the relation cache knows the partitions').
 fn old_cells(table: &Table, old: OldTuple) -> Vec<Cell> {
-    match old {
-        OldTuple::Full(t) => cells(t),
-        OldTuple::Key(t) => {
-            let mut out = cells(t);
-            for (cell, column) in out.iter_mut().zip(&table.columns) {
-                if !column.is_key {
-                    *cell = Cell::Unknown;
-                }
+    let (key_only, t) = match old {
+        OldTuple::Full(t) => (table.replica_identity != ReplicaIdentity::Full, t),
+        OldTuple::Key(t) => (true, t),
+    };
+    let mut out = cells(t);
+    if key_only {
+        for (cell, column) in out.iter_mut().zip(&table.columns) {
+            if !column.is_key {
+                *cell = Cell::Unknown;
             }
-            out
         }
     }
+    out
 }
 
 impl RowEvent {
@@ -123,7 +126,7 @@ impl RowEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replication::relation::{ReplicaIdentity, TableColumn};
+    use crate::replication::relation::TableColumn;
 
     fn table() -> Arc<Table> {
         let col = |name: &str, is_key| TableColumn {
@@ -147,6 +150,26 @@ mod tests {
             pgoutput::Delete {
                 relation: 1,
                 old: OldTuple::Key(vec![
+                    pgoutput::Value::Text(Bytes::from_static(b"7")),
+                    pgoutput::Value::Null,
+                ]),
+            },
+        );
+        assert_eq!(
+            ev.old.unwrap(),
+            vec![Cell::Text(Bytes::from_static(b"7")), Cell::Unknown]
+        );
+    }
+
+    #[test]
+    fn full_image_under_a_weaker_identity_in_force_is_key_only() {
+        // A partition with DEFAULT identity under a FULL root: PostgreSQL labels the
+        // key-only old row as full, with NULL for what it did not log.
+        let ev = RowEvent::delete(
+            table(),
+            pgoutput::Delete {
+                relation: 1,
+                old: OldTuple::Full(vec![
                     pgoutput::Value::Text(Bytes::from_static(b"7")),
                     pgoutput::Value::Null,
                 ]),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::pgoutput::Relation;
 
 /// A table's REPLICA IDENTITY setting: which old values Postgres sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReplicaIdentity {
     /// Primary key columns (old key sent only when it changed, and on DELETE).
     Default,
@@ -33,6 +33,18 @@ impl ReplicaIdentity {
             b'i' => ReplicaIdentity::Index,
             _ => return None,
         })
+    }
+}
+
+impl ReplicaIdentity {
+    /// How much of the old row it sends: FULL everything, DEFAULT and USING INDEX a
+    /// key, NOTHING nothing.
+    pub fn strength(self) -> u8 {
+        match self {
+            ReplicaIdentity::Full => 2,
+            ReplicaIdentity::Default | ReplicaIdentity::Index => 1,
+            ReplicaIdentity::Nothing => 0,
+        }
     }
 }
 
@@ -112,6 +124,30 @@ impl From<&Relation> for Table {
     }
 }
 
+/// What a partitioned table's old rows really carry, from the catalog: PostgreSQL
+/// labels them by the root's identity, but each partition logs by its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectiveIdentity {
+    /// The weakest identity among the root and its partitions.
+    pub replica_identity: ReplicaIdentity,
+    /// The columns every one of them sends in old rows.
+    pub columns: Vec<String>,
+}
+
+impl Table {
+    /// The table as its partitions really send it: old values outside `identity`
+    /// count as not sent.
+    pub fn with_identity(mut self, identity: &EffectiveIdentity) -> Table {
+        if identity.replica_identity != ReplicaIdentity::Full {
+            self.replica_identity = identity.replica_identity;
+            for column in &mut self.columns {
+                column.is_key = identity.columns.contains(&column.name);
+            }
+        }
+        self
+    }
+}
+
 /// Tables seen in the stream, by OID.
 #[derive(Debug, Default)]
 pub struct RelationCache {
@@ -119,9 +155,14 @@ pub struct RelationCache {
 }
 
 impl RelationCache {
-    /// Records (or replaces, after a schema change) a table's description.
-    pub fn update(&mut self, rel: &Relation) -> Arc<Table> {
-        let table = Arc::new(Table::from(rel));
+    /// Records (or replaces, after a schema change) a table's description; for a
+    /// partitioned table, `identity` is what its partitions really send.
+    pub fn update(&mut self, rel: &Relation, identity: Option<&EffectiveIdentity>) -> Arc<Table> {
+        let table = Table::from(rel);
+        let table = Arc::new(match identity {
+            Some(identity) => table.with_identity(identity),
+            None => table,
+        });
         self.tables.insert(rel.oid, table.clone());
         table
     }

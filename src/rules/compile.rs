@@ -12,7 +12,7 @@ use toml::Spanned;
 
 use crate::config::{LineIndex, Problem};
 use crate::replication::event::Op;
-use crate::replication::relation::Table;
+use crate::replication::relation::{ReplicaIdentity, Table};
 
 use super::model::RuleModel;
 use super::template::{ImageSelector, Part, Template};
@@ -217,7 +217,27 @@ pub enum BoundPart {
     Missing(String),
 }
 
+impl BoundRule {
+    /// Every bound template: keys, tags, patterns.
+    pub fn templates(&self) -> impl Iterator<Item = &BoundTemplate> {
+        self.keys.iter().chain(&self.tags).chain(&self.patterns)
+    }
+}
+
 impl BoundTemplate {
+    /// Whether the template reads an old value (`{col}`, `{old.col}`) of a column
+    /// outside the replica identity the stream describes for `table`.
+    pub fn reads_old_outside_identity(&self, table: &Table) -> bool {
+        table.replica_identity != ReplicaIdentity::Full
+            && self.parts.iter().any(|p| match p {
+                BoundPart::Column { image, index } => {
+                    *image != ImageSelector::New
+                        && table.columns.get(*index).is_some_and(|c| !c.is_key)
+                }
+                _ => false,
+            })
+    }
+
     /// Whether a placeholder's column is missing from the table.
     pub fn is_broken(&self) -> bool {
         self.parts

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value as Json};
 
 use crate::replication::event::{Cell, Op, RowEvent};
+use crate::replication::relation::ReplicaIdentity;
 
 use super::compile::{Action, BoundPart, BoundRule, BoundTemplate, Fallback};
 use super::template::{ImageSelector, push_glob_escaped, push_value};
@@ -40,6 +41,8 @@ pub enum FallbackReason {
     SlotLost,
     /// The managed publication changed: changes before it were filtered by the old one.
     PublicationChanged,
+    /// A rule table was renamed or replaced.
+    TableRenamed,
 }
 
 impl FallbackReason {
@@ -52,6 +55,7 @@ impl FallbackReason {
             FallbackReason::TooManyRows => "too_many_rows",
             FallbackReason::SlotLost => "slot_lost",
             FallbackReason::PublicationChanged => "publication_changed",
+            FallbackReason::TableRenamed => "table_renamed",
         }
     }
 }
@@ -218,32 +222,34 @@ impl Invalidation {
                 }
                 continue;
             }
-            if rule.broken {
-                self.add_fallback(rule, FallbackReason::SchemaChange);
-            }
-            let mut unknown = false;
+            // Templates that cannot render exactly (a value not sent, a column gone from
+            // the table) are applied as their own wildcards: a declared fallback that
+            // names something else must not leave them stale. The declared fallback is
+            // applied on top, as the rule asks for whenever exact invalidation fails.
+            let mut inexact = Vec::new();
             let (mut rendered_keys, mut rendered_tags) = (0u64, 0u64);
             for t in &rule.keys {
-                match rule.rule.action {
-                    Action::Delete => {
-                        unknown |= render(t, event, false, &mut |key| {
-                            rendered_keys += 1;
-                            if let Some(delay) = rule.rule.redelete_after {
-                                let ms = delay.as_millis() as u64;
-                                let e = self.redelete.entry(key.clone()).or_insert(ms);
-                                *e = (*e).max(ms);
-                            }
-                            self.keys.insert(key);
-                        })
-                    }
+                let unknown = match rule.rule.action {
+                    Action::Delete => render(t, event, false, &mut |key| {
+                        rendered_keys += 1;
+                        if let Some(delay) = rule.rule.redelete_after {
+                            let ms = delay.as_millis() as u64;
+                            let e = self.redelete.entry(key.clone()).or_insert(ms);
+                            *e = (*e).max(ms);
+                        }
+                        self.keys.insert(key);
+                    }),
                     Action::Expire(ttl) => {
                         let ms = ttl.as_millis() as u64;
-                        unknown |= render(t, event, false, &mut |key| {
+                        render(t, event, false, &mut |key| {
                             rendered_keys += 1;
                             let e = self.expire_keys.entry(key).or_insert(ms);
                             *e = (*e).min(ms);
                         })
                     }
+                };
+                if unknown {
+                    inexact.push((t, false));
                 }
             }
             let tag_action = match rule.rule.action {
@@ -251,21 +257,41 @@ impl Invalidation {
                 Action::Expire(ttl) => TagAction::Expire(ttl.as_millis() as u64),
             };
             for t in &rule.tags {
-                unknown |= render(t, event, false, &mut |tag| {
+                if render(t, event, false, &mut |tag| {
                     rendered_tags += 1;
                     add_tag(&mut self.tags, tag, tag_action)
-                });
+                }) {
+                    inexact.push((t, true));
+                }
             }
             for t in &rule.patterns {
-                unknown |= render(t, event, true, &mut |p| {
+                if render(t, event, true, &mut |p| {
                     self.key_patterns.insert(p);
-                });
+                }) {
+                    inexact.push((t, false));
+                }
             }
             let counts = self.rendered.entry(rule.rule.number).or_default();
             counts.0 += rendered_keys;
             counts.1 += rendered_tags;
-            if unknown && !rule.broken {
-                self.add_fallback(rule, FallbackReason::ValueNotSent);
+            if !inexact.is_empty() {
+                let reason = if rule.broken {
+                    FallbackReason::SchemaChange
+                } else {
+                    FallbackReason::ValueNotSent
+                };
+                for (t, is_tag) in inexact {
+                    let glob = t.template.wildcard_pattern();
+                    if is_tag {
+                        self.tag_patterns.insert(glob);
+                    } else {
+                        self.key_patterns.insert(glob);
+                    }
+                }
+                match &rule.rule.fallback {
+                    Some(declared) => self.add_rule_fallback(declared, reason),
+                    None => *self.fallbacks.entry(reason).or_default() += 1,
+                }
             }
             if let Some(entity) = &rule.rule.entity {
                 self.events
@@ -433,15 +459,20 @@ enum Image {
 }
 
 /// Renders `t` against every image of `event`, calling `out` for each result.
-/// Returns true when some value was not sent, so exact rendering was impossible.
+/// Returns true when some value was not sent or a column is gone from the table, so
+/// exact rendering was impossible.
 /// `glob`: the template is a pattern; values are glob-escaped.
 fn render(t: &BoundTemplate, event: &RowEvent, glob: bool, out: &mut dyn FnMut(String)) -> bool {
     if t.is_broken() {
-        return false;
+        return true;
     }
+    // An UPDATE without an old image still had an old row: `{col}` reads it too, and
+    // `lookup` says which of its values are known (the unchanged identity) and which
+    // are not (everything else: exact rendering is impossible).
+    let has_old = event.old.is_some() || event.op == Op::Update;
     let primaries = [
         event.new.as_ref().map(|_| Image::New),
-        event.old.as_ref().map(|_| Image::Old),
+        has_old.then_some(Image::Old),
     ];
     let mut unknown = false;
     for primary in primaries.into_iter().flatten() {
@@ -521,9 +552,12 @@ fn lookup(event: &RowEvent, image: Image, index: usize) -> Lookup<'_> {
     };
     match found {
         // An UPDATE without an old image (REPLICA IDENTITY DEFAULT, key unchanged): the
-        // old key columns equal the new ones; other old values are unknown.
+        // old key columns equal the new ones; other old values are unknown. Under FULL
+        // the old row always comes, so its absence means the identity was not what the
+        // stream says (a partition with its own identity): nothing old is known.
         None if image_is_old(image) && event.op == Op::Update => {
-            let is_key = event.table.columns.get(index).is_some_and(|c| c.is_key);
+            let is_key = event.table.replica_identity != ReplicaIdentity::Full
+                && event.table.columns.get(index).is_some_and(|c| c.is_key);
             match (is_key, cell(&event.new, index)) {
                 (true, Some(Some(Cell::Text(b)))) => Lookup::Text(b),
                 (true, Some(Some(Cell::Null))) => Lookup::Absent,
@@ -688,14 +722,17 @@ mod tests {
     #[test]
     fn old_key_of_an_update_without_old_image_is_the_new_key() {
         let ev = RowEvent {
-            table: table(),
+            table: default_identity_table(),
             op: Op::Update,
             old: None,
             new: Some(vec![text("5"), text("3"), text("b")]),
         };
         let mut inv = Invalidation::default();
         inv.add_row(
-            &rules(&["was:{old.id}", "by:{old.author_id}"], &[]),
+            &RuleSet {
+                rules: vec![rule(&["was:{old.id}", "by:{old.author_id}"], &[])],
+            }
+            .bind(&default_identity_table()),
             &ev,
             &[0],
         );
@@ -704,6 +741,94 @@ mod tests {
             inv.key_patterns.contains("by:*"),
             "old non-key value unknown: fallback"
         );
+    }
+
+    fn default_identity_table() -> Arc<Table> {
+        let mut t = (*table()).clone();
+        t.replica_identity = ReplicaIdentity::Default;
+        Arc::new(t)
+    }
+
+    #[test]
+    fn update_without_old_image_applies_non_key_templates_as_wildcards() {
+        let ev = RowEvent {
+            table: default_identity_table(),
+            op: Op::Update,
+            old: None,
+            new: Some(vec![text("5"), text("7"), text("b")]),
+        };
+        let mut inv = Invalidation::default();
+        inv.add_row(
+            &RuleSet {
+                rules: vec![rule(&["post:{id}", "user_posts:{author_id}"], &["a:{author_id}"])],
+            }
+            .bind(&default_identity_table()),
+            &ev,
+            &[0],
+        );
+        // The new author's key exactly; the old author is unknown: the wildcard.
+        assert_eq!(keys(&inv), vec!["post:5", "user_posts:7"]);
+        assert!(inv.key_patterns.contains("user_posts:*"));
+        assert!(inv.tag_patterns.contains("a:*"));
+        assert!(!inv.key_patterns.contains("post:*"), "the key is known");
+        assert_eq!(inv.fallbacks[&FallbackReason::ValueNotSent], 1);
+    }
+
+    #[test]
+    fn full_identity_without_old_image_knows_no_old_value() {
+        // A partition with its own DEFAULT identity under a FULL root.
+        let ev = RowEvent {
+            table: table(),
+            op: Op::Update,
+            old: None,
+            new: Some(vec![text("5"), text("7"), text("b")]),
+        };
+        let mut inv = Invalidation::default();
+        inv.add_row(&rules(&["was:{old.id}"], &[]), &ev, &[0]);
+        assert!(inv.keys.is_empty());
+        assert!(inv.key_patterns.contains("was:*"));
+    }
+
+    #[test]
+    fn declared_fallback_is_added_to_the_unrenderable_templates_wildcard() {
+        let mut r = rule(&["post:{id}", "user_posts:{author_id}"], &[]);
+        r.fallback = Some(Fallback {
+            tags: vec!["all_posts".into()],
+            patterns: vec![],
+        });
+        let ev = RowEvent {
+            table: table(),
+            op: Op::Delete,
+            old: Some(vec![text("1"), Cell::Unknown, Cell::Unknown]),
+            new: None,
+        };
+        let mut inv = Invalidation::default();
+        inv.add_row(&bind(r), &ev, &[0]);
+        assert_eq!(keys(&inv), vec!["post:1"]);
+        assert!(inv.key_patterns.contains("user_posts:*"));
+        assert!(inv.tags.contains_key("all_posts"));
+        assert_eq!(inv.fallbacks[&FallbackReason::ValueNotSent], 1);
+    }
+
+    #[test]
+    fn template_on_a_dropped_column_is_applied_as_its_wildcard_and_others_stay_exact() {
+        let mut t = (*table()).clone();
+        t.columns.retain(|c| c.name != "author_id");
+        let bound = RuleSet {
+            rules: vec![rule(&["post:{id}", "user_posts:{author_id}"], &[])],
+        }
+        .bind(&t);
+        let ev = RowEvent {
+            table: Arc::new(t),
+            op: Op::Update,
+            old: Some(vec![text("1"), text("b")]),
+            new: Some(vec![text("1"), text("c")]),
+        };
+        let mut inv = Invalidation::default();
+        inv.add_row(&bound, &ev, &[0]);
+        assert_eq!(keys(&inv), vec!["post:1"]);
+        assert!(inv.key_patterns.contains("user_posts:*"));
+        assert_eq!(inv.fallbacks[&FallbackReason::SchemaChange], 1);
     }
 
     #[test]

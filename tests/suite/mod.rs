@@ -3,4 +3,5 @@
 mod faults;
 mod ops;
 mod rules;
+mod silent;
 mod tls;

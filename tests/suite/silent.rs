@@ -1,0 +1,163 @@
+//! Setups that `check` approves must never lose an invalidation silently: partitions
+//! with identities of their own, identities changed while running, templates whose
+//! value was not sent, renamed tables — end to end against PostgreSQL and Redis.
+
+use redis::AsyncCommands;
+
+use crate::{Daemon, barrier, bin, cache, config, config_file, config_text, setup, wait_gone};
+
+const PARTITIONED: &str = "
+    CREATE TABLE pposts (id bigint, author_id bigint, title text, PRIMARY KEY (id))
+        PARTITION BY RANGE (id);
+    CREATE TABLE pposts_1 PARTITION OF pposts FOR VALUES FROM (0) TO (1000);
+    ALTER TABLE pposts REPLICA IDENTITY FULL;
+    INSERT INTO pposts SELECT g, g % 10, 'p' || g FROM generate_series(1, 50) g;
+";
+
+const PARTITIONED_RULES: &str = r#"
+[[rules]]
+table = "users"
+keys = ["user:{id}"]
+
+[[rules]]
+table = "pposts"
+keys = ["ppost:{id}", "user_pposts:{author_id}"]
+"#;
+
+fn check(db: &crate::support::TestDb, redis: &crate::support::Redis, rules: &str) -> (i32, String) {
+    let path = config_file(db, &config_text(db, redis, rules));
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The root says FULL, the partition logged only its key: `check` names the partition,
+/// and once running, a partition created later without FULL gets its author moves and
+/// deletes applied as wildcards instead of rendering NULL or the new value only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_without_full_identity_is_refused_then_covered_by_wildcards() {
+    let (db, redis) = setup("partident").await;
+    db.execute_batch(PARTITIONED).await;
+    let (code, stdout) = check(&db, &redis, PARTITIONED_RULES);
+    assert_eq!(code, 2, "{stdout}");
+    assert!(
+        stdout.contains(r#"ALTER TABLE "public"."pposts_1" REPLICA IDENTITY FULL;"#),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#"REPLICA IDENTITY DEFAULT (in "public"."pposts_1")"#),
+        "{stdout}"
+    );
+
+    db.execute_batch("ALTER TABLE pposts_1 REPLICA IDENTITY FULL")
+        .await;
+    let (code, stdout) = check(&db, &redis, PARTITIONED_RULES);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains("partitioned") && stdout.contains("TRUNCATE, DETACH or DROP"),
+        "check says what partitions leave uncovered: {stdout}"
+    );
+
+    let daemon = Daemon::start(&db, config(&db, &redis, PARTITIONED_RULES)).await;
+    // A FULL partition: exact old and new keys.
+    cache(&redis, &["user_pposts:1", "user_pposts:8", "user_pposts:5"]).await;
+    db.execute_batch("UPDATE pposts SET author_id = 8 WHERE id = 1")
+        .await;
+    wait_gone(&redis, &["user_pposts:1", "user_pposts:8"]).await;
+    barrier(&db, &redis).await;
+    assert!(
+        crate::exists(&redis, "user_pposts:5").await,
+        "a FULL partition is invalidated exactly"
+    );
+
+    // A partition created while running keeps DEFAULT: key-only old rows.
+    db.execute_batch(
+        "CREATE TABLE pposts_2 PARTITION OF pposts FOR VALUES FROM (1000) TO (2000);
+         INSERT INTO pposts VALUES (1003, 3, 'x'), (1004, 4, 'y');",
+    )
+    .await;
+    barrier(&db, &redis).await;
+    cache(&redis, &["user_pposts:3", "user_pposts:4", "ppost:1003"]).await;
+    db.execute_batch("UPDATE pposts SET author_id = 7 WHERE id = 1003")
+        .await;
+    wait_gone(&redis, &["user_pposts:3", "ppost:1003"]).await;
+    cache(&redis, &["user_pposts:3"]).await;
+    db.execute_batch("DELETE FROM pposts WHERE id = 1004").await;
+    wait_gone(&redis, &["user_pposts:4", "user_pposts:3"]).await;
+    daemon.stop().await.unwrap();
+}
+
+/// sql/partitions.sql gives partitions created or attached later the root's FULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_event_trigger_gives_new_partitions_full_identity() {
+    let (db, _redis) = setup("parttrigger").await;
+    db.execute_batch(PARTITIONED).await;
+    let script = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/partitions.sql"),
+    )
+    .unwrap();
+    db.execute_batch(&script).await;
+    db.execute_batch(
+        "CREATE TABLE pposts_2 PARTITION OF pposts FOR VALUES FROM (1000) TO (2000);
+         CREATE TABLE pposts_3 (LIKE pposts);
+         ALTER TABLE pposts ATTACH PARTITION pposts_3 FOR VALUES FROM (2000) TO (3000);",
+    )
+    .await;
+    let client = db.client().await;
+    let rows = client
+        .query(
+            "SELECT relname::text, relreplident::text FROM pg_class
+              WHERE relname IN ('pposts_2', 'pposts_3') ORDER BY relname",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("pposts_2".to_string(), "f".to_string()),
+            ("pposts_3".to_string(), "f".to_string())
+        ]
+    );
+}
+
+/// FULL → DEFAULT while streaming: the Relation message carries the new identity, and
+/// `{author_id}` can no longer get its old value. It is applied as its wildcard — even
+/// though the rule declares a fallback naming something else — and the declared
+/// fallback is applied too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_weakened_while_running_applies_old_value_templates_as_wildcards() {
+    let (db, redis) = setup("identchange").await;
+    let rules = r#"
+[[rules]]
+table = "users"
+keys = ["user:{id}"]
+
+[[rules]]
+table = "posts"
+keys = ["post:{id}", "user_posts:{author_id}"]
+fallback = { tags = ["all_posts"] }
+"#;
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    db.execute_batch("ALTER TABLE posts REPLICA IDENTITY DEFAULT")
+        .await;
+    cache(&redis, &["user_posts:3", "user_posts:4", "page:posts"]).await;
+    let mut conn = redis.connection().await;
+    let _: () = conn.sadd("cache_tag:all_posts", "page:posts").await.unwrap();
+    // Post 3 belongs to author 3; it moves to author 7 and no old row is sent.
+    db.execute_batch("UPDATE posts SET author_id = 7 WHERE id = 3")
+        .await;
+    wait_gone(&redis, &["user_posts:3", "page:posts"]).await;
+    // Post 4 (author 4) is deleted: only its key is sent.
+    cache(&redis, &["user_posts:3"]).await;
+    db.execute_batch("DELETE FROM posts WHERE id = 4").await;
+    wait_gone(&redis, &["user_posts:4", "user_posts:3"]).await;
+    daemon.stop().await.unwrap();
+}
