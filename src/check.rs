@@ -13,6 +13,7 @@ use crate::config::{Config, Problem, SlotLost, write_problem};
 use crate::replication::catalog::{self, quote_ident, quote_table};
 use crate::replication::relation::ReplicaIdentity;
 use crate::rules::template::ImageSelector;
+use crate::sink::redis::RedisSink;
 
 /// What `check` found.
 #[derive(Debug, Default)]
@@ -211,6 +212,7 @@ pub async fn check_with(
     }
 
     check_row_filters(client, config, &mut report).await?;
+    check_redis(config, &mut report).await;
     let problems = &mut report.problems;
 
     let pub_name = &config.source.publication;
@@ -366,6 +368,89 @@ pub async fn check_with(
         }
     }
     Ok(report)
+}
+
+/// pginval's state database (reachable, not evictable) and, for framework tag
+/// layouts, whether Redis holds tags of the configured form. Redis being down is a
+/// warning: `run` waits for it.
+async fn check_redis(config: &Config, report: &mut CheckReport) {
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let health = std::sync::Arc::new(crate::metrics::Health::new(config.max_lag));
+    let open = |info: &redis::ConnectionInfo| {
+        RedisSink::new(
+            info.clone(),
+            config.redis_ca.as_deref(),
+            config.tags.clone(),
+            None,
+            true,
+            metrics.clone(),
+            health.clone(),
+        )
+    };
+    let (Ok(mut own), Ok(mut cache)) = (open(&config.state_redis), open(&config.redis)) else {
+        return;
+    };
+    let state_db = config.state_redis.redis_settings().db();
+    let checked = tokio::time::timeout(std::time::Duration::from_secs(5), own.ping()).await;
+    match checked {
+        Ok(Ok(())) => report.notes.push(format!(
+            "redis answers; pginval's state lives in database {state_db}"
+        )),
+        Ok(Err(e)) => {
+            report.warnings.push(Problem::new(
+                None,
+                format!("cannot reach redis database {state_db} for pginval's state: {e}; run waits for it"),
+                Some("start Redis, or give [state] redis_db a database the server has (its `databases` setting)".into()),
+            ));
+            return;
+        }
+        Err(_) => {
+            report.warnings.push(Problem::new(
+                None,
+                "redis did not answer within 5 s; its settings were not checked (run waits for it)",
+                None,
+            ));
+            return;
+        }
+    }
+    match own.config_get("maxmemory-policy").await {
+        Ok(Some(policy)) if policy.starts_with("allkeys-") => report.problems.push(Problem::new(
+            None,
+            format!("redis runs with maxmemory-policy {policy}: it may evict pginval's state (database {state_db}), after which a lost slot would be taken for a first start and its gap never invalidated"),
+            Some("CONFIG SET maxmemory-policy volatile-lru (and in redis.conf); cache entries with a TTL are still evicted, pginval's state (no TTL) is not".into()),
+        )),
+        Ok(_) => {}
+        Err(e) => report.warnings.push(Problem::new(
+            None,
+            format!("cannot read redis' maxmemory-policy ({e}): make sure it is not allkeys-*, which may evict pginval's state"),
+            None,
+        )),
+    }
+    if let Some((layout, other, fix)) = config.tags.other_form()
+        && matches!(
+            cache
+                .any_key_matches(&config.tags.tag_key_pattern("*"), 100_000)
+                .await,
+            Ok(false)
+        )
+        && matches!(
+            cache
+                .any_key_matches(&other.tag_key_pattern("*"), 100_000)
+                .await,
+            Ok(true)
+        )
+    {
+        report.warnings.push(Problem::new(
+            None,
+            format!("redis holds no tag of the configured {layout} layout ({}) but holds tags of another form ({}): tag flushes would find nothing", escape(&config.tags.tag_key_pattern("*")), escape(&other.tag_key_pattern("*"))),
+            Some(fix.into()),
+        ));
+    }
+}
+
+/// Control characters (Symfony's tag markers) shown as escapes.
+fn escape(key: &str) -> String {
+    key.escape_debug().to_string()
 }
 
 /// Each rule's `where` as PostgreSQL takes it: a valid row filter, and one whose

@@ -95,9 +95,10 @@ pub struct RedisConfig {
 pub struct TagsConfig {
     /// "set" (default: a SET per tag at `key` whose members are cache keys),
     /// "laravel" (Laravel 10+ Redis tagged cache: a ZSET `<prefix>tag:<tag>:entries`
-    /// whose members are item keys under `prefix`), or "symfony"
-    /// (RedisTagAwareAdapter: a SET `<prefix><namespace>:\0tags\0<tag>` whose members
-    /// are item ids under `prefix`).
+    /// whose members are item keys under `prefix`), "symfony" (RedisTagAwareAdapter
+    /// of symfony/cache 6.3 and later: a SET `<prefix><namespace>:\x01tags\x01<tag>`
+    /// whose members are item ids under `prefix`) or "symfony-legacy" (up to 6.2:
+    /// `\0tags\0`).
     #[serde(default = "default_layout")]
     pub layout: Spanned<String>,
     /// With layout "set": key of a tag's SET; must contain `{tag}`.
@@ -125,6 +126,95 @@ pub struct EventsConfig {
     /// Approximate length the stream is trimmed to (`MAXLEN ~`).
     #[serde(default = "default_stream_maxlen")]
     pub stream_maxlen: u64,
+}
+
+/// `[hints]`: invalidations applications name themselves, with
+/// `pg_logical_emit_message(true, 'pginval', '{"keys": [...], "tags": [...]}')`. Any
+/// database role may emit such a message, so hints are refused unless enabled, and
+/// then only for the listed key and tag prefixes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HintsConfig {
+    /// Apply hints (default false: every hint is refused, logged and counted).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Keys a hint may name must start with one of these, like "report:" ("" allows
+    /// every key, to every role that can log in).
+    #[serde(default)]
+    pub key_prefixes: Vec<String>,
+    /// Tags a hint may name must start with one of these.
+    #[serde(default)]
+    pub tag_prefixes: Vec<String>,
+    /// Most keys plus tags one hint may name (default 1000); a bigger one is refused.
+    #[serde(default = "default_hint_entries")]
+    pub max_entries: usize,
+}
+
+fn default_hint_entries() -> usize {
+    1000
+}
+
+impl Default for HintsConfig {
+    fn default() -> Self {
+        HintsConfig {
+            enabled: false,
+            key_prefixes: Vec::new(),
+            tag_prefixes: Vec::new(),
+            max_entries: default_hint_entries(),
+        }
+    }
+}
+
+impl HintsConfig {
+    /// Why a hint naming `keys` and `tags` is refused, or `None` when it may apply.
+    pub fn refusal(&self, keys: &[String], tags: &[String]) -> Option<String> {
+        if !self.enabled {
+            return Some("hints are not enabled ([hints] enabled = true)".into());
+        }
+        if keys.len() + tags.len() > self.max_entries {
+            return Some(format!(
+                "it names {} keys and tags, more than [hints] max_entries = {}",
+                keys.len() + tags.len(),
+                self.max_entries
+            ));
+        }
+        let allowed = |name: &String, prefixes: &[String]| {
+            prefixes.iter().any(|p| name.starts_with(p.as_str()))
+        };
+        if let Some(k) = keys.iter().find(|k| !allowed(k, &self.key_prefixes)) {
+            return Some(format!("key {k:?} has none of the [hints] key_prefixes"));
+        }
+        if let Some(t) = tags.iter().find(|t| !allowed(t, &self.tag_prefixes)) {
+            return Some(format!("tag {t:?} has none of the [hints] tag_prefixes"));
+        }
+        None
+    }
+}
+
+/// `[state]`: where pginval keeps its own state — the markers that tell a lost slot
+/// from a first start and that owe fallbacks across a crash. Apart from the cache, so
+/// that flushing the cache (`FLUSHDB`, a framework's `cache.clear()`), a `*` pattern
+/// or a hint cannot remove it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Database number on the cache's Redis server for pginval's state (default 15);
+    /// must differ from the cache's. `check` refuses a server whose maxmemory-policy
+    /// could evict it (allkeys-*).
+    #[serde(default = "default_state_db")]
+    pub redis_db: Spanned<i64>,
+}
+
+fn default_state_db() -> Spanned<i64> {
+    Spanned::new(0..0, 15)
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            redis_db: default_state_db(),
+        }
+    }
 }
 
 /// `[metrics]`: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
@@ -243,6 +333,10 @@ pub struct Config {
     pub tags: TagLayout,
     /// Entity events, when `[events]` names a channel or a stream.
     pub events: Option<EventsConfig>,
+    /// Which hints are applied.
+    pub hints: HintsConfig,
+    /// Where pginval's own state lives: the cache's server, another database.
+    pub state_redis: redis::ConnectionInfo,
     /// The compiled rules.
     pub rules: RuleSet,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`.
@@ -442,6 +536,9 @@ impl Config {
         let mut events: Option<EventsConfig> = None;
         let mut limits = LimitsConfig::default();
         let mut metrics = MetricsConfig::default();
+        let mut hints = HintsConfig::default();
+        let mut state = StateConfig::default();
+        let mut hints_line = None;
         let mut rule_models = Vec::new();
         for (key, value) in doc.get_ref() {
             let line = lines.line_of(&key.span());
@@ -451,6 +548,11 @@ impl Config {
                 "tags" => section(value, &lines, &mut problems, "[tags]", &mut tags),
                 "limits" => section(value, &lines, &mut problems, "[limits]", &mut limits),
                 "metrics" => section(value, &lines, &mut problems, "[metrics]", &mut metrics),
+                "hints" => {
+                    hints_line = line;
+                    section(value, &lines, &mut problems, "[hints]", &mut hints)
+                }
+                "state" => section(value, &lines, &mut problems, "[state]", &mut state),
                 "events" => {
                     let mut e = EventsConfig::default();
                     section(value, &lines, &mut problems, "[events]", &mut e);
@@ -489,7 +591,7 @@ impl Config {
                 other => problems.push(Problem::new(
                     line,
                     format!("unknown section `{other}`"),
-                    Some("the sections are [source], [redis], [tags], [events], [limits], [metrics] and [[rules]]".into()),
+                    Some("the sections are [source], [redis], [state], [tags], [events], [hints], [limits], [metrics] and [[rules]]".into()),
                 )),
             }
         }
@@ -667,15 +769,16 @@ impl Config {
             "laravel" => TagLayout::Laravel {
                 prefix: tags.prefix.clone(),
             },
-            "symfony" => TagLayout::Symfony {
+            "symfony" | "symfony-legacy" => TagLayout::Symfony {
                 prefix: tags.prefix.clone(),
                 namespace: tags.namespace.clone(),
+                legacy: tags.layout.get_ref() == "symfony-legacy",
             },
             other => {
                 problems.push(Problem::new(
                     lines.line_of(&tags.layout.span()),
                     format!("[tags] layout `{other}` is not known"),
-                    Some("use \"set\", \"laravel\" or \"symfony\"".into()),
+                    Some("use \"set\", \"laravel\", \"symfony\" (symfony/cache 6.3+) or \"symfony-legacy\" (up to 6.2)".into()),
                 ));
                 TagLayout::Set {
                     key: tags.key.get_ref().clone(),
@@ -713,6 +816,37 @@ impl Config {
                 ),
             ));
         }
+        if hints.enabled && hints.key_prefixes.is_empty() && hints.tag_prefixes.is_empty() {
+            problems.push(Problem::new(
+                hints_line,
+                "[hints] enabled = true but no key_prefixes or tag_prefixes: every hint would be refused",
+                Some("list what hints may name, like key_prefixes = [\"report:\"] (\"\" allows every key to every role that can log in)".into()),
+            ));
+        }
+        let state_db = *state.redis_db.get_ref();
+        let state_redis = redis_info.as_ref().map(|info| {
+            let settings = info.redis_settings().clone().set_db(state_db);
+            info.clone().set_redis_settings(settings)
+        });
+        if let Some(info) = &redis_info
+            && info.redis_settings().db() == state_db
+        {
+            problems.push(Problem::new(
+                lines.line_of(&state.redis_db.span()),
+                format!("[state] redis_db {state_db} is the cache's own database: flushing the cache would erase pginval's state (the record that tells a lost slot from a first start)"),
+                Some("give [state] redis_db another database number (default 15), or the cache another database in [redis] url".into()),
+            ));
+        }
+        if state_db < 0 {
+            problems.push(Problem::new(
+                lines.line_of(&state.redis_db.span()),
+                format!("[state] redis_db {state_db} is not a database number"),
+                Some(
+                    "use a number from 0 to 15 (the server's `databases` setting is the limit)"
+                        .into(),
+                ),
+            ));
+        }
         let defaults = compile::RuleDefaults {
             max_keys_per_transaction: limits.max_keys_per_transaction.max(1),
         };
@@ -729,8 +863,8 @@ impl Config {
         }
 
         problems.sort_by_key(|p| p.line.unwrap_or(0));
-        match (problems.is_empty(), pg, redis_info) {
-            (true, Some(pg), Some(redis)) => Ok(Config {
+        match (problems.is_empty(), pg, redis_info, state_redis) {
+            (true, Some(pg), Some(redis), Some(state_redis)) => Ok(Config {
                 path: path.to_owned(),
                 source: Source {
                     pg,
@@ -748,6 +882,8 @@ impl Config {
                 redis,
                 tags: tag_layout,
                 events,
+                hints,
+                state_redis,
                 rules,
                 metrics_listen,
                 max_lag: Duration::from_secs(metrics.max_lag_secs.max(1)),

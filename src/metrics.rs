@@ -39,6 +39,8 @@ pub const REDIS_ERRORS: &str = "pginval_redis_errors";
 pub const EVENTS: &str = "pginval_events_published";
 /// Second deletes performed.
 pub const SECOND_DELETES: &str = "pginval_second_deletes";
+/// Hints (`pg_logical_emit_message(.., 'pginval', ..)`), by outcome: applied or refused.
+pub const HINTS: &str = "pginval_hints";
 /// Entries (keys, tags, patterns, events) per batch sent to Redis.
 pub const BATCH_ENTRIES: &str = "pginval_batch_entries";
 /// Transactions per batch.
@@ -87,6 +89,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// What happened to it.
+    pub outcome: &'static str,
+}
+
 /// Every metric pginval exports.
 pub struct Metrics {
     registry: Registry,
@@ -108,6 +117,8 @@ pub struct Metrics {
     pub events: Counter,
     /// See [`SECOND_DELETES`].
     pub second_deletes: Counter,
+    /// See [`HINTS`].
+    pub hints: Family<OutcomeLabel, Counter>,
     /// See [`BATCH_ENTRIES`].
     pub batch_entries: Histogram,
     /// See [`BATCH_TRANSACTIONS`].
@@ -160,6 +171,7 @@ impl Metrics {
             redis_errors: Counter::default(),
             events: Counter::default(),
             second_deletes: Counter::default(),
+            hints: Family::default(),
             batch_entries: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             batch_transactions: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             commit_to_invalidation: Histogram::new(exponential_buckets(0.0001, 2.5, 16)),
@@ -210,6 +222,11 @@ impl Metrics {
             SECOND_DELETES,
             "Keys deleted a second time",
             m.second_deletes.clone(),
+        );
+        r.register(
+            HINTS,
+            "Hints received, by outcome (applied, refused)",
+            m.hints.clone(),
         );
         r.register(
             BATCH_ENTRIES,

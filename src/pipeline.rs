@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::check::{self, CheckReport};
 use crate::config::{Config, SlotLost};
-use crate::metrics::{self, Health, Metrics, ReasonLabel, RuleLabel, TableOp};
+use crate::metrics::{self, Health, Metrics, OutcomeLabel, ReasonLabel, RuleLabel, TableOp};
 use crate::replication::catalog;
 use crate::replication::conn::{Backend, ReplicationConnection, ReplicationError};
 use crate::replication::event::RowEvent;
@@ -195,19 +195,18 @@ pub async fn run(
         metrics.clone(),
         health.clone(),
     )?;
+    // pginval's own state: the cache's server, a database of its own (`[state]`).
+    let mut own = RedisSink::new(
+        config.state_redis.clone(),
+        config.redis_ca.as_deref(),
+        config.tags.clone(),
+        None,
+        false,
+        metrics.clone(),
+        health.clone(),
+    )?;
     if let Err(e) = sink.ping().await {
         tracing::warn!(error = %e, "redis is not reachable yet; changes will wait for it");
-    } else if config
-        .rules
-        .rules
-        .iter()
-        .any(|r| matches!(r.action, crate::rules::compile::Action::Expire(_)))
-        && sink.major_version().await.is_ok_and(|v| v < 7)
-    {
-        // PEXPIRE ... LT (never extend a TTL) arrived in Redis 7.
-        return Err(RunError::Replication(ReplicationError::Unsupported(
-            "rules with action = \"expire\" need Redis 7 or newer (PEXPIRE ... LT)".into(),
-        )));
     }
     tokio::pin!(shutdown);
     // Preparing can wait on Redis (the slot marker): a stop request ends the wait.
@@ -219,7 +218,7 @@ pub async fn run(
             }
             return Ok(());
         }
-        start = prepare(&control, &config, &mut sink) => start?,
+        start = prepare(&control, &config, &mut sink, &mut own) => start?,
     };
     if let Some(every) = config.source.heartbeat {
         background.push(tokio::spawn(heartbeat(control, every)));
@@ -275,10 +274,19 @@ pub async fn run(
                     // server behind the DSN, say): not a case to flush the cache over.
                     break Err(RunError::Replication(e));
                 }
+                let mut own_state = RedisSink::new(
+                    state.config.state_redis.clone(),
+                    state.config.redis_ca.as_deref(),
+                    state.config.tags.clone(),
+                    None,
+                    false,
+                    metrics.clone(),
+                    health.clone(),
+                )?;
                 let recovered = tokio::select! {
                     biased;
                     _ = &mut shutdown => break state.drain_on_shutdown().await,
-                    r = recover_lost_slot(&control, &state.config, &mut recovery, slot.is_some()) => r,
+                    r = recover_lost_slot(&control, &state.config, &mut recovery, &mut own_state, slot.is_some()) => r,
                 };
                 if let Err(e) = recovered {
                     break Err(e);
@@ -388,6 +396,7 @@ async fn sync_publication(
     control: &tokio_postgres::Client,
     config: &Config,
     sink: &mut RedisSink,
+    own: &mut RedisSink,
     desired: &[catalog::PublishedTable],
 ) -> Result<(), RunError> {
     let source = &config.source;
@@ -403,7 +412,7 @@ async fn sync_publication(
         .collect();
     let tables = tables.join("\n");
     if !tables.is_empty() {
-        sink.set_until_ok(&owed, &tables).await;
+        own.set_until_ok(&owed, &tables).await;
     }
     catalog::execute(
         control,
@@ -412,14 +421,20 @@ async fn sync_publication(
     .await?;
     tracing::info!(publication = %source.publication, "updated the managed publication to the rules' tables, columns and row filters");
     if !tables.is_empty() {
-        apply_table_fallbacks(sink, config, &tables, &owed).await;
+        apply_table_fallbacks(sink, own, config, &tables, &owed).await;
     }
     Ok(())
 }
 
 /// Applies the fallbacks of every rule of `tables` (`schema.table` lines), then
-/// removes `marker`.
-async fn apply_table_fallbacks(sink: &mut RedisSink, config: &Config, tables: &str, marker: &str) {
+/// removes `marker` from pginval's state.
+async fn apply_table_fallbacks(
+    sink: &mut RedisSink,
+    own: &mut RedisSink,
+    config: &Config,
+    tables: &str,
+    marker: &str,
+) {
     let tables: Vec<&str> = tables.lines().collect();
     let mut inv = Invalidation::default();
     for rule in &config.rules.rules {
@@ -437,7 +452,7 @@ async fn apply_table_fallbacks(sink: &mut RedisSink, config: &Config, tables: &s
     sink.apply_until_ok(&inv, &[]).await;
     let mut done = Invalidation::default();
     done.keys.insert(marker.to_owned());
-    sink.apply_until_ok(&done, &[]).await;
+    own.apply_until_ok(&done, &[]).await;
 }
 
 /// Creates the publication and the slot when they are missing, and recovers from a
@@ -446,8 +461,26 @@ async fn prepare(
     control: &tokio_postgres::Client,
     config: &Config,
     sink: &mut RedisSink,
+    own: &mut RedisSink,
 ) -> Result<Lsn, RunError> {
     let source = &config.source;
+    if config
+        .rules
+        .rules
+        .iter()
+        .any(|r| matches!(r.action, crate::rules::compile::Action::Expire(_)))
+    {
+        // PEXPIRE ... LT (never extend a TTL) arrived in Redis 7: known before the
+        // first change, so a Redis that is down at start is waited for, not skipped.
+        let version = sink.major_version_until_ok().await;
+        if version < 7 {
+            return Err(RunError::Replication(ReplicationError::Unsupported(
+                format!(
+                    "rules with action = \"expire\" need Redis 7 or newer (PEXPIRE ... LT); this Redis is {version}"
+                ),
+            )));
+        }
+    }
     if config.dry_run {
         // A dry run changes nothing: no DDL, no marker; it streams from a temporary
         // slot of its own (see `session`), so the real slot is neither moved nor held.
@@ -487,32 +520,32 @@ async fn prepare(
             // A standby's catalog is the primary's: the publication changes there.
             tracing::info!(publication = %source.publication, "standby: the managed publication is kept up to date by a pginval on the primary");
         } else {
-            sync_publication(control, config, sink, &desired).await?;
+            sync_publication(control, config, sink, own, &desired).await?;
         }
     }
     // A change of the managed publication that a crash interrupted: its fallbacks.
     let owed = publication_marker(config);
-    if let Some(tables) = sink.get_until_ok(&owed).await {
-        apply_table_fallbacks(sink, config, &tables, &owed).await;
+    if let Some(tables) = state_get(sink, own, &owed).await {
+        apply_table_fallbacks(sink, own, config, &tables, &owed).await;
     }
     let slot = catalog::slot(control, &source.slot).await?;
     {
         let marker_key = slot_marker(config);
-        let marker = sink.get_until_ok(&marker_key).await;
+        let marker = state_get(sink, own, &marker_key).await;
         let invalidated = slot
             .as_ref()
             .is_some_and(|s| s.wal_status.as_deref() == Some("lost"));
         let dropped = slot.is_none() && marker.is_some();
         let flush_owed = marker.as_deref() == Some(MARK_FLUSH_PENDING);
         if invalidated || dropped || flush_owed {
-            recover_lost_slot(control, config, sink, slot.is_some()).await?;
+            recover_lost_slot(control, config, sink, own, slot.is_some()).await?;
         } else {
             if slot.is_none() {
                 catalog::create_slot(control, &source.slot).await?;
                 tracing::info!(slot = %source.slot, "created replication slot (pgoutput)");
             }
             if marker.is_none() {
-                sink.set_until_ok(&marker_key, MARK_ACTIVE).await;
+                own.set_until_ok(&marker_key, MARK_ACTIVE).await;
             }
         }
     }
@@ -536,6 +569,7 @@ async fn recover_lost_slot(
     control: &tokio_postgres::Client,
     config: &Config,
     sink: &mut RedisSink,
+    own: &mut RedisSink,
     slot_exists: bool,
 ) -> Result<(), RunError> {
     let source = &config.source;
@@ -547,7 +581,7 @@ async fn recover_lost_slot(
         slot = %source.slot,
         "the replication slot was lost: changes since its last confirmed position are unknown; recreating it and applying every rule's fallback (over-invalidation)"
     );
-    sink.set_until_ok(&marker_key, MARK_FLUSH_PENDING).await;
+    own.set_until_ok(&marker_key, MARK_FLUSH_PENDING).await;
     let slot = catalog::slot(control, &source.slot).await?;
     if slot_exists
         && slot
@@ -565,13 +599,32 @@ async fn recover_lost_slot(
         inv.add_rule_fallback(&rule.effective_fallback(), FallbackReason::SlotLost);
     }
     sink.apply_until_ok(&inv, &[]).await;
-    sink.set_until_ok(&marker_key, MARK_ACTIVE).await;
+    own.set_until_ok(&marker_key, MARK_ACTIVE).await;
     tracing::warn!(
         patterns = inv.key_patterns.len(),
         tags = inv.tags.len() + inv.tag_patterns.len(),
         "flush after the lost slot done; streaming from the new slot"
     );
     Ok(())
+}
+
+/// Reads one of pginval's markers from its state database. A marker that an older
+/// pginval kept in the cache database is moved over first (read there, written to
+/// the state, deleted from the cache).
+async fn state_get(sink: &mut RedisSink, own: &mut RedisSink, key: &str) -> Option<String> {
+    if let Some(value) = own.get_until_ok(key).await {
+        return Some(value);
+    }
+    let old = sink.get_until_ok(key).await?;
+    own.set_until_ok(key, &old).await;
+    let mut moved = Invalidation::default();
+    moved.keys.insert(key.to_owned());
+    sink.apply_until_ok(&moved, &[]).await;
+    tracing::info!(
+        key,
+        "moved pginval's marker from the cache database to its state database"
+    );
+    Some(old)
 }
 
 /// Writes a heartbeat WAL record every `every`, logging failures once per change.
@@ -1238,8 +1291,25 @@ impl Stream {
                 return;
             }
         };
+        if let Some(why) = self.config.hints.refusal(&hint.keys, &hint.tags) {
+            self.metrics
+                .hints
+                .get_or_create(&OutcomeLabel { outcome: "refused" })
+                .inc();
+            tracing::warn!(
+                lsn = %format_lsn(m.lsn), reason = %why,
+                "refused a pginval hint (pg_logical_emit_message): nothing of it is applied"
+            );
+            return;
+        }
+        self.metrics
+            .hints
+            .get_or_create(&OutcomeLabel { outcome: "applied" })
+            .inc();
         if m.transactional {
             self.tx_mut().add_hint(hint.keys, hint.tags);
+            // The same bounds as row changes: a big transaction goes on in parts.
+            self.queue_part_if_big();
         } else {
             let batch = self.pending.get_or_insert_with(Batch::default);
             batch.inv.add_hint(hint.keys, hint.tags);
@@ -1256,7 +1326,8 @@ impl Stream {
             columns: self.primary_keys.get(name).cloned().unwrap_or_default(),
         };
         if self.control.is_none() {
-            match tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&self.config.source)).await {
+            match tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&self.config.source)).await
+            {
                 Ok(Ok(client)) => self.control = Some(client),
                 _ => {
                     tracing::warn!(table = %format!("{}.{}", name.0, name.1), "cannot read the partitions' replica identity from the catalog; treating old rows as carrying only the primary key");
@@ -1265,7 +1336,12 @@ impl Stream {
             }
         }
         let client = self.control.as_ref().expect("connected");
-        match tokio::time::timeout(CATALOG_TIMEOUT, catalog::table_info(client, &name.0, &name.1)).await {
+        match tokio::time::timeout(
+            CATALOG_TIMEOUT,
+            catalog::table_info(client, &name.0, &name.1),
+        )
+        .await
+        {
             Ok(Ok(Some(info))) => EffectiveIdentity {
                 replica_identity: info.replica_identity,
                 columns: info.identity_columns,
@@ -1315,7 +1391,11 @@ impl Stream {
             .filter(|t| t.reads_old_outside_identity(table))
             .map(|t| t.template.source())
             .collect();
-        if blind.is_empty() || !self.identity_logged.insert((table.oid, table.replica_identity)) {
+        if blind.is_empty()
+            || !self
+                .identity_logged
+                .insert((table.oid, table.replica_identity))
+        {
             return;
         }
         tracing::warn!(

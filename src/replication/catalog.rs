@@ -233,7 +233,10 @@ pub async fn table_info(
                 .collect();
             let id = identity(client, leaf_oid, &leaf_columns).await?;
             if id.replica_identity != ReplicaIdentity::Full {
-                not_full.push(quote_table(&leaf.get::<_, String>(1), &leaf.get::<_, String>(2)));
+                not_full.push(quote_table(
+                    &leaf.get::<_, String>(1),
+                    &leaf.get::<_, String>(2),
+                ));
             }
             if id.replica_identity.strength() < replica_identity.strength() {
                 replica_identity = id.replica_identity;
@@ -268,7 +271,10 @@ async fn identity(
     columns: &[String],
 ) -> Result<Identity, tokio_postgres::Error> {
     let ident: String = client
-        .query_one("SELECT relreplident::text FROM pg_class WHERE oid = $1", &[&oid])
+        .query_one(
+            "SELECT relreplident::text FROM pg_class WHERE oid = $1",
+            &[&oid],
+        )
         .await?
         .get(0);
     let index_columns = |flag: &'static str| {

@@ -477,6 +477,9 @@ fn render(t: &BoundTemplate, event: &RowEvent, glob: bool, out: &mut dyn FnMut(S
     let mut unknown = false;
     for primary in primaries.into_iter().flatten() {
         match render_one(t, event, primary, glob) {
+            // Without an old image, what the old row can render is its unchanged
+            // identity: the key the new row rendered already.
+            Rendered::Key(_) if image_is_old(primary) && event.old.is_none() => {}
             Rendered::Key(key) => out(key),
             Rendered::Nothing => {}
             Rendered::Unknown => unknown = true,
@@ -760,7 +763,10 @@ mod tests {
         let mut inv = Invalidation::default();
         inv.add_row(
             &RuleSet {
-                rules: vec![rule(&["post:{id}", "user_posts:{author_id}"], &["a:{author_id}"])],
+                rules: vec![rule(
+                    &["post:{id}", "user_posts:{author_id}"],
+                    &["a:{author_id}"],
+                )],
             }
             .bind(&default_identity_table()),
             &ev,

@@ -337,6 +337,62 @@ impl RedisSink {
             .unwrap_or(0))
     }
 
+    /// Redis' major version, retrying until Redis answers.
+    pub async fn major_version_until_ok(&mut self) -> u32 {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            match self.major_version().await {
+                Ok(v) => return v,
+                Err(e) => {
+                    self.conn = None;
+                    tracing::warn!(error = %e, "waiting for redis to read its version");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// A server setting (`CONFIG GET`); `None` when the server does not have it.
+    pub async fn config_get(&mut self, name: &str) -> Result<Option<String>, SinkError> {
+        let mut conn = self.connection().await?;
+        let pairs: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(&mut conn)
+            .await?;
+        Ok(pairs.into_iter().nth(1))
+    }
+
+    /// Whether some key matches `pattern`, looking at up to `budget` keys (SCAN).
+    pub async fn any_key_matches(
+        &mut self,
+        pattern: &str,
+        budget: usize,
+    ) -> Result<bool, SinkError> {
+        let mut conn = self.connection().await?;
+        let mut cursor = 0u64;
+        let mut seen = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                return Ok(true);
+            }
+            seen += SCAN_COUNT;
+            cursor = next;
+            if cursor == 0 || seen >= budget {
+                return Ok(false);
+            }
+        }
+    }
+
     /// Checks that Redis answers (PING).
     pub async fn ping(&mut self) -> Result<(), SinkError> {
         let mut conn = self.connection().await?;

@@ -19,13 +19,16 @@ pub enum TagLayout {
         /// Connection prefix plus cache prefix.
         prefix: String,
     },
-    /// Symfony RedisTagAwareAdapter: a SET `<prefix><namespace>:\0tags\0<tag>` whose
-    /// members are item ids under `prefix`.
+    /// Symfony RedisTagAwareAdapter: a SET `<prefix><namespace>:\x01tags\x01<tag>`
+    /// (symfony/cache 6.3 and later; `\0tags\0` up to 6.2) whose members are item ids
+    /// under `prefix`.
     Symfony {
         /// The Redis client's prefix.
         prefix: String,
         /// The adapter's namespace ("" for none).
         namespace: String,
+        /// symfony/cache up to 6.2: tags marked with `\0` instead of `\x01`.
+        legacy: bool,
     },
 }
 
@@ -54,6 +57,48 @@ impl TagLayout {
         }
     }
 
+    /// The form a misconfigured framework layout would have found instead (Symfony's
+    /// other tag marker; Laravel 10's `:` after the prefix, or 11's without), with the
+    /// setting that selects it; `None` for the plain set layout.
+    pub fn other_form(&self) -> Option<(&'static str, TagLayout, &'static str)> {
+        match self {
+            TagLayout::Set { .. } => None,
+            TagLayout::Symfony {
+                prefix,
+                namespace,
+                legacy,
+            } => Some((
+                if *legacy { "symfony-legacy" } else { "symfony" },
+                TagLayout::Symfony {
+                    prefix: prefix.clone(),
+                    namespace: namespace.clone(),
+                    legacy: !legacy,
+                },
+                if *legacy {
+                    "set [tags] layout = \"symfony\" (symfony/cache 6.3 and later mark tags with \\x01)"
+                } else {
+                    "set [tags] layout = \"symfony-legacy\" (symfony/cache up to 6.2 marks tags with \\0)"
+                },
+            )),
+            TagLayout::Laravel { prefix } => match prefix.strip_suffix(':') {
+                Some(bare) => Some((
+                    "laravel",
+                    TagLayout::Laravel {
+                        prefix: bare.to_owned(),
+                    },
+                    "remove the ':' at the end of [tags] prefix (Laravel 11 and later join the prefix without one)",
+                )),
+                None => Some((
+                    "laravel",
+                    TagLayout::Laravel {
+                        prefix: format!("{prefix}:"),
+                    },
+                    "end [tags] prefix with ':' (Laravel 10 joins the prefix with one)",
+                )),
+            },
+        }
+    }
+
     /// Whether tags are ZSETs (Laravel) rather than SETs.
     pub fn is_zset(&self) -> bool {
         matches!(self, TagLayout::Laravel { .. })
@@ -66,13 +111,18 @@ impl TagLayout {
                 (b.to_owned(), a.to_owned())
             }
             TagLayout::Laravel { prefix } => (format!("{prefix}tag:"), ":entries".to_owned()),
-            TagLayout::Symfony { prefix, namespace } => {
+            TagLayout::Symfony {
+                prefix,
+                namespace,
+                legacy,
+            } => {
                 let ns = if namespace.is_empty() {
                     String::new()
                 } else {
                     format!("{namespace}:")
                 };
-                (format!("{prefix}{ns}\0tags\0"), String::new())
+                let mark = if *legacy { '\0' } else { '\x01' };
+                (format!("{prefix}{ns}{mark}tags{mark}"), String::new())
             }
         }
     }
@@ -97,12 +147,21 @@ mod tests {
         let symfony = TagLayout::Symfony {
             prefix: "p:".into(),
             namespace: "ns".into(),
+            legacy: false,
         };
-        assert_eq!(symfony.tag_key("users"), "p:ns:\0tags\0users");
+        assert_eq!(symfony.tag_key("users"), "p:ns:\x01tags\x01users");
+        let legacy = TagLayout::Symfony {
+            prefix: "p:".into(),
+            namespace: "ns".into(),
+            legacy: true,
+        };
+        assert_eq!(legacy.tag_key("users"), "p:ns:\0tags\0users");
         let bare = TagLayout::Symfony {
             prefix: String::new(),
             namespace: String::new(),
+            legacy: true,
         };
         assert_eq!(bare.tag_key("t"), "\0tags\0t");
+        assert_eq!(symfony.other_form().unwrap().1, legacy);
     }
 }

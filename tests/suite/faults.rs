@@ -188,7 +188,7 @@ async fn dropped_slot_is_recreated_and_everything_flushed() {
     let daemon = Daemon::start(&db, config(&db, &redis, RULES)).await;
     // Every rule's fallback: user:*, user_full:*, post:*, user_posts:* all go.
     wait_gone(&redis, &["user:7", "user_full:8", "post:9", "user_posts:1"]).await;
-    let mut conn = redis.connection().await;
+    let mut conn = redis.state_connection().await;
     let marker: String = redis::AsyncCommands::get(
         &mut conn,
         format!("pginval:slot-state:{}:{}", db.name, db.name),

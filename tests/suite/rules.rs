@@ -218,31 +218,63 @@ async fn laravel_tagged_cache_is_flushed_like_laravel_does() {
     daemon.stop().await.unwrap();
 }
 
+/// symfony/cache 6.3 and later mark tag sets with `\x01tags\x01` (layout "symfony"),
+/// up to 6.2 with `\0tags\0` (layout "symfony-legacy").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symfony_tag_aware_cache_is_flushed_like_symfony_does() {
+    symfony_flush("symfony", '\x01').await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symfony_6_2_tag_aware_cache_is_flushed_with_the_legacy_layout() {
+    symfony_flush("symfony-legacy", '\0').await;
+}
+
+async fn symfony_flush(layout: &str, mark: char) {
     let (db, redis) = setup("symfony").await;
-    let rules = "[tags]\nlayout = \"symfony\"\nprefix = \"app:\"\nnamespace = \"pool\"\n\n[[rules]]\ntable = \"users\"\ntags = [\"user_{id}\"]\n";
+    let rules = format!(
+        "[tags]\nlayout = \"{layout}\"\nprefix = \"app:\"\nnamespace = \"pool\"\n\n[[rules]]\ntable = \"users\"\ntags = [\"user_{{id}}\"]\n"
+    );
     let text = config_text(&db, &redis, "").replace("\n[redis]", &format!("\n{rules}\n[redis]"));
     let cfg = pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None)
         .unwrap_or_else(|e| panic!("{e}"));
     let daemon = Daemon::start(&db, cfg).await;
     // RedisTagAwareAdapter: item ids are "<namespace>:<key>" under the client prefix;
-    // the tag set is "<namespace>:\0tags\0<tag>" under the prefix, members are ids.
+    // the tag set is "<namespace>:<mark>tags<mark><tag>" under the prefix, members are ids.
+    let tag = |t: &str| format!("app:pool:{mark}tags{mark}{t}");
     cache(&redis, &["app:pool:profile_1", "app:pool:profile_2"]).await;
     let mut conn = redis.connection().await;
-    let _: () = conn
-        .sadd("app:pool:\0tags\0user_1", "pool:profile_1")
-        .await
-        .unwrap();
-    let _: () = conn
-        .sadd("app:pool:\0tags\0user_2", "pool:profile_2")
-        .await
-        .unwrap();
+    let _: () = conn.sadd(tag("user_1"), "pool:profile_1").await.unwrap();
+    let _: () = conn.sadd(tag("user_2"), "pool:profile_2").await.unwrap();
     db.execute_batch("UPDATE users SET name = 's' WHERE id = 1")
         .await;
-    wait_gone(&redis, &["app:pool:profile_1", "app:pool:\0tags\0user_1"]).await;
-    assert_cached(&redis, &["app:pool:profile_2", "app:pool:\0tags\0user_2"]).await;
+    wait_gone(&redis, &["app:pool:profile_1", &tag("user_1")]).await;
+    assert_cached(&redis, &["app:pool:profile_2", &tag("user_2")]).await;
     daemon.stop().await.unwrap();
+
+    // `check` with the other Symfony layout finds none of its tags but these, and says
+    // which setting fits.
+    let other = if layout == "symfony" {
+        "symfony-legacy"
+    } else {
+        "symfony"
+    };
+    let text = text.replace(
+        &format!("layout = \"{layout}\""),
+        &format!("layout = \"{other}\""),
+    );
+    let path = config_file(&db, &text);
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("tag flushes would find nothing")
+            && stdout.contains(&format!("layout = \"{layout}\"")),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,7 +397,11 @@ async fn futures_next(pubsub: &mut redis::aio::PubSub) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn application_hints_apply_at_commit_and_vanish_on_rollback() {
     let (db, redis) = setup("hints").await;
-    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    let rules = format!(
+        "[hints]\nenabled = true\nkey_prefixes = [\"report:\"]\ntag_prefixes = [\"reports\"]\n{}",
+        crate::RULES
+    );
+    let daemon = Daemon::start(&db, config(&db, &redis, &rules)).await;
     cache(&redis, &["report:1", "report:2", "page:hinted"]).await;
     let mut conn = redis.connection().await;
     let _: () = conn.sadd("cache_tag:reports", "page:hinted").await.unwrap();
@@ -534,7 +570,13 @@ async fn where_becomes_the_publication_row_filter() {
     );
     wait_gone(&redis, &["post:50"]).await;
     let marker = format!("pginval:publication-changed:{}:{}", db.name, db.name);
-    assert!(!crate::exists(&redis, &marker).await);
+    let owed: bool = redis
+        .state_connection()
+        .await
+        .exists(&marker)
+        .await
+        .unwrap();
+    assert!(!owed);
     cache(&redis, &["post:4", "post:3"]).await;
     db.execute_batch("UPDATE posts SET title = 'y' WHERE id IN (3, 4)")
         .await;

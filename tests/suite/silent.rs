@@ -150,7 +150,10 @@ fallback = { tags = ["all_posts"] }
         .await;
     cache(&redis, &["user_posts:3", "user_posts:4", "page:posts"]).await;
     let mut conn = redis.connection().await;
-    let _: () = conn.sadd("cache_tag:all_posts", "page:posts").await.unwrap();
+    let _: () = conn
+        .sadd("cache_tag:all_posts", "page:posts")
+        .await
+        .unwrap();
     // Post 3 belongs to author 3; it moves to author 7 and no old row is sent.
     db.execute_batch("UPDATE posts SET author_id = 7 WHERE id = 3")
         .await;
@@ -160,4 +163,127 @@ fallback = { tags = ["all_posts"] }
     db.execute_batch("DELETE FROM posts WHERE id = 4").await;
     wait_gone(&redis, &["user_posts:4", "user_posts:3"]).await;
     daemon.stop().await.unwrap();
+}
+
+/// Any role may call `pg_logical_emit_message`: a role with no privilege on any table
+/// must not delete `session:secret`. Hints apply only when enabled, within the listed
+/// prefixes and the entry cap; a refused hint is logged and counted, never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_are_refused_unless_enabled_and_within_prefixes_and_cap() {
+    let (db, redis) = setup("hintdoor").await;
+    let role = format!("nobody_{}", db.name);
+    db.execute_batch(&format!("CREATE ROLE {role} LOGIN PASSWORD 'pw'"))
+        .await;
+    let intruder = crate::support::connect(&db.url_as(&role, "pw")).await;
+    let emit = |json: &'static str| {
+        let intruder = &intruder;
+        async move {
+            intruder
+                .execute(
+                    "SELECT pg_logical_emit_message(true, 'pginval', $1::text)",
+                    &[&json],
+                )
+                .await
+                .unwrap();
+        }
+    };
+
+    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    cache(
+        &redis,
+        &["session:secret", "report:1", "report:2", "report:3"],
+    )
+    .await;
+    emit(r#"{"keys":["session:secret","report:1"]}"#).await;
+    barrier(&db, &redis).await;
+    for key in ["session:secret", "report:1"] {
+        assert!(
+            crate::exists(&redis, key).await,
+            "{key}: hints are off by default"
+        );
+    }
+    daemon.stop().await.unwrap();
+
+    let rules = format!(
+        "[hints]\nenabled = true\nkey_prefixes = [\"report:\"]\nmax_entries = 2\n{}",
+        crate::RULES
+    );
+    let daemon = Daemon::start(&db, config(&db, &redis, &rules)).await;
+    emit(r#"{"keys":["session:secret","report:1"]}"#).await;
+    emit(r#"{"keys":["report:1","report:2","report:3"]}"#).await;
+    emit(r#"{"keys":["report:2"]}"#).await;
+    wait_gone(&redis, &["report:2"]).await;
+    barrier(&db, &redis).await;
+    for key in ["session:secret", "report:1", "report:3"] {
+        assert!(
+            crate::exists(&redis, key).await,
+            "{key}: its hint was refused whole"
+        );
+    }
+    daemon.stop().await.unwrap();
+}
+
+/// `FLUSHDB` on the cache database (Django's `cache.clear()`, Laravel's and Symfony's
+/// flush) must not erase pginval's record of its slot: a slot dropped while pginval
+/// was down is still told from a first start, and the gap is over-invalidated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_flush_keeps_pginvals_state_so_a_lost_slot_is_still_flushed() {
+    let (db, redis) = setup("flushstate").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    daemon.stop().await.unwrap();
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
+    db.client()
+        .await
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.name])
+        .await
+        .unwrap();
+    db.execute_batch("UPDATE users SET name = 'gap' WHERE id = 7")
+        .await;
+    cache(&redis, &["user:7", "post:9"]).await;
+    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    wait_gone(&redis, &["user:7", "post:9"]).await;
+    daemon.stop().await.unwrap();
+}
+
+/// The state database must differ from the cache's, and `check` refuses a Redis that
+/// may evict it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_a_state_database_that_can_be_flushed_or_evicted() {
+    let (db, redis) = setup("statecheck").await;
+    let same = format!("[state]\nredis_db = 0\n{}", crate::RULES);
+    let (code, stdout) = check(&db, &redis, &same);
+    let path = config_file(&db, &config_text(&db, &redis, &same));
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 2, "{stdout}");
+    assert!(
+        stderr.contains("[state] redis_db 0 is the cache's own database"),
+        "{stderr}"
+    );
+
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (code, stdout) = check(&db, &redis, crate::RULES);
+    assert_eq!(code, 2, "{stdout}");
+    assert!(stdout.contains("maxmemory-policy allkeys-lru"), "{stdout}");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("volatile-lru")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (code, stdout) = check(&db, &redis, crate::RULES);
+    assert_eq!(code, 0, "{stdout}");
 }

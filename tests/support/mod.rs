@@ -641,6 +641,16 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A connection to database 15, where pginval keeps its own state by default.
+    pub async fn state_connection(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/15", self.port))
+            .expect("a valid Redis URL");
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url()))
+    }
+
     /// TCP port of this server; it stays the same across [`Redis::restart`].
     pub fn port(&self) -> u16 {
         self.port
