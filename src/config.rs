@@ -1042,6 +1042,44 @@ keys = ["post:{id}", "user_posts:{author_id}"]
     }
 
     #[test]
+    fn state_lives_in_its_own_database_and_hints_are_off_by_default() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.state_redis.redis_settings().db(), 15);
+        assert_eq!(c.state_redis.addr().to_string(), "127.0.0.1:6379");
+        assert!(c.hints.refusal(&["report:1".into()], &[]).is_some());
+        let same = format!("[state]\nredis_db = 0\n{GOOD}");
+        let e = parse(&same).unwrap_err();
+        assert!(
+            e.problems[0].message.contains("the cache's own database"),
+            "{e}"
+        );
+        let open = format!("[hints]\nenabled = true\n{GOOD}");
+        let e = parse(&open).unwrap_err();
+        assert!(
+            e.problems[0]
+                .message
+                .contains("every hint would be refused"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn redelete_after_with_expire_is_refused_not_ignored() {
+        let text = format!(
+            "{GOOD}\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\naction = \"expire\"\nexpire_in = \"5s\"\nredelete_after = \"1s\"\n"
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.problems
+                .iter()
+                .any(|p| p.message.contains("never deletes them")
+                    && p.line.is_some()
+                    && p.fix.is_some()),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn environment_overrides_urls() {
         let c = Config::parse(Path::new("r.toml"), GOOD, |k| match k {
             ENV_SOURCE_URL => Some("postgres://u@db:5433/other".into()),

@@ -87,6 +87,10 @@ pub enum RunError {
     /// The sink task ended unexpectedly.
     #[error("the redis sink stopped")]
     SinkStopped,
+    /// Rule tables left the publication while streaming (renamed, or replaced by a
+    /// table of the same name): start-up runs again to follow the names.
+    #[error("rule tables {} are no longer in the publication (renamed or replaced)", .0.iter().map(|(s, t)| format!("{s}.{t}")).collect::<Vec<_>>().join(", "))]
+    Unpublished(Vec<(String, String)>),
     /// The slot was lost and `on_slot_lost = "fail"`.
     #[error(
         "replication slot {0} was lost (dropped or invalidated): changes since its last confirmed position are unknown; flush the cache, then delete the Redis key {1} (or set on_slot_lost = \"flush\")"
@@ -180,10 +184,12 @@ pub async fn run(
             health.clone(),
         )));
     }
+    let (unpublished_tx, unpublished_rx) = watch::channel(Vec::new());
     background.push(tokio::spawn(poll_stats(
         config.clone(),
         metrics.clone(),
         health.clone(),
+        unpublished_tx,
     )));
 
     let mut sink = RedisSink::new(
@@ -236,6 +242,7 @@ pub async fn run(
         Arc::new(config),
         report.primary_keys,
         report.partitioned,
+        unpublished_rx,
         start,
         batch_tx,
         acked_rx,
@@ -295,6 +302,56 @@ pub async fn run(
                 health.set_streaming(false);
                 metrics.reconnects.inc();
             }
+            Err(RunError::Unpublished(tables)) => {
+                // Whatever now bears a rule table's name was not streamed since the
+                // switch: its rules' fallbacks are owed (kept in pginval's state across
+                // a crash) once the publication has it again.
+                tracing::error!(
+                    tables = %tables.iter().map(|(s, t)| format!("{s}.{t}")).collect::<Vec<_>>().join(","),
+                    "rule tables are no longer in the publication (renamed or replaced); following their names: checking and preparing again"
+                );
+                let mut cache = RedisSink::new(
+                    state.config.redis.clone(),
+                    state.config.redis_ca.as_deref(),
+                    state.config.tags.clone(),
+                    None,
+                    false,
+                    metrics.clone(),
+                    health.clone(),
+                )?;
+                let mut own = RedisSink::new(
+                    state.config.state_redis.clone(),
+                    state.config.redis_ca.as_deref(),
+                    state.config.tags.clone(),
+                    None,
+                    false,
+                    metrics.clone(),
+                    health.clone(),
+                )?;
+                let owed = publication_marker(&state.config);
+                let mut lines: Vec<String> = own
+                    .get_until_ok(&owed)
+                    .await
+                    .map(|l| l.lines().map(str::to_owned).collect())
+                    .unwrap_or_default();
+                lines.extend(tables.iter().map(|(s, t)| format!("{s}.{t}")));
+                own.set_until_ok(&owed, &lines.join("\n")).await;
+                health.set_streaming(false);
+                let control = catalog::connect(&state.config.source).await?;
+                let report = check::check_with(&control, &state.config).await?;
+                if !report.problems.is_empty() {
+                    break Err(RunError::Check(report));
+                }
+                let restarted = tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break Ok(()),
+                    r = prepare(&control, &state.config, &mut cache, &mut own) => r,
+                };
+                if let Err(e) = restarted {
+                    break Err(e);
+                }
+                state.conn = None;
+            }
             Err(RunError::Replication(e)) if e.is_slot_busy() => {
                 // Warm standby: another instance holds the slot. Poll at a steady pace
                 // so the takeover after its death is quick.
@@ -335,7 +392,17 @@ pub async fn run(
 
 /// Every few seconds: the slot's retained WAL, and Redis' keyspace hits and misses
 /// (which also tell `/readyz` whether Redis answers while no change flows).
-async fn poll_stats(config: Config, metrics: Arc<Metrics>, health: Arc<Health>) {
+///
+/// Also watches that every rule table is still in the publication by name: a table
+/// renamed away (or replaced by one outside the publication) would otherwise send
+/// nothing, silently.
+async fn poll_stats(
+    config: Config,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    unpublished: watch::Sender<Vec<(String, String)>>,
+) {
+    let tables: Vec<(String, String)> = config.rules.tables().into_iter().collect();
     let Ok(mut redis) = RedisSink::new(
         config.redis.clone(),
         config.redis_ca.as_deref(),
@@ -373,6 +440,20 @@ async fn poll_stats(config: Config, metrics: Arc<Metrics>, health: Arc<Health>) 
                     metrics.retained_wal.set(bytes.unwrap_or(0));
                 }
                 Err(_) => control = None,
+            }
+            if let Some(client) = &control
+                && !config.dry_run
+            {
+                match catalog::unpublished(client, &config.source.publication, &tables).await {
+                    Ok(missing) => {
+                        unpublished.send_if_modified(|seen| {
+                            let changed = *seen != missing;
+                            *seen = missing;
+                            changed && !seen.is_empty()
+                        });
+                    }
+                    Err(_) => control = None,
+                }
             }
         }
     }
@@ -818,6 +899,7 @@ struct TableRules {
 /// What woke the streaming loop.
 enum Wake {
     Shutdown,
+    Unpublished,
     StatusTimer,
     Acked(bool),
     Sent,
@@ -832,6 +914,8 @@ struct Stream {
     /// Rule tables that are partitioned: their old rows carry what each partition's
     /// own identity sends, read from the catalog whenever the stream describes them.
     partitioned: BTreeSet<(String, String)>,
+    /// Rule tables the publication no longer publishes (from the catalog poll).
+    unpublished: watch::Receiver<Vec<(String, String)>>,
     /// A control connection for those catalog reads, opened when first needed.
     control: Option<tokio_postgres::Client>,
     /// The name each table OID had when the stream last described it: a different
@@ -876,6 +960,7 @@ impl Stream {
         config: Arc<Config>,
         primary_keys: HashMap<(String, String), Vec<String>>,
         partitioned: BTreeSet<(String, String)>,
+        unpublished: watch::Receiver<Vec<(String, String)>>,
         start: Lsn,
         batches: mpsc::Sender<Batch>,
         acked: watch::Receiver<Applied>,
@@ -899,6 +984,7 @@ impl Stream {
             config,
             primary_keys,
             partitioned,
+            unpublished,
             control: None,
             names: HashMap::new(),
             identity_logged: HashSet::new(),
@@ -1012,6 +1098,8 @@ impl Stream {
                 biased;
                 // Shutdown first: nothing else is started once it is asked for.
                 _ = &mut *shutdown => Wake::Shutdown,
+                // A rule table left the publication: start-up follows the names again.
+                Ok(()) = self.unpublished.changed() => Wake::Unpublished,
                 // Confirm what Redis acknowledged once the minimum gap has passed.
                 _ = tokio::time::sleep_until(status_due.unwrap_or_else(tokio::time::Instant::now)), if status_due.is_some() => Wake::StatusTimer,
                 // Periodic status keeps the walsender from timing out the connection.
@@ -1038,6 +1126,13 @@ impl Stream {
             self.update_health();
             match wake {
                 Wake::Shutdown => return self.drain_on_shutdown().await,
+                Wake::Unpublished => {
+                    let tables = self.unpublished.borrow_and_update().clone();
+                    if !tables.is_empty() {
+                        self.drain_on_shutdown().await?;
+                        return Err(RunError::Unpublished(tables));
+                    }
+                }
                 Wake::StatusTimer => {
                     self.send_status().await?;
                     last_status = Instant::now();

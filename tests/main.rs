@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Longest wait for any expected effect.
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 const SCHEMA: &str = "
     CREATE TABLE users (id bigint PRIMARY KEY, name text, role text);

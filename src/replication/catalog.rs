@@ -311,6 +311,28 @@ async fn identity(
     })
 }
 
+/// Which of `tables` the publication does not publish (now, by name): a rule table
+/// renamed away, or replaced by a table of the same name that is not in it.
+pub async fn unpublished(
+    client: &Client,
+    publication: &str,
+    tables: &[(String, String)],
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        tables.iter().map(|(s, t)| (s.as_str(), t.as_str())).unzip();
+    Ok(client
+        .query(
+            "SELECT t.s, t.n FROM unnest($2::text[], $3::text[]) AS t(s, n)
+              WHERE NOT EXISTS (SELECT 1 FROM pg_publication_tables p
+                                 WHERE p.pubname = $1 AND p.schemaname = t.s AND p.tablename = t.n)",
+            &[&publication, &schemas, &names],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
 /// A publication, or `None` when it does not exist.
 pub async fn publication(
     client: &Client,

@@ -184,10 +184,14 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
+        // Hex digits are ASCII: decode from the bytes, so a `%` before a multi-byte
+        // character is taken literally instead of slicing inside it.
+        let hex = |b: u8| (b as char).to_digit(16);
         if bytes[i] == b'%'
             && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
         {
+            let b = (hi * 16 + lo) as u8;
             out.push(b);
             i += 3;
         } else {

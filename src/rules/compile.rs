@@ -446,6 +446,13 @@ pub fn compile(
                 Action::Delete
             }
         };
+        if let (Action::Expire(_), Some(r)) = (action, &model.redelete_after) {
+            problems.push(Problem::new(
+                at(r.span()),
+                format!("{name}: redelete_after deletes keys a second time, but action = \"expire\" never deletes them"),
+                Some("remove redelete_after, or use action = \"delete\"".into()),
+            ));
+        }
         let max_keys_per_transaction = match &model.max_keys_per_transaction {
             Some(n) if *n.get_ref() == 0 => {
                 problems.push(Problem::new(

@@ -287,3 +287,59 @@ async fn check_refuses_a_state_database_that_can_be_flushed_or_evicted() {
     let (code, stdout) = check(&db, &redis, crate::RULES);
     assert_eq!(code, 0, "{stdout}");
 }
+
+/// The online-schema-change swap (`posts` → `posts_old`, `posts_new` → `posts`): the
+/// publication holds the old table, so the new `posts` would send nothing. pginval
+/// notices that the rule's name left the publication, applies the rules' fallbacks,
+/// brings its managed publication to the table now bearing the name, and streams it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapped_table_is_followed_by_name_after_the_fallbacks() {
+    let (db, redis) = setup("swap").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    db.execute_batch(
+        "CREATE TABLE posts_new (LIKE posts INCLUDING ALL);
+         ALTER TABLE posts_new REPLICA IDENTITY FULL;
+         INSERT INTO posts_new SELECT * FROM posts;",
+    )
+    .await;
+    barrier(&db, &redis).await;
+    cache(&redis, &["post:3", "post:40", "user_posts:9"]).await;
+    db.execute_batch(
+        "BEGIN;
+         ALTER TABLE posts RENAME TO posts_old;
+         ALTER TABLE posts_new RENAME TO posts;
+         COMMIT;
+         UPDATE posts SET title = 'after the swap' WHERE id = 3;",
+    )
+    .await;
+    // Not streamed (the new table was not in the publication): the fallbacks cover it.
+    wait_gone(&redis, &["post:3", "post:40", "user_posts:9"]).await;
+    // And from then on the table bearing the name is streamed exactly.
+    let client = db.client().await;
+    crate::support::wait_until("the publication follows the name", crate::WAIT, || {
+        let client = &client;
+        async move {
+            client
+                .query_opt(
+                    "SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                      WHERE p.pubname = 'pginval' AND r.prrelid = 'public.posts'::regclass",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .is_some()
+        }
+    })
+    .await;
+    barrier(&db, &redis).await;
+    cache(&redis, &["post:5", "post:6"]).await;
+    db.execute_batch("UPDATE posts SET title = 'streamed' WHERE id = 5")
+        .await;
+    wait_gone(&redis, &["post:5"]).await;
+    barrier(&db, &redis).await;
+    assert!(
+        crate::exists(&redis, "post:6").await,
+        "exact again, no fallback"
+    );
+    daemon.stop().await.unwrap();
+}
