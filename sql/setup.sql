@@ -105,3 +105,21 @@ ALTER TABLE public.categories REPLICA IDENTITY FULL;
 --   SELECT slot_name, active,
 --          pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) AS lag
 --   FROM pg_replication_slots WHERE slot_name = 'pginval';
+
+-- ---------------------------------------------------------------------------------------
+-- 6. Hints (optional): who may emit messages to pginval
+-- ---------------------------------------------------------------------------------------
+-- pginval applies hints (pg_logical_emit_message(true, 'pginval', '{"keys":[...]}'))
+-- only with [hints] enabled = true and within the allowed prefixes. Every role may call
+-- pg_logical_emit_message by default; to let only the application emit them (as a
+-- superuser; the application role here is "app"):
+--
+--   REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC;
+--   REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;
+--   GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO app;
+--
+-- (PostgreSQL 17 adds a variant with a fourth "flush" argument: revoke it too.) pginval's
+-- heartbeat ([source] heartbeat_secs) calls the function as pginval's role: grant it
+-- there as well when you use it.
+--
+-- Partitioned tables: sql/partitions.sql keeps new partitions' REPLICA IDENTITY FULL.

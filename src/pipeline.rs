@@ -60,7 +60,7 @@ pub const HINT_PREFIX: &[u8] = b"pginval";
 pub enum RunError {
     /// The configuration does not fit the database (`check` problems).
     #[error("the configuration does not fit the database")]
-    Check(CheckReport),
+    Check(Box<CheckReport>),
     /// The control connection failed.
     #[error("source database: {}", catalog::describe_error(.0))]
     Database(#[from] tokio_postgres::Error),
@@ -163,7 +163,7 @@ pub async fn run(
     let control = catalog::connect(&config.source).await?;
     let report = check::check_with(&control, &config).await?;
     if !report.problems.is_empty() {
-        return Err(RunError::Check(report));
+        return Err(RunError::Check(Box::new(report)));
     }
     for w in &report.warnings {
         tracing::warn!(line = w.line, "{}", w.message);
@@ -240,10 +240,8 @@ pub async fn run(
 
     let mut state = Stream::new(
         Arc::new(config),
-        report.primary_keys,
-        report.partitioned,
+        report,
         unpublished_rx,
-        start,
         batch_tx,
         acked_rx,
         metrics.clone(),
@@ -340,7 +338,7 @@ pub async fn run(
                 let control = catalog::connect(&state.config.source).await?;
                 let report = check::check_with(&control, &state.config).await?;
                 if !report.problems.is_empty() {
-                    break Err(RunError::Check(report));
+                    break Err(RunError::Check(Box::new(report)));
                 }
                 let restarted = tokio::select! {
                     biased;
@@ -958,15 +956,15 @@ struct Stream {
 impl Stream {
     fn new(
         config: Arc<Config>,
-        primary_keys: HashMap<(String, String), Vec<String>>,
-        partitioned: BTreeSet<(String, String)>,
+        report: CheckReport,
         unpublished: watch::Receiver<Vec<(String, String)>>,
-        start: Lsn,
         batches: mpsc::Sender<Batch>,
         acked: watch::Receiver<Applied>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Stream {
+        // Streaming resumes where the sink starts out: the slot's confirmed position.
+        let start = acked.borrow().lsn;
         let rule_labels = config
             .rules
             .rules
@@ -982,8 +980,8 @@ impl Stream {
             .collect();
         Stream {
             config,
-            primary_keys,
-            partitioned,
+            primary_keys: report.primary_keys,
+            partitioned: report.partitioned,
             unpublished,
             control: None,
             names: HashMap::new(),

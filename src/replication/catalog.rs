@@ -312,7 +312,8 @@ async fn identity(
 }
 
 /// Which of `tables` the publication does not publish (now, by name): a rule table
-/// renamed away, or replaced by a table of the same name that is not in it.
+/// renamed away, or replaced by a table of the same name that is not in it. None
+/// while the publication does not exist (start-up creates it).
 pub async fn unpublished(
     client: &Client,
     publication: &str,
@@ -323,7 +324,8 @@ pub async fn unpublished(
     Ok(client
         .query(
             "SELECT t.s, t.n FROM unnest($2::text[], $3::text[]) AS t(s, n)
-              WHERE NOT EXISTS (SELECT 1 FROM pg_publication_tables p
+              WHERE EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)
+                AND NOT EXISTS (SELECT 1 FROM pg_publication_tables p
                                  WHERE p.pubname = $1 AND p.schemaname = t.s AND p.tablename = t.n)",
             &[&publication, &schemas, &names],
         )
