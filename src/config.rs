@@ -44,7 +44,13 @@ pub struct SourceConfig {
     /// How often a standby status update is sent even when nothing changes, in
     /// seconds; keep it well below the server's `wal_sender_timeout` (60 s default).
     #[serde(default = "default_status_interval")]
-    pub status_interval_secs: u64,
+    pub status_interval_secs: Spanned<u64>,
+    /// Seconds without any data from the server after which the replication
+    /// connection counts as dead and is reopened, like PostgreSQL's
+    /// `wal_receiver_timeout` (60 s default); at half of it pginval asks the server for
+    /// a keepalive. 0 disables it.
+    #[serde(default = "default_receive_timeout")]
+    pub receive_timeout_secs: Spanned<u64>,
     /// File holding the password (trailing newline ignored); overrides one in `url`.
     /// `PGINVAL_SOURCE_PASSWORD` overrides both.
     #[serde(default)]
@@ -251,7 +257,7 @@ pub struct LimitsConfig {
     /// exact keys (a rule may override it). Default: no limit — big transactions are
     /// applied exactly, in parts, with flat memory.
     #[serde(default = "default_max_keys")]
-    pub max_keys_per_transaction: usize,
+    pub max_keys_per_transaction: Spanned<usize>,
 }
 
 fn default_layout() -> Spanned<String> {
@@ -260,8 +266,8 @@ fn default_layout() -> Spanned<String> {
 fn default_stream_maxlen() -> u64 {
     100_000
 }
-fn default_max_keys() -> usize {
-    usize::MAX
+fn default_max_keys() -> Spanned<usize> {
+    Spanned::new(0..0, usize::MAX)
 }
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -274,8 +280,11 @@ impl Default for LimitsConfig {
 fn default_name() -> Spanned<String> {
     Spanned::new(0..0, "pginval".to_owned())
 }
-fn default_status_interval() -> u64 {
-    10
+fn default_status_interval() -> Spanned<u64> {
+    Spanned::new(0..0, 10)
+}
+fn default_receive_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 60)
 }
 fn default_redis_url() -> Spanned<String> {
     Spanned::new(0..0, "redis://127.0.0.1:6379/0".to_owned())
@@ -291,6 +300,7 @@ impl Default for SourceConfig {
             slot: default_name(),
             publication: default_name(),
             status_interval_secs: default_status_interval(),
+            receive_timeout_secs: default_receive_timeout(),
             password_file: None,
             on_slot_lost: default_on_slot_lost(),
             heartbeat_secs: 0,
@@ -359,6 +369,8 @@ pub struct Source {
     pub publication: String,
     /// Interval of unprompted standby status updates.
     pub status_interval: Duration,
+    /// Silence on the replication connection after which it is reopened, when enabled.
+    pub receive_timeout: Option<Duration>,
     /// What to do when the slot is lost.
     pub on_slot_lost: SlotLost,
     /// Heartbeat interval, when enabled.
@@ -666,11 +678,23 @@ impl Config {
                 ));
             }
         }
-        if source.status_interval_secs == 0 || source.status_interval_secs > 3600 {
+        let status_secs = *source.status_interval_secs.get_ref();
+        if status_secs == 0 || status_secs > 3600 {
             problems.push(Problem::new(
-                None,
+                lines.line_of(&source.status_interval_secs.span()),
                 "[source] status_interval_secs must be between 1 and 3600",
                 Some("the default, 10, suits the default wal_sender_timeout of 60 s".into()),
+            ));
+        }
+        let receive_secs = *source.receive_timeout_secs.get_ref();
+        if receive_secs != 0 && !(2..=3600).contains(&receive_secs) {
+            problems.push(Problem::new(
+                lines.line_of(&source.receive_timeout_secs.span()),
+                "[source] receive_timeout_secs must be 0 (off) or between 2 and 3600",
+                Some(
+                    "the default, 60, is PostgreSQL's wal_receiver_timeout; half of it passes before pginval asks the server for a keepalive"
+                        .into(),
+                ),
             ));
         }
 
@@ -799,9 +823,9 @@ impl Config {
                 }
             },
         };
-        if limits.max_keys_per_transaction == 0 {
+        if *limits.max_keys_per_transaction.get_ref() == 0 {
             problems.push(Problem::new(
-                None,
+                lines.line_of(&limits.max_keys_per_transaction.span()),
                 "[limits] max_keys_per_transaction must be at least 1",
                 Some("leave it out for no limit (big transactions are applied exactly)".into()),
             ));
@@ -848,7 +872,7 @@ impl Config {
             ));
         }
         let defaults = compile::RuleDefaults {
-            max_keys_per_transaction: limits.max_keys_per_transaction.max(1),
+            max_keys_per_transaction: (*limits.max_keys_per_transaction.get_ref()).max(1),
         };
         let rules = compile::compile(rule_models, defaults, &lines, &mut problems);
         if events.is_some() && !rules.rules.iter().any(|r| r.entity.is_some()) {
@@ -870,7 +894,8 @@ impl Config {
                     pg,
                     slot: source.slot.into_inner(),
                     publication: source.publication.into_inner(),
-                    status_interval: Duration::from_secs(source.status_interval_secs),
+                    status_interval: Duration::from_secs(status_secs),
+                    receive_timeout: (receive_secs > 0).then(|| Duration::from_secs(receive_secs)),
                     on_slot_lost,
                     heartbeat: (source.heartbeat_secs > 0)
                         .then(|| Duration::from_secs(source.heartbeat_secs)),

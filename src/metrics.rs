@@ -57,6 +57,9 @@ pub const LAG_SECONDS: &str = "pginval_replication_lag_seconds";
 pub const SLOT_RETAINED_WAL: &str = "pginval_slot_retained_wal_bytes";
 /// Replication reconnects.
 pub const RECONNECTS: &str = "pginval_reconnects";
+/// Replication connections given up because the server sent nothing for the
+/// receive timeout.
+pub const RECEIVE_TIMEOUTS: &str = "pginval_receive_timeouts";
 /// Confirmed flush position.
 pub const CONFIRMED_LSN: &str = "pginval_confirmed_lsn";
 /// Redis `keyspace_hits` (INFO stats).
@@ -135,6 +138,8 @@ pub struct Metrics {
     pub retained_wal: Gauge,
     /// See [`RECONNECTS`].
     pub reconnects: Counter,
+    /// Replication connections given up as silent.
+    pub receive_timeouts: Counter,
     /// See [`CONFIRMED_LSN`].
     pub confirmed_lsn: Gauge,
     /// See [`REDIS_HITS`].
@@ -180,6 +185,7 @@ impl Metrics {
             lag_seconds: Gauge::default(),
             retained_wal: Gauge::default(),
             reconnects: Counter::default(),
+            receive_timeouts: Counter::default(),
             confirmed_lsn: Gauge::default(),
             redis_hits: Gauge::default(),
             redis_misses: Gauge::default(),
@@ -264,6 +270,11 @@ impl Metrics {
             m.retained_wal.clone(),
         );
         r.register(RECONNECTS, "Replication reconnects", m.reconnects.clone());
+        r.register(
+            RECEIVE_TIMEOUTS,
+            "Replication connections reopened because the server sent nothing for receive_timeout_secs",
+            m.receive_timeouts.clone(),
+        );
         r.register(
             CONFIRMED_LSN,
             "Confirmed flush position",

@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, watch};
 
 use crate::check::{self, CheckReport};
-use crate::config::{Config, SlotLost};
+use crate::config::{Config, SlotLost, Source};
 use crate::metrics::{self, Health, Metrics, OutcomeLabel, ReasonLabel, RuleLabel, TableOp};
 use crate::replication::catalog;
 use crate::replication::conn::{Backend, ReplicationConnection, ReplicationError};
@@ -227,7 +227,11 @@ pub async fn run(
         start = prepare(&control, &config, &mut sink, &mut own) => start?,
     };
     if let Some(every) = config.source.heartbeat {
-        background.push(tokio::spawn(heartbeat(control, every)));
+        background.push(tokio::spawn(heartbeat(
+            config.source.clone(),
+            Some(control),
+            every,
+        )));
     } else {
         drop(control);
     }
@@ -429,11 +433,20 @@ async fn poll_stats(
             }
             Err(_) => health.set_redis_ok(false),
         }
+        // Every catalog step is bounded: a connection that hangs without closing is
+        // dropped and the next round opens another.
         if control.is_none() {
-            control = catalog::connect(&config.source).await.ok();
+            control = tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&config.source))
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
         if let Some(client) = &control {
-            match catalog::slot_retained_wal(client, &config.source.slot).await {
+            let retained = tokio::time::timeout(
+                CATALOG_TIMEOUT,
+                catalog::slot_retained_wal(client, &config.source.slot),
+            );
+            match retained.await.map_err(drop).and_then(|r| r.map_err(drop)) {
                 Ok(bytes) => {
                     metrics.retained_wal.set(bytes.unwrap_or(0));
                 }
@@ -442,7 +455,11 @@ async fn poll_stats(
             if let Some(client) = &control
                 && !config.dry_run
             {
-                match catalog::unpublished(client, &config.source.publication, &tables).await {
+                let missing = tokio::time::timeout(
+                    CATALOG_TIMEOUT,
+                    catalog::unpublished(client, &config.source.publication, &tables),
+                );
+                match missing.await.map_err(drop).and_then(|r| r.map_err(drop)) {
                     Ok(missing) => {
                         unpublished.send_if_modified(|seen| {
                             let changed = *seen != missing;
@@ -707,22 +724,42 @@ async fn state_get(sink: &mut RedisSink, own: &mut RedisSink, key: &str) -> Opti
 }
 
 /// Writes a heartbeat WAL record every `every`, logging failures once per change.
-async fn heartbeat(control: tokio_postgres::Client, every: Duration) {
+///
+/// A failed heartbeat drops its control connection and the next one opens a new one:
+/// after a PostgreSQL restart the old connection is dead for good. Each step is
+/// bounded, so a connection that hangs without closing is given up too.
+async fn heartbeat(source: Source, mut control: Option<tokio_postgres::Client>, every: Duration) {
     let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         tick.tick().await;
-        match catalog::heartbeat(&control).await {
+        let beat = async {
+            if control.is_none() {
+                let opened = tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&source))
+                    .await
+                    .map_err(|_| format!("no connection within {CATALOG_TIMEOUT:?}"))?;
+                control = Some(opened.map_err(|e| catalog::describe_error(&e))?);
+            }
+            let client = control.as_ref().expect("connected above");
+            tokio::time::timeout(CATALOG_TIMEOUT, catalog::heartbeat(client))
+                .await
+                .map_err(|_| format!("no answer within {CATALOG_TIMEOUT:?}"))?
+                .map_err(|e| catalog::describe_error(&e))
+        };
+        match beat.await {
             Ok(()) if failing => {
                 tracing::info!("heartbeat works again");
                 failing = false;
             }
             Ok(()) => {}
-            Err(e) if !failing => {
-                tracing::warn!(error = %catalog::describe_error(&e), "heartbeat failed");
-                failing = true;
+            Err(error) => {
+                control = None;
+                if !failing {
+                    tracing::warn!(%error, "heartbeat failed; reconnecting for the next one");
+                    failing = true;
+                }
             }
-            Err(_) => {}
         }
     }
 }
@@ -903,6 +940,10 @@ enum Wake {
     Sent,
     SinkGone,
     Read(Result<(), ReplicationError>),
+    /// Half the receive timeout passed in silence: ask the server for a keepalive.
+    Quiet,
+    /// The whole receive timeout passed in silence: the connection is dead.
+    Deaf,
 }
 
 /// Streaming state that survives reconnections.
@@ -951,6 +992,11 @@ struct Stream {
     catching_up: bool,
     /// When the latest read off the replication socket completed.
     read_at: Instant,
+    /// Since when the server has sent nothing while pginval was reading (the
+    /// receive timeout counts from here).
+    heard_at: Instant,
+    /// A keepalive was asked for since `heard_at`.
+    asked_keepalive: bool,
 }
 
 impl Stream {
@@ -1005,6 +1051,8 @@ impl Stream {
             frame_time: 0,
             catching_up: false,
             read_at: Instant::now(),
+            heard_at: Instant::now(),
+            asked_keepalive: false,
         }
     }
 
@@ -1045,16 +1093,26 @@ impl Stream {
         } else {
             source.slot.clone()
         };
-        conn.start_logical(
-            &slot,
-            0,
-            &[
-                ("proto_version", "1"),
-                ("publication_names", &publication),
-                ("messages", "true"),
-            ],
-        )
-        .await?;
+        let options = [
+            ("proto_version", "1"),
+            ("publication_names", publication.as_str()),
+            ("messages", "true"),
+        ];
+        let started = conn.start_logical(&slot, 0, &options);
+        // Bounded like every read: a server that never answers is a dead connection.
+        let bound = source.receive_timeout.unwrap_or(Duration::MAX);
+        match tokio::time::timeout(bound, started).await {
+            Ok(started) => started?,
+            Err(_) => {
+                return Err(RunError::Replication(ReplicationError::Io {
+                    target: conn.target(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("START_REPLICATION got no answer within {bound:?}"),
+                    ),
+                }));
+            }
+        }
         tracing::info!(slot = %source.slot, publication = %source.publication, "streaming");
         // A new session replays from the slot's confirmed position and resends every
         // Relation; a transaction cut off by the reconnect comes again whole.
@@ -1063,6 +1121,8 @@ impl Stream {
         self.tx = None;
         self.conn = Some(conn);
         self.health.set_streaming(true);
+        self.heard(Instant::now());
+        let receive_timeout = self.config.source.receive_timeout;
 
         let mut status_timer = tokio::time::interval(self.config.source.status_interval);
         status_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1086,12 +1146,28 @@ impl Stream {
                 if let Some(read) = conn.fill().now_or_never() {
                     read?;
                     self.read_at = Instant::now();
+                    self.heard_at = self.read_at;
+                    self.asked_keepalive = false;
                     eager_reads += 1;
                     continue;
                 }
             }
             eager_reads = 0;
             conn.pace_reads(self.catching_up);
+            let reading = backlog < MAX_PENDING;
+            if !reading {
+                // Not reading (Redis is behind): the server's silence means nothing.
+                self.heard_at = Instant::now();
+                self.asked_keepalive = false;
+            }
+            // Like PostgreSQL's wal_receiver_timeout: a connection that stopped
+            // delivering without closing (a half-open socket, a stuck proxy) would
+            // otherwise stall invalidation while looking healthy.
+            let quiet_at =
+                receive_timeout.map(|t| tokio::time::Instant::from_std(self.heard_at + t / 2));
+            let deaf_at =
+                receive_timeout.map(|t| tokio::time::Instant::from_std(self.heard_at + t));
+            let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
             let wake = tokio::select! {
                 biased;
                 // Shutdown first: nothing else is started once it is asked for.
@@ -1119,7 +1195,9 @@ impl Stream {
                     Err(_) => Wake::SinkGone,
                 },
                 // More WAL, unless Redis is so far behind that the backlog is full.
-                read = conn.fill(), if backlog < MAX_PENDING => Wake::Read(read),
+                read = conn.fill(), if reading => Wake::Read(read),
+                _ = tokio::time::sleep_until(quiet_at.unwrap_or(far)), if reading && quiet_at.is_some() && !self.asked_keepalive => Wake::Quiet,
+                _ = tokio::time::sleep_until(deaf_at.unwrap_or(far)), if reading && deaf_at.is_some() => Wake::Deaf,
             };
             self.update_health();
             match wake {
@@ -1147,8 +1225,36 @@ impl Stream {
                 Wake::Read(read) => {
                     read?;
                     self.read_at = Instant::now();
+                    self.heard(self.read_at);
                 }
                 Wake::Sent => {}
+                Wake::Quiet => {
+                    self.asked_keepalive = true;
+                    self.send_status_asking(true).await?;
+                    last_status = Instant::now();
+                }
+                Wake::Deaf => {
+                    let silence = receive_timeout.unwrap_or_default();
+                    self.metrics.receive_timeouts.inc();
+                    let pid = self
+                        .conn
+                        .as_ref()
+                        .and_then(ReplicationConnection::backend_pid);
+                    self.end_silent_walsender(pid).await;
+                    return Err(RunError::Replication(ReplicationError::Io {
+                        target: self
+                            .conn
+                            .as_ref()
+                            .map(ReplicationConnection::target)
+                            .unwrap_or_default(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "nothing received for {silence:?}, not even the keepalive asked for (receive_timeout_secs)"
+                            ),
+                        ),
+                    }));
+                }
             }
         }
     }
@@ -1545,8 +1651,54 @@ impl Stream {
         Ok((!t.rules.is_empty()).then(|| t.clone()))
     }
 
+    /// The server still thinks the silent connection's walsender streams (it notices
+    /// only after its `wal_sender_timeout`) and keeps the slot for it: end that
+    /// walsender, so the next session gets the slot at once. Best effort: when it
+    /// cannot be done, the next session waits for the slot like a warm standby.
+    async fn end_silent_walsender(&mut self, pid: Option<i32>) {
+        let Some(pid) = pid else { return };
+        if self.config.dry_run {
+            return;
+        }
+        let slot = self.config.source.slot.clone();
+        let ended = async {
+            let client =
+                tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&self.config.source))
+                    .await
+                    .map_err(|_| format!("no connection within {CATALOG_TIMEOUT:?}"))?
+                    .map_err(|e| catalog::describe_error(&e))?;
+            tokio::time::timeout(CATALOG_TIMEOUT, catalog::end_walsender(&client, &slot, pid))
+                .await
+                .map_err(|_| format!("no answer within {CATALOG_TIMEOUT:?}"))?
+                .map_err(|e| catalog::describe_error(&e))
+        };
+        match ended.await {
+            Ok(true) => tracing::info!(
+                pid,
+                "ended the walsender of the silent connection, which still held the slot"
+            ),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(pid, %error, "could not end the walsender of the silent connection; the slot is free once the server's wal_sender_timeout passes")
+            }
+        }
+    }
+
+    /// Something arrived from the server at `at`: the receive timeout starts again.
+    fn heard(&mut self, at: Instant) {
+        self.heard_at = at;
+        self.asked_keepalive = false;
+    }
+
     /// Sends a standby status update with the highest position the ack rule allows.
     async fn send_status(&mut self) -> Result<(), RunError> {
+        self.send_status_asking(false).await
+    }
+
+    /// A standby status update; `reply` asks the server to answer with a keepalive
+    /// at once. The send is bounded like the reads: a connection whose socket no
+    /// longer drains is dead.
+    async fn send_status_asking(&mut self, reply: bool) -> Result<(), RunError> {
         let lsn = self.confirmable();
         if lsn > self.confirmed {
             tracing::trace!(lsn = %format_lsn(lsn), "confirming");
@@ -1557,8 +1709,20 @@ impl Stream {
             .lag_bytes
             .set(self.server_wal_end.saturating_sub(lsn) as i64);
         if let Some(conn) = self.conn.as_mut() {
-            let msg = protocol::standby_status(lsn, protocol::pg_now_micros(), false);
-            conn.send_copy_data(&msg).await?;
+            let msg = protocol::standby_status(lsn, protocol::pg_now_micros(), reply);
+            let bound = self.config.source.receive_timeout.unwrap_or(Duration::MAX);
+            match tokio::time::timeout(bound, conn.send_copy_data(&msg)).await {
+                Ok(sent) => sent?,
+                Err(_) => {
+                    return Err(RunError::Replication(ReplicationError::Io {
+                        target: conn.target(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("a status update could not be sent within {bound:?}"),
+                        ),
+                    }));
+                }
+            }
         }
         Ok(())
     }

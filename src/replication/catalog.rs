@@ -370,6 +370,25 @@ pub async fn publication(
     }))
 }
 
+/// Ends the walsender `pid` if it still holds slot `name`: a connection pginval gave
+/// up as silent keeps its walsender (and so the slot) until the server's own
+/// `wal_sender_timeout`. True when it was ended. Needs no privilege beyond being
+/// the walsender's role.
+pub async fn end_walsender(
+    client: &Client,
+    name: &str,
+    pid: i32,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+              WHERE slot_name = $1 AND active_pid = $2",
+            &[&name, &pid],
+        )
+        .await?
+        .is_some_and(|r| r.get::<_, bool>(0)))
+}
+
 /// A replication slot, or `None` when it does not exist.
 pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
     Ok(client

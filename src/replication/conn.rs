@@ -132,6 +132,8 @@ pub struct ReplicationConnection {
     tcp_fd: Option<RawFd>,
     /// The socket's current receive low-water mark.
     low_water: usize,
+    /// The walsender's process id (BackendKeyData), once started up.
+    backend_pid: Option<i32>,
 }
 
 impl std::fmt::Debug for ReplicationConnection {
@@ -193,6 +195,7 @@ impl ReplicationConnection {
                 wbuf: BytesMut::with_capacity(1024),
                 tcp_fd,
                 low_water: 1,
+                backend_pid: None,
             };
             match conn.startup(pg, user, application_name).await {
                 Ok(()) => return Ok(conn),
@@ -290,10 +293,19 @@ impl ReplicationConnection {
             self.flush().await?;
         }
         loop {
-            if let Backend::Other(backend::Message::ReadyForQuery(_)) = self.next_message().await? {
-                return Ok(());
+            match self.next_message().await? {
+                Backend::Other(backend::Message::ReadyForQuery(_)) => return Ok(()),
+                Backend::Other(backend::Message::BackendKeyData(key)) => {
+                    self.backend_pid = Some(key.process_id());
+                }
+                _ => {}
             }
         }
+    }
+
+    /// The walsender's process id, as the server announced it at start-up.
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.backend_pid
     }
 
     /// Creates a temporary pgoutput slot, dropped by the server when this connection
@@ -477,6 +489,11 @@ impl ReplicationConnection {
         self.io.flush().await.map_err(|e| self.io_err(e))
     }
 
+    /// Where the connection goes (host:port or socket), for error messages.
+    pub fn target(&self) -> String {
+        self.target.clone()
+    }
+
     fn io_err(&self, source: io::Error) -> ReplicationError {
         ReplicationError::Io {
             target: self.target.clone(),
@@ -608,6 +625,7 @@ mod tests {
             wbuf: BytesMut::new(),
             tcp_fd: fd,
             low_water: 1,
+            backend_pid: None,
         };
         (conn, peer)
     }

@@ -338,16 +338,24 @@ pub fn compile(
         let mut parse_all = |list: Vec<Spanned<String>>, what: &str| -> Vec<Template> {
             list.into_iter()
                 .filter_map(|t| {
+                    // A parse error's message says how to fix the template itself.
                     let parsed = if t.get_ref().is_empty() {
-                        Err(format!("empty {what} template"))
+                        Err((
+                            format!("empty {what} template"),
+                            Some(
+                                "remove the empty entry or write one such as \"user:{id}\""
+                                    .to_owned(),
+                            ),
+                        ))
                     } else {
-                        Template::parse(t.get_ref())
-                            .map_err(|e| format!("{what} template \"{}\": {e}", t.get_ref()))
+                        Template::parse(t.get_ref()).map_err(|e| {
+                            (format!("{what} template \"{}\": {e}", t.get_ref()), None)
+                        })
                     };
                     match parsed {
                         Ok(tpl) => Some(tpl),
-                        Err(e) => {
-                            problems.push(Problem::new(at(t.span()), format!("{name}: {e}"), None));
+                        Err((e, fix)) => {
+                            problems.push(Problem::new(at(t.span()), format!("{name}: {e}"), fix));
                             None
                         }
                     }
@@ -458,7 +466,10 @@ pub fn compile(
                 problems.push(Problem::new(
                     at(n.span()),
                     format!("{name}: max_keys_per_transaction must be at least 1"),
-                    None,
+                    Some(
+                        "leave it out to use [limits] max_keys_per_transaction (default: no limit)"
+                            .into(),
+                    ),
                 ));
                 defaults.max_keys_per_transaction
             }

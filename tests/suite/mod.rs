@@ -1,7 +1,7 @@
 //! Feature suites of the end-to-end tests, beside the foundation tests in main.rs.
 
 mod faults;
-mod ops;
+pub(crate) mod ops;
 mod rules;
 mod silent;
 mod tls;

@@ -6,7 +6,7 @@ use crate::support::{free_port, wait_until};
 use crate::{Daemon, RULES, WAIT, bin, cache, config_file, config_text, setup, wait_gone};
 
 /// GETs `path` from 127.0.0.1:`port`; returns (status code, body).
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+pub(crate) async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
@@ -21,7 +21,7 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 /// The value of the first sample line starting with `prefix`.
-fn sample(metrics: &str, prefix: &str) -> f64 {
+pub(crate) fn sample(metrics: &str, prefix: &str) -> f64 {
     metrics
         .lines()
         .find(|l| l.starts_with(prefix))
@@ -30,7 +30,7 @@ fn sample(metrics: &str, prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn with_metrics(text: &str, port: u16) -> String {
+pub(crate) fn with_metrics(text: &str, port: u16) -> String {
     text.replace(
         "\n[redis]",
         &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nmax_lag_secs = 5\n\n[redis]"),

@@ -343,3 +343,95 @@ async fn swapped_table_is_followed_by_name_after_the_fallbacks() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// A replication connection that stops delivering without closing (here a proxy
+/// that stops forwarding) is given up after `receive_timeout_secs` of silence,
+/// counted, and reopened: the change committed meanwhile still invalidates its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_connection_that_goes_silent_is_reopened() {
+    let (db, redis) = setup("silentconn").await;
+    let pg_port = crate::support::postgres().port();
+    let proxy = crate::support::StallingProxy::start(pg_port).await;
+    let port = crate::support::free_port();
+    let text = crate::suite::ops::with_metrics(&config_text(&db, &redis, crate::RULES), port)
+        .replace(
+            &format!("127.0.0.1:{pg_port}/"),
+            &format!("127.0.0.1:{}/", proxy.port()),
+        )
+        .replace(
+            "status_interval_secs = 1",
+            "status_interval_secs = 1\nreceive_timeout_secs = 2",
+        );
+    let cfg = pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let daemon = Daemon::start(&db, cfg).await;
+    assert!(
+        proxy.accepted() > 0,
+        "pginval does not go through the proxy"
+    );
+    cache(&redis, &["user:1", "user:2"]).await;
+    proxy.stall_open_connections();
+    db.execute_batch("UPDATE users SET name = 'during the stall' WHERE id = 1")
+        .await;
+    wait_gone(&redis, &["user:1"]).await;
+    let metrics = crate::suite::ops::get(port, "/metrics").await.unwrap().1;
+    assert!(
+        crate::suite::ops::sample(&metrics, "pginval_receive_timeouts_total") >= 1.0,
+        "{metrics}"
+    );
+    // And the new connection carries on.
+    db.execute_batch("UPDATE users SET name = 'after' WHERE id = 2")
+        .await;
+    wait_gone(&redis, &["user:2"]).await;
+    assert!(!daemon.finished());
+    daemon.stop().await.unwrap();
+}
+
+/// The heartbeat's control connection dies with a PostgreSQL restart; the next
+/// heartbeat opens a new one (seen as pginval's messages in the WAL written after the
+/// restart, through a test_decoding slot created then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_reconnects_after_a_postgres_restart() {
+    let pg = crate::support::PrivatePostgres::start();
+    let db = pg.create_database("hbrestart").await;
+    db.execute_batch(crate::SCHEMA).await;
+    let redis = crate::support::Redis::start();
+    let text = config_text(&db, &redis, crate::RULES).replace(
+        "status_interval_secs = 1",
+        "status_interval_secs = 1\nheartbeat_secs = 1",
+    );
+    let cfg = pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let daemon = Daemon::start(&db, cfg).await;
+    pg.restart("fast");
+    let client = db.client().await;
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot('heartbeat_probe', 'test_decoding')",
+            &[],
+        )
+        .await
+        .unwrap();
+    crate::support::wait_until(
+        "a heartbeat is written after the restart",
+        crate::WAIT,
+        || async {
+            client
+                .query(
+                    "SELECT data FROM pg_logical_slot_get_changes('heartbeat_probe', NULL, NULL)",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .any(|r| r.get::<_, String>(0).contains("prefix: pginval-heartbeat"))
+        },
+    )
+    .await;
+    client
+        .execute("SELECT pg_drop_replication_slot('heartbeat_probe')", &[])
+        .await
+        .unwrap();
+    assert!(!daemon.finished());
+    daemon.stop().await.unwrap();
+}

@@ -820,3 +820,80 @@ fn percent_encode(s: &str) -> String {
     }
     out
 }
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, able to stop forwarding on the
+/// connections it holds without closing them: the half-open connection (a dead
+/// peer behind NAT, a stuck load balancer) that neither side notices by itself.
+/// Connections opened after a stall are forwarded normally. Dropping it closes all.
+pub struct StallingProxy {
+    port: u16,
+    stall: tokio::sync::watch::Sender<u64>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    /// Listens on a free port and forwards every connection to `127.0.0.1:target`.
+    pub async fn start(target: u16) -> StallingProxy {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("binding the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let (stall, stalled) = tokio::sync::watch::channel(0u64);
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                // Connections numbered below the stall generation stop forwarding.
+                let number = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut stalled = stalled.clone();
+                connections.spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        _ = stalled.wait_for(|upto| number < *upto) => {}
+                    }
+                    // Both sockets stay open and unread until the proxy is dropped.
+                    std::future::pending::<()>().await;
+                    drop((client, server));
+                });
+            }
+        });
+        StallingProxy {
+            port,
+            stall,
+            accepted,
+            task,
+        }
+    }
+
+    /// The port to connect to instead of the target's.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops forwarding on every connection accepted so far, leaving them open.
+    pub fn stall_open_connections(&self) {
+        let upto = self.accepted();
+        self.stall.send_replace(upto);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
