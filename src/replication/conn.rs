@@ -29,6 +29,9 @@ const READ_CHUNK: usize = 256 * 1024;
 /// reason to allocate gigabytes. (A walsender message holds at most one WAL record's
 /// decoded change, bounded by Postgres' 1 GB value limit.)
 const MAX_MESSAGE: usize = 1 << 30;
+/// A message bigger than this made the read buffer grow past its usual size; the
+/// buffer is given up after it (see `buffered_message`).
+const BIG_MESSAGE: usize = 4 * READ_CHUNK;
 /// While catching up, the kernel wakes pginval only once this much stream data is
 /// waiting (`SO_RCVLOWAT`): one wake-up per 64 KiB instead of one per walsender send,
 /// which also spares the walsender waking a reader per message.
@@ -378,6 +381,14 @@ impl ReplicationConnection {
             b'd' => {
                 let mut frame = self.rbuf.split_to(total).freeze();
                 frame.advance(5);
+                if total > BIG_MESSAGE {
+                    // The buffer grew to hold this message and would keep that size
+                    // for good (its remainder shares the allocation): start a new one
+                    // with what is left, so the memory goes once the frame is dropped.
+                    let mut fresh = BytesMut::with_capacity(READ_CHUNK.max(self.rbuf.len()));
+                    fresh.extend_from_slice(&self.rbuf);
+                    self.rbuf = fresh;
+                }
                 Ok(Some(Backend::CopyData(frame)))
             }
             b'W' => {

@@ -33,7 +33,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Flushes one tag. Small tags: deletes (or expires) every member, then the tag,
 /// atomically. Big tags, or a tag whose earlier chunked flush was interrupted: moves
 /// the members into the spill key (atomically, so members added afterwards belong to
-/// a fresh tag) and returns -1; the caller then deletes the spill key's members in
+/// a fresh tag; a RENAME, O(1), unless an interrupted flush left a spill key to merge
+/// into) and returns -1; the caller then deletes the spill key's members in
 /// chunks. KEYS: tag, spill. ARGV: member prefix, "set"|"zset", inline limit, expire
 /// milliseconds (0 = delete). Returns the member count, -1 (spilled), or -2 (the tag
 /// key holds another type: left alone).
@@ -45,14 +46,18 @@ local n = 0
 if kind ~= 'none' then
   if zset then n = redis.call('ZCARD', KEYS[1]) else n = redis.call('SCARD', KEYS[1]) end
 end
-if redis.call('EXISTS', KEYS[2]) == 1 or n > tonumber(ARGV[3]) then
+local spilled = redis.call('EXISTS', KEYS[2]) == 1
+if spilled or n > tonumber(ARGV[3]) then
   if n > 0 then
-    if zset then
+    if not spilled then
+      redis.call('RENAME', KEYS[1], KEYS[2])
+    elseif zset then
       redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1])
+      redis.call('UNLINK', KEYS[1])
     else
       redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[1])
+      redis.call('UNLINK', KEYS[1])
     end
-    redis.call('UNLINK', KEYS[1])
   end
   return -1
 end
@@ -489,36 +494,37 @@ impl RedisSink {
         }
         for tag_pattern in &inv.tag_patterns {
             let pattern = self.tags.tag_key_pattern(tag_pattern);
-            let kind = if self.tags.is_zset() { "zset" } else { "set" };
-            let mut found = Vec::new();
-            self.scan_each(&mut conn, "SCAN", None, &pattern, Some(kind), |_, key| {
-                found.push(key.to_owned());
-            })
-            .await?;
-            // Tags whose chunked flush was interrupted exist only as spill keys now.
+            // Tags whose chunked flush was interrupted exist only as spill keys now:
+            // those are flushed under their tag's name too (the script finishes them).
             let spill_pattern = format!("{pattern}{SPILL_SUFFIX}");
-            self.scan_each(
-                &mut conn,
-                "SCAN",
-                None,
-                &spill_pattern,
-                Some(kind),
-                |_, key| {
-                    if let Some(tag) = key.strip_suffix(SPILL_SUFFIX) {
-                        found.push(tag.to_owned());
+            for (pattern, suffix) in [(&pattern, ""), (&spill_pattern, SPILL_SUFFIX)] {
+                // Page by page: each SCAN page's tags are flushed in one pipeline
+                // before the next page is read, so memory and round trips do not grow
+                // with the number of tags.
+                let mut cursor = 0;
+                loop {
+                    let (next, page) = self.scan_page(&mut conn, cursor, pattern).await?;
+                    let tag_keys: Vec<&str> = page
+                        .iter()
+                        .filter_map(|k| k.strip_suffix(suffix))
+                        .filter(|tag_key| !tag_key.ends_with(SPILL_SUFFIX))
+                        .collect();
+                    if !tag_keys.is_empty() {
+                        let mut pipe = redis::pipe();
+                        for tag_key in &tag_keys {
+                            self.push_flush(&mut pipe, tag_key, TagAction::Delete);
+                        }
+                        self.metrics.redis_commands.inc_by(pipe.len() as u64);
+                        let results: Vec<i64> = pipe.query_async(&mut conn).await?;
+                        for (tag_key, result) in tag_keys.iter().zip(results) {
+                            self.after_flush(&mut conn, tag_key, TagAction::Delete, result)
+                                .await?;
+                        }
                     }
-                },
-            )
-            .await?;
-            found.sort();
-            found.dedup();
-            for tag_key in found.iter().filter(|k| !k.ends_with(SPILL_SUFFIX)) {
-                let mut pipe = redis::pipe();
-                self.push_flush(&mut pipe, tag_key, TagAction::Delete);
-                let results: Vec<i64> = pipe.query_async(&mut conn).await?;
-                if let Some(&r) = results.first() {
-                    self.after_flush(&mut conn, tag_key, TagAction::Delete, r)
-                        .await?;
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
                 }
             }
         }
@@ -607,6 +613,27 @@ impl RedisSink {
             }
             _ => Ok(Flushed::Done),
         }
+    }
+
+    /// One `SCAN` page of keys matching `pattern` whose type is the tag layout's.
+    async fn scan_page(
+        &self,
+        conn: &mut MultiplexedConnection,
+        cursor: u64,
+        pattern: &str,
+    ) -> Result<(u64, Vec<String>), SinkError> {
+        let kind = if self.tags.is_zset() { "zset" } else { "set" };
+        self.metrics.redis_commands.inc();
+        Ok(redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .arg("TYPE")
+            .arg(kind)
+            .query_async(conn)
+            .await?)
     }
 
     /// Iterates `SCAN` (or `SSCAN`/`ZSCAN` over `key`) matching `pattern` and

@@ -464,3 +464,53 @@ async fn each_bad_configuration_names_its_line_and_fix() {
         );
     }
 }
+
+/// Resident memory of process `pid` in bytes (VmRSS).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap()
+}
+
+/// A 64 MB value under REPLICA IDENTITY FULL arrives as one message of old and new
+/// row (about 128 MB): pginval needs that memory while it decodes it, and gives it
+/// back once the change is applied instead of keeping its buffers at their peak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_of_a_huge_row_is_released_once_applied() {
+    let (db, redis) = setup("hugerow").await;
+    db.execute_batch(
+        "CREATE TABLE docs (id bigint PRIMARY KEY, body text);
+         ALTER TABLE docs REPLICA IDENTITY FULL;
+         ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
+         INSERT INTO docs VALUES (1, 'small');",
+    )
+    .await;
+    let rules = "[[rules]]\ntable = \"docs\"\nkeys = [\"doc:{id}\"]\n";
+    let path = config_file(&db, &config_text(&db, &redis, rules));
+    let mut child = spawn_run(&path, &path.with_extension("log"));
+    wait_streaming(&db).await;
+    let pid = child.id();
+    let before = rss(pid);
+    for round in 0..2 {
+        cache(&redis, &["doc:1"]).await;
+        db.execute_batch(&format!(
+            "UPDATE docs SET body = repeat('{}', 64 * 1024 * 1024) WHERE id = 1",
+            ["x", "y"][round]
+        ))
+        .await;
+        wait_gone(&redis, &["doc:1"]).await;
+    }
+    let limit = before + 32 * 1024 * 1024;
+    wait_until(
+        "pginval's memory is back near where it started",
+        WAIT,
+        || async { rss(pid) < limit },
+    )
+    .await;
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}

@@ -302,6 +302,57 @@ async fn big_tag_is_flushed_in_chunks() {
     daemon.stop().await.unwrap();
 }
 
+/// A tag wildcard (TRUNCATE applies every tag template as one) flushes thousands of
+/// tags, more than one SCAN page, each page in one pipeline; a big tag among them is
+/// moved aside with an O(1) RENAME, not copied member by member (SUNIONSTORE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_wildcard_flushes_many_tags_and_moves_a_big_one_by_rename() {
+    let (db, redis) = setup("tagpages").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut gone: Vec<String> = Vec::new();
+    let mut pipe = redis::pipe();
+    for i in 0..3000 {
+        pipe.sadd(format!("cache_tag:category:{i}"), format!("cat_item:{i}"))
+            .ignore()
+            .set(format!("cat_item:{i}"), "v")
+            .ignore();
+        gone.push(format!("cat_item:{i}"));
+        gone.push(format!("cache_tag:category:{i}"));
+    }
+    for j in 0..6000 {
+        pipe.sadd("cache_tag:category:big", format!("big_item:{j}"))
+            .ignore()
+            .set(format!("big_item:{j}"), "v")
+            .ignore();
+        gone.push(format!("big_item:{j}"));
+    }
+    gone.push("cache_tag:category:big".into());
+    gone.push("cache_tag:category:big:pginval-flushing".into());
+    pipe.sadd("cache_tag:user:1", "keep:1")
+        .ignore()
+        .set("keep:1", "v")
+        .ignore();
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    db.execute_batch("TRUNCATE posts").await;
+    let refs: Vec<&str> = gone.iter().map(String::as_str).collect();
+    wait_gone(&redis, &refs).await;
+    assert_cached(&redis, &["keep:1", "cache_tag:user:1"]).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(stats.contains("cmdstat_rename:"), "{stats}");
+    assert!(!stats.contains("cmdstat_sunionstore:"), "{stats}");
+    daemon.stop().await.unwrap();
+}
+
 async fn pttl(redis: &Redis, key: &str) -> i64 {
     let mut conn = redis.connection().await;
     conn.pttl(key).await.unwrap()
