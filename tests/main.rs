@@ -426,8 +426,11 @@ async fn redis_outage_holds_the_flush_position_and_catches_up() {
         "confirmed {confirmed:X} moved past {before:X} while redis was down (writes end at {written:X})"
     );
 
-    redis.restart();
+    // Locked at first, so that pginval cannot delete the restored keys before they are
+    // seen back.
+    redis.restart_locked("outage-test");
     assert_cached(&redis, &keys).await;
+    redis.unlock().await;
     wait_gone(&redis, &keys).await;
     // Once Redis acknowledged, the flush position moves past the writes.
     wait_until("the flush position passes the writes", WAIT, || async {
@@ -509,6 +512,27 @@ async fn wrong_password_is_a_final_error() {
         .expect("a wrong password fails fast");
     let err = result.unwrap_err().to_string();
     assert!(!err.contains("wrong"), "the password leaked into: {err}");
+    // pginval's own replication client, apart from the control connection that `run`
+    // opens first: every password method refuses, final, without the password.
+    for role in [support::MD5_ROLE, support::SCRAM_ROLE, support::PLAIN_ROLE] {
+        let url = db.url_as(role, "wrong-secret");
+        let text = config_text(&db, &redis, RULES).replace(&db.url, &url);
+        let config = Config::parse(Path::new("t.toml"), &text, |_| None).unwrap();
+        let err = tokio::time::timeout(
+            WAIT,
+            pginval::replication::conn::ReplicationConnection::connect(&config.source, "pginval"),
+        )
+        .await
+        .expect("fails fast")
+        .expect_err("a wrong password is refused");
+        assert!(!err.is_retryable(), "{role}: {err}");
+        let text = err.to_string();
+        assert!(text.contains("28P01"), "{role}: {text}");
+        assert!(
+            !text.contains("wrong-secret"),
+            "{role}: the password leaked into {text}"
+        );
+    }
 }
 
 // ---- the binary: check, run, kill, restart --------------------------------------
@@ -685,7 +709,8 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
 
     let mut child = spawn_run(&path, &log);
     wait_streaming(&db).await;
-    // Writes in flight while pginval is killed: one transaction per row.
+    // Writes in flight while pginval is killed: one transaction per row, paced so
+    // the stream is still going when the kill lands.
     let writer = {
         let db = db.clone();
         tokio::spawn(async move {
@@ -698,12 +723,27 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
                     )
                     .await
                     .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Kill once pginval has applied part of the writes, not before and not after.
+    let first: Vec<&str> = key_refs[..200].to_vec();
+    let remaining = || async {
+        let mut conn = redis.connection().await;
+        let n: usize = conn.exists(&first).await.unwrap();
+        n
+    };
+    wait_until("pginval applied some of the writes", WAIT, || async {
+        remaining().await < first.len()
+    })
+    .await;
     child.kill().unwrap();
     child.wait().unwrap();
+    assert!(
+        !writer.is_finished() && remaining().await > 0,
+        "the kill did not land mid-stream"
+    );
     writer.await.unwrap();
     // More changes while pginval is down.
     db.execute_batch("UPDATE users SET role = 'down' WHERE id BETWEEN 101 AND 200")

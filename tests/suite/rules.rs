@@ -2,8 +2,6 @@
 //! patterns, framework tag layouts, soft invalidation, second deletes, entity events,
 //! hints, explain and dry runs — end to end against PostgreSQL and Redis.
 
-use std::time::Duration;
-
 use redis::AsyncCommands;
 
 use crate::support::{Redis, wait_until};
@@ -510,7 +508,10 @@ async fn dry_run_touches_neither_redis_nor_the_slot() {
     let daemon = Daemon::start(&db, config(&db, &redis, crate::RULES)).await;
     daemon.stop().await.unwrap();
     let before = confirmed_lsn(&db).await;
-    let mut cfg = config(&db, &redis, crate::RULES);
+    let port = crate::support::free_port();
+    let text = crate::suite::ops::with_metrics(&config_text(&db, &redis, crate::RULES), port);
+    let mut cfg = pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
     cfg.dry_run = true;
     let dry = Daemon::spawn(cfg);
     let client = db.client().await;
@@ -528,7 +529,15 @@ async fn dry_run_touches_neither_redis_nor_the_slot() {
     cache(&redis, &["user:15"]).await;
     db.execute_batch("UPDATE users SET name = 'dry' WHERE id = 15")
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The dry run has handled the change once its batch counts as applied (where a
+    // real run would have deleted the key).
+    wait_until("the dry run handled the change", WAIT, || async {
+        let Some((_, metrics)) = crate::suite::ops::get(port, "/metrics").await else {
+            return false;
+        };
+        crate::suite::ops::sample(&metrics, "pginval_commit_to_invalidation_seconds_count") >= 1.0
+    })
+    .await;
     assert_cached(&redis, &["user:15"]).await;
     dry.stop().await.unwrap();
     assert_eq!(

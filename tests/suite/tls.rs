@@ -184,6 +184,11 @@ async fn postgres_tls_modes_encrypt_and_verify() {
         );
         let text = tls_config(&db, &redis.url(), "localhost", &params);
         let cfg = Config::parse(Path::new("t.toml"), &text, |_| None).unwrap();
+        let replication = replication_refusal(&cfg).await;
+        assert!(
+            replication.to_lowercase().contains("certificate"),
+            "{mode}, replication connection: {replication}"
+        );
         let err = tokio::time::timeout(WAIT, pginval::pipeline::run(cfg, std::future::pending()))
             .await
             .expect("fails fast")
@@ -213,12 +218,30 @@ async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
         &format!("sslmode=verify-full&sslrootcert={ca}"),
     );
     let cfg = Config::parse(Path::new("t.toml"), &text, |_| None).unwrap();
+    let replication = replication_refusal(&cfg).await;
+    assert!(
+        replication.to_lowercase().contains("certificate"),
+        "replication connection: {replication}"
+    );
     let err = tokio::time::timeout(WAIT, pginval::pipeline::run(cfg, std::future::pending()))
         .await
         .expect("fails fast")
         .unwrap_err()
         .to_string();
     assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
+
+/// The error of pginval's own replication client (not the control connection,
+/// which `run` opens first and which would fail first) connecting with `cfg`.
+async fn replication_refusal(cfg: &Config) -> String {
+    tokio::time::timeout(
+        WAIT,
+        pginval::replication::conn::ReplicationConnection::connect(&cfg.source, "pginval"),
+    )
+    .await
+    .expect("fails fast")
+    .expect_err("the replication connection must be refused")
+    .to_string()
 }
 
 /// redis-server with TLS only, on a free port.

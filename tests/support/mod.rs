@@ -71,6 +71,8 @@ pub struct Redis {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// `requirepass` of the running server, when it was restarted locked.
+    password: Option<String>,
 }
 
 static POSTGRES: OnceLock<Result<Postgres, String>> = OnceLock::new();
@@ -627,6 +629,7 @@ impl Redis {
                 port: free_port(),
                 dir: dir.clone(),
                 child: None,
+                password: None,
             };
             match redis.spawn() {
                 Ok(()) => return redis,
@@ -666,6 +669,30 @@ impl Redis {
 
     /// Starts the server again, empty, on the same port (stopping it first if it runs).
     pub fn restart(&mut self) {
+        self.password = None;
+        self.restart_server();
+    }
+
+    /// Starts the server again with `requirepass password`: pginval (which has no
+    /// password) cannot reach it until [`Redis::unlock`], so what the server holds
+    /// right after the restart can be looked at without racing pginval's reconnect.
+    pub fn restart_locked(&mut self, password: &str) {
+        self.password = Some(password.to_owned());
+        self.restart_server();
+    }
+
+    /// Lets clients without a password in again (`CONFIG SET requirepass ""`).
+    pub async fn unlock(&mut self) {
+        let mut conn = self.connection().await;
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "requirepass", ""][..])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        self.password = None;
+    }
+
+    fn restart_server(&mut self) {
         self.stop();
         // The port was free a moment ago; retry briefly in case the kernel lags.
         let deadline = Instant::now() + REDIS_START_TIMEOUT;
@@ -683,7 +710,11 @@ impl Redis {
     /// A new multiplexed connection, with generous timeouts: redis-rs 1.x defaults to a
     /// 500 ms response timeout, too tight for a loaded 2-core test machine.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(self.url()).expect("a valid Redis URL");
+        let url = match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
+            None => self.url(),
+        };
+        let client = redis::Client::open(url).expect("a valid Redis URL");
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(10)))
             .set_response_timeout(Some(Duration::from_secs(10)));
@@ -706,6 +737,11 @@ impl Redis {
             .args(["--save", ""])
             .args(["--appendonly", "no"])
             .args(["--daemonize", "no"])
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|pw| ["--requirepass".to_owned(), pw.clone()]),
+            )
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -752,7 +788,9 @@ fn ping(port: u16) -> bool {
         return false;
     }
     let mut reply = [0u8; 7];
-    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    // A server with requirepass answers NOAUTH: it is up all the same.
+    stream.read_exact(&mut reply).is_ok()
+        && (&reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
 }
 
 /// Polls `f` every 20 ms until it returns true; panics naming `what` after `timeout`.
