@@ -114,12 +114,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this too, without
+    // it: then only a small smoke run (both ways still checked to leave nothing).
+    let benching = std::env::args().any(|a| a == "--bench");
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let tags: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let runs: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let (default_tags, default_runs) = if benching { (20_000, 5) } else { (500, 1) };
+    let tags: usize = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default_tags);
+    let runs: usize = args
+        .get(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default_runs);
     let (_server, port) = start_redis();
     let url = format!("redis://127.0.0.1:{port}/0");
     let client = redis::Client::open(url.as_str()).unwrap();

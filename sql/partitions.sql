@@ -1,31 +1,88 @@
--- Keeps every partition of a partitioned table with REPLICA IDENTITY FULL in step
--- with its root: a partition's own identity decides what its old rows carry, and a
--- partition created or attached later starts with DEFAULT (key only), so rules that
--- read non-key columns could not invalidate the old key. pginval then applies those
--- templates as wildcards (over-invalidation, logged and counted); this trigger makes
--- that unnecessary.
+-- Keeps pginval exact on partitioned tables, which PostgreSQL otherwise leaves it
+-- half-blind to when publishing via the root (publish_via_partition_root):
 --
--- Run once per database as a superuser (event triggers need one):
+-- 1. REPLICA IDENTITY: a partition's own identity decides what its old rows carry, and
+--    a partition created or attached later starts with DEFAULT (key only), so rules
+--    that read non-key columns could not invalidate the old key. pginval then applies
+--    those templates as wildcards (over-invalidation, logged and counted); the event
+--    trigger below gives every partition of a FULL root FULL as well.
+-- 2. TRUNCATE, DETACH, ATTACH and DROP of a single partition are not sent to pginval
+--    at all. Here they are: a statement-level TRUNCATE trigger on every partition, an
+--    event trigger on ALTER TABLE of a partitioned table (DETACH / ATTACH PARTITION)
+--    and one on DROP TABLE write a transactional message
+--    pg_logical_emit_message(true, 'pginval-partition', '{"root": ..., "op": ...}'),
+--    and pginval applies the root's rules as for a TRUNCATE of the root: their
+--    fallbacks (every template with {...} as a wildcard, or the declared fallback)
+--    and entity `truncate` events. Over-invalidation, never a miss.
+--
+-- Run once per database as a superuser (event triggers need one), before or after
+-- the partitions exist (existing ones get their triggers now):
 --   psql -v ON_ERROR_STOP=1 -f sql/partitions.sql "$DATABASE_URL"
---
--- What PostgreSQL does not send to pginval at all, with publish_via_partition_root:
--- a TRUNCATE, DETACH or DROP of a single partition. Invalidate by hand after those
--- (or TRUNCATE the root, which pginval sees).
+-- `pginval check` says which partitions still lack the TRUNCATE trigger.
 
-CREATE OR REPLACE FUNCTION pginval_partition_identity() RETURNS event_trigger
+-- The message pginval reads: the root's schema-qualified name and what happened.
+CREATE OR REPLACE FUNCTION pginval_partition_message(root oid, op text) RETURNS void
+LANGUAGE sql AS $$
+  SELECT pg_logical_emit_message(true, 'pginval-partition', json_build_object(
+           'root', n.nspname || '.' || c.relname, 'op', op)::text)::text::void
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.oid = root
+$$;
+
+-- Statement-level TRUNCATE trigger of a partition.
+CREATE OR REPLACE FUNCTION pginval_partition_truncated() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+DECLARE
+  root oid := pg_partition_root(TG_RELID);
+BEGIN
+  IF root IS NOT NULL AND root <> TG_RELID THEN
+    PERFORM pginval_partition_message(root, 'truncate');
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+-- Gives every leaf partition under `root` the TRUNCATE trigger, named after the
+-- root's OID so that the DROP trigger below can tell whose partition went.
+CREATE OR REPLACE FUNCTION pginval_partition_cover(root oid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-  changed oid;
+  part regclass;
+BEGIN
+  FOR part IN
+    SELECT t.relid FROM pg_partition_tree(root) t
+     WHERE t.isleaf AND t.relid <> root
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger g
+                        WHERE g.tgrelid = t.relid AND g.tgname = 'pginval_truncate_' || root)
+  LOOP
+    EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT
+                    EXECUTE FUNCTION pginval_partition_truncated()',
+                   'pginval_truncate_' || root, part);
+  END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pginval_partition_identity() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+DECLARE
+  cmd record;
   root oid;
   part regclass;
 BEGIN
-  FOR changed IN
-    SELECT objid FROM pg_event_trigger_ddl_commands()
+  FOR cmd IN
+    SELECT objid, command_tag FROM pg_event_trigger_ddl_commands()
      WHERE object_type IN ('table', 'partitioned table')
   LOOP
-    root := pg_partition_root(changed);
-    CONTINUE WHEN root IS NULL
-      OR (SELECT relreplident FROM pg_class WHERE oid = root) <> 'f';
+    root := pg_partition_root(cmd.objid);
+    CONTINUE WHEN root IS NULL;
+    -- ALTER TABLE of a partitioned table (ATTACH / DETACH PARTITION among others):
+    -- its set of rows may have changed without a row change being sent.
+    IF cmd.command_tag = 'ALTER TABLE'
+       AND (SELECT relkind FROM pg_class WHERE oid = cmd.objid) = 'p' THEN
+      PERFORM pginval_partition_message(root, 'alter');
+    END IF;
+    PERFORM pginval_partition_cover(root);
+    CONTINUE WHEN (SELECT relreplident FROM pg_class WHERE oid = root) <> 'f';
     FOR part IN
       SELECT t.relid FROM pg_partition_tree(root) t
         JOIN pg_class c ON c.oid = t.relid
@@ -37,7 +94,39 @@ BEGIN
 END
 $$;
 
+-- DROP TABLE of a partition: its TRUNCATE trigger, dropped with it, names the root.
+CREATE OR REPLACE FUNCTION pginval_partition_dropped() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+DECLARE
+  root oid;
+BEGIN
+  FOR root IN
+    SELECT DISTINCT substring(object_identity FROM '^pginval_truncate_([0-9]+) on ')::oid
+      FROM pg_event_trigger_dropped_objects()
+     WHERE object_type = 'trigger' AND object_identity ~ '^pginval_truncate_[0-9]+ on '
+  LOOP
+    -- A root dropped with its partitions is gone: nothing to say about it here.
+    CONTINUE WHEN NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = root);
+    PERFORM pginval_partition_message(root, 'drop');
+  END LOOP;
+END
+$$;
+
+-- The triggers run as the superuser who ran this script (SECURITY DEFINER), so they
+-- work where sql/setup.sql revoked pg_logical_emit_message from PUBLIC; nobody else
+-- may call the helpers.
+REVOKE EXECUTE ON FUNCTION pginval_partition_message(oid, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pginval_partition_cover(oid) FROM PUBLIC;
+
 DROP EVENT TRIGGER IF EXISTS pginval_partition_identity;
 CREATE EVENT TRIGGER pginval_partition_identity ON ddl_command_end
   WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
   EXECUTE FUNCTION pginval_partition_identity();
+
+DROP EVENT TRIGGER IF EXISTS pginval_partition_dropped;
+CREATE EVENT TRIGGER pginval_partition_dropped ON sql_drop
+  WHEN TAG IN ('DROP TABLE')
+  EXECUTE FUNCTION pginval_partition_dropped();
+
+-- The partitions that exist now.
+SELECT pginval_partition_cover(c.oid) FROM pg_class c WHERE c.relkind = 'p' AND NOT c.relispartition;

@@ -122,4 +122,6 @@ ALTER TABLE public.categories REPLICA IDENTITY FULL;
 -- heartbeat ([source] heartbeat_secs) calls the function as pginval's role: grant it
 -- there as well when you use it.
 --
--- Partitioned tables: sql/partitions.sql keeps new partitions' REPLICA IDENTITY FULL.
+-- Partitioned tables: sql/partitions.sql keeps new partitions' REPLICA IDENTITY FULL and
+-- tells pginval of a partition's TRUNCATE, DETACH or DROP (its triggers are SECURITY
+-- DEFINER, so they keep working after the REVOKE above).

@@ -199,14 +199,27 @@ pub async fn check_with(
             "{rule}: table found, REPLICA IDENTITY {} covers every template",
             identity_label(&info)
         ));
-        if info.partitioned {
+        if info.partitioned && info.partition_changes_sent {
+            report.notes.push(format!(
+                "{rule}: {} is partitioned; sql/partitions.sql is installed: new partitions get its identity, and a partition's TRUNCATE, DETACH, ATTACH or DROP applies the rules' fallbacks",
+                rule.qualified_table()
+            ));
+        } else if info.partitioned {
+            let untracked = if info.untracked_partitions.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (partitions without pginval's TRUNCATE trigger: {})",
+                    info.untracked_partitions.join(", ")
+                )
+            };
             report.warnings.push(Problem::new(
                 line,
                 format!(
-                    "{rule}: {} is partitioned: each partition has its own REPLICA IDENTITY, so a partition created or attached later must get the same (until it does, pginval applies the templates it cannot render as wildcards); and PostgreSQL does not send a partition's TRUNCATE, DETACH or DROP to pginval",
+                    "{rule}: {} is partitioned: each partition has its own REPLICA IDENTITY, so a partition created or attached later must get the same (until it does, pginval applies the templates it cannot render as wildcards); and PostgreSQL does not send a partition's TRUNCATE, DETACH, ATTACH or DROP to pginval{untracked}",
                     rule.qualified_table()
                 ),
-                Some("install the event trigger and TRUNCATE trigger of sql/partitions.sql (as a superuser), or run `pginval setup` after every partition change and invalidate by hand after a partition's TRUNCATE, DETACH or DROP".into()),
+                Some("run sql/partitions.sql once as a superuser: its triggers keep new partitions' identity and tell pginval of those partition changes (it then applies the rules' fallbacks); without it, invalidate by hand after them".into()),
             ));
         }
     }

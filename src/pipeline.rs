@@ -54,6 +54,9 @@ const CATALOG_TIMEOUT: Duration = Duration::from_secs(10);
 const SLOT_BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Prefix of `pg_logical_emit_message` hints addressed to pginval.
 pub const HINT_PREFIX: &[u8] = b"pginval";
+/// Prefix of the messages `sql/partitions.sql` writes for a partition's TRUNCATE,
+/// DETACH, ATTACH or DROP, which PostgreSQL itself does not send.
+pub const PARTITION_PREFIX: &[u8] = b"pginval-partition";
 
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -1411,6 +1414,7 @@ impl Stream {
                 }
             }
             Message::Message(m) if m.prefix == HINT_PREFIX => self.apply_hint(&m),
+            Message::Message(m) if m.prefix == PARTITION_PREFIX => self.apply_partition_change(&m),
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
         }
         Ok(())
@@ -1513,6 +1517,58 @@ impl Stream {
             let batch = self.pending.get_or_insert_with(Batch::default);
             batch.inv.add_hint(hint.keys, hint.tags);
             batch.end_lsn = batch.end_lsn.max(m.lsn);
+        }
+    }
+
+    /// A partition's TRUNCATE, DETACH, ATTACH or DROP, as `sql/partitions.sql` tells it
+    /// (`{"root": "schema.table", "op": ...}`): the root's rules apply as for a
+    /// TRUNCATE of the root. Anyone who may call `pg_logical_emit_message` can send
+    /// one; it can only make pginval apply rule fallbacks (over-invalidation).
+    fn apply_partition_change(&mut self, m: &LogicalMessage) {
+        #[derive(serde::Deserialize)]
+        struct Change {
+            root: String,
+            op: String,
+        }
+        let change: Change = match serde_json::from_slice(&m.content) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(
+                    lsn = %format_lsn(m.lsn), error = %e,
+                    "ignored a pginval-partition message that is not {{\"root\": ..., \"op\": ...}}"
+                );
+                return;
+            }
+        };
+        let config = self.config.clone();
+        let rules: Vec<_> = config
+            .rules
+            .rules
+            .iter()
+            .filter(|r| r.qualified_table() == change.root)
+            .collect();
+        if rules.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            table = %change.root, op = %change.op,
+            "a partition changed unseen by the stream (sql/partitions.sql told): applying the table's rule fallbacks"
+        );
+        if m.transactional {
+            let tx = self.tx_mut();
+            for rule in rules {
+                tx.add_partition_change(rule);
+            }
+        } else {
+            // Outside a transaction there is no commit to give events: fallbacks only.
+            let batch = self.pending.get_or_insert_with(Batch::default);
+            batch.end_lsn = batch.end_lsn.max(m.lsn);
+            for rule in rules {
+                batch.inv.add_rule_fallback(
+                    &rule.effective_fallback(),
+                    FallbackReason::PartitionChanged,
+                );
+            }
         }
     }
 

@@ -33,6 +33,12 @@ pub struct TableInfo {
     /// and for a partitioned table each partition (their identities decide what old
     /// rows carry; the root's only labels them).
     pub not_full: Vec<String>,
+    /// For a partitioned table: whether its partitions' TRUNCATE, DETACH, ATTACH and
+    /// DROP reach pginval (`sql/partitions.sql`'s event triggers are enabled and
+    /// every partition has its TRUNCATE trigger).
+    pub partition_changes_sent: bool,
+    /// The partitions without that TRUNCATE trigger, quoted.
+    pub untracked_partitions: Vec<String>,
 }
 
 impl TableInfo {
@@ -205,13 +211,18 @@ pub async fn table_info(
     let mut replica_identity = own.replica_identity;
     let mut identity_columns = own.columns;
     let mut not_full = Vec::new();
+    let mut untracked_partitions = Vec::new();
+    let mut partition_changes_sent = false;
     if own.replica_identity != ReplicaIdentity::Full {
         not_full.push(quote_table(schema, table));
     }
     if partitioned {
         let leaves = client
             .query(
-                "SELECT c.oid, n.nspname::text, c.relname::text
+                "SELECT c.oid, n.nspname::text, c.relname::text,
+                        EXISTS (SELECT 1 FROM pg_trigger g
+                                 WHERE g.tgrelid = c.oid AND g.tgenabled <> 'D'
+                                   AND g.tgname = 'pginval_truncate_' || $1::oid::text)
                    FROM pg_partition_tree($1::oid::regclass) p
                    JOIN pg_class c ON c.oid = p.relid
                    JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -219,6 +230,24 @@ pub async fn table_info(
                 &[&oid],
             )
             .await?;
+        let event_triggers: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_event_trigger
+                  WHERE evtname IN ('pginval_partition_identity', 'pginval_partition_dropped')
+                    AND evtenabled <> 'D'",
+                &[],
+            )
+            .await?
+            .get(0);
+        for leaf in &leaves {
+            if !leaf.get::<_, bool>(3) {
+                untracked_partitions.push(quote_table(
+                    &leaf.get::<_, String>(1),
+                    &leaf.get::<_, String>(2),
+                ));
+            }
+        }
+        partition_changes_sent = event_triggers == 2 && untracked_partitions.is_empty();
         for leaf in leaves {
             let leaf_oid: u32 = leaf.get(0);
             let leaf_columns: Vec<String> = client
@@ -254,6 +283,8 @@ pub async fn table_info(
         partitioned,
         replicates_updates,
         not_full,
+        partition_changes_sent,
+        untracked_partitions,
     }))
 }
 

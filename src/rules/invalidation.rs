@@ -14,7 +14,7 @@ use serde_json::{Map, Value as Json};
 use crate::replication::event::{Cell, Op, RowEvent};
 use crate::replication::relation::ReplicaIdentity;
 
-use super::compile::{Action, BoundPart, BoundRule, BoundTemplate, Fallback};
+use super::compile::{Action, BoundPart, BoundRule, BoundTemplate, Fallback, Rule};
 use super::template::{ImageSelector, push_glob_escaped, push_value};
 
 /// What to do with a tag's members.
@@ -43,6 +43,9 @@ pub enum FallbackReason {
     PublicationChanged,
     /// A rule table was renamed or replaced.
     TableRenamed,
+    /// A partition was truncated, detached, attached or dropped (told by the triggers
+    /// of `sql/partitions.sql`; PostgreSQL sends nothing of it).
+    PartitionChanged,
 }
 
 impl FallbackReason {
@@ -56,6 +59,7 @@ impl FallbackReason {
             FallbackReason::SlotLost => "slot_lost",
             FallbackReason::PublicationChanged => "publication_changed",
             FallbackReason::TableRenamed => "table_renamed",
+            FallbackReason::PartitionChanged => "partition_changed",
         }
     }
 }
@@ -304,15 +308,28 @@ impl Invalidation {
     pub fn add_truncate(&mut self, rules: &[BoundRule]) {
         for rule in rules.iter().filter(|r| r.rule.ops.truncate) {
             self.add_fallback(rule, FallbackReason::Truncate);
-            if let Some(entity) = &rule.rule.entity {
-                self.events.push(PendingEvent {
-                    entity: entity.as_str().into(),
-                    op: "truncate",
-                    id: Json::Null,
-                    fields: Json::Null,
-                    table: rule.rule.qualified_table().into(),
-                });
-            }
+            self.add_truncate_event(&rule.rule);
+        }
+    }
+
+    /// A partition of `rule`'s table was truncated, detached, attached or dropped:
+    /// rows left (or joined) the table unseen, so the rule is applied as for a
+    /// TRUNCATE of the table, whatever its `on` says (the rows did not go by TRUNCATE
+    /// of the table itself).
+    pub fn add_partition_change(&mut self, rule: &Rule) {
+        self.add_rule_fallback(&rule.effective_fallback(), FallbackReason::PartitionChanged);
+        self.add_truncate_event(rule);
+    }
+
+    fn add_truncate_event(&mut self, rule: &Rule) {
+        if let Some(entity) = &rule.entity {
+            self.events.push(PendingEvent {
+                entity: entity.as_str().into(),
+                op: "truncate",
+                id: Json::Null,
+                fields: Json::Null,
+                table: rule.qualified_table().into(),
+            });
         }
     }
 

@@ -60,7 +60,9 @@ async fn partition_without_full_identity_is_refused_then_covered_by_wildcards() 
     let (code, stdout) = check(&db, &redis, PARTITIONED_RULES);
     assert_eq!(code, 0, "{stdout}");
     assert!(
-        stdout.contains("partitioned") && stdout.contains("TRUNCATE, DETACH or DROP"),
+        stdout.contains("partitioned")
+            && stdout.contains("TRUNCATE, DETACH, ATTACH or DROP")
+            && stdout.contains("sql/partitions.sql"),
         "check says what partitions leave uncovered: {stdout}"
     );
 
@@ -126,6 +128,66 @@ async fn partition_event_trigger_gives_new_partitions_full_identity() {
             ("pposts_3".to_string(), "f".to_string())
         ]
     );
+}
+
+/// With `sql/partitions.sql`, a partition's TRUNCATE, DETACH and DROP — which
+/// PostgreSQL does not send when publishing via the root — reach pginval as messages,
+/// and the root's rules apply their fallbacks; `check` says so. Other tables' keys stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_truncate_detach_and_drop_reach_pginval_through_sql_partitions() {
+    let (db, redis) = setup("partchanges").await;
+    db.execute_batch(PARTITIONED).await;
+    db.execute_batch("ALTER TABLE pposts_1 REPLICA IDENTITY FULL")
+        .await;
+    let script = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/partitions.sql"),
+    )
+    .unwrap();
+    db.execute_batch(&script).await;
+    db.execute_batch(
+        "CREATE TABLE pposts_2 PARTITION OF pposts FOR VALUES FROM (1000) TO (2000);
+         CREATE TABLE pposts_3 PARTITION OF pposts FOR VALUES FROM (2000) TO (3000);
+         INSERT INTO pposts VALUES (1500, 3, 'two'), (2500, 4, 'three');",
+    )
+    .await;
+    let (code, stdout) = check(&db, &redis, PARTITIONED_RULES);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains("sql/partitions.sql is installed")
+            && !stdout.contains("is partitioned: each partition"),
+        "{stdout}"
+    );
+    // The application's role, where pg_logical_emit_message is revoked from PUBLIC
+    // (sql/setup.sql, section 6): the triggers still tell pginval.
+    let app = format!("{}_app", db.name);
+    db.execute_batch(&format!(
+        "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC;
+         REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;
+         CREATE ROLE {app};
+         GRANT TRUNCATE ON pposts_1 TO {app};"
+    ))
+    .await;
+    let daemon = Daemon::start(&db, config(&db, &redis, PARTITIONED_RULES)).await;
+    let truncate_as_app = format!("SET ROLE {app}; TRUNCATE pposts_1; RESET ROLE;");
+    for (what, sql) in [
+        ("TRUNCATE of a partition", truncate_as_app.as_str()),
+        (
+            "DETACH PARTITION",
+            "ALTER TABLE pposts DETACH PARTITION pposts_2",
+        ),
+        ("DROP of a partition", "DROP TABLE pposts_3"),
+    ] {
+        cache(
+            &redis,
+            &["ppost:1", "user_pposts:1", "ppost:2500", "user:5"],
+        )
+        .await;
+        db.execute_batch(sql).await;
+        wait_gone(&redis, &["ppost:1", "user_pposts:1", "ppost:2500"]).await;
+        crate::assert_cached(&redis, &["user:5"]).await;
+        assert!(!daemon.finished(), "{what}");
+    }
+    daemon.stop().await.unwrap();
 }
 
 /// FULL → DEFAULT while streaming: the Relation message carries the new identity, and
