@@ -551,11 +551,16 @@ impl Config {
         let mut hints = HintsConfig::default();
         let mut state = StateConfig::default();
         let mut hints_line = None;
+        let mut events_line = None;
+        let mut source_line = None;
         let mut rule_models = Vec::new();
         for (key, value) in doc.get_ref() {
             let line = lines.line_of(&key.span());
             match key.get_ref().as_ref() {
-                "source" => section(value, &lines, &mut problems, "[source]", &mut source),
+                "source" => {
+                    source_line = line;
+                    section(value, &lines, &mut problems, "[source]", &mut source)
+                }
                 "redis" => section(value, &lines, &mut problems, "[redis]", &mut redis),
                 "tags" => section(value, &lines, &mut problems, "[tags]", &mut tags),
                 "limits" => section(value, &lines, &mut problems, "[limits]", &mut limits),
@@ -566,6 +571,7 @@ impl Config {
                 }
                 "state" => section(value, &lines, &mut problems, "[state]", &mut state),
                 "events" => {
+                    events_line = line;
                     let mut e = EventsConfig::default();
                     section(value, &lines, &mut problems, "[events]", &mut e);
                     if e.channel.is_none() && e.stream.is_none() {
@@ -616,7 +622,7 @@ impl Config {
         let pg = match source_url {
             None => {
                 problems.push(Problem::new(
-                    None,
+                    source_line,
                     "no source database: [source] url is missing",
                     Some(format!(
                         "add `url = \"postgres://user@host:5432/db\"` under [source], or set {ENV_SOURCE_URL}"
@@ -877,7 +883,7 @@ impl Config {
         let rules = compile::compile(rule_models, defaults, &lines, &mut problems);
         if events.is_some() && !rules.rules.iter().any(|r| r.entity.is_some()) {
             problems.push(Problem::new(
-                None,
+                events_line,
                 "[events] is configured but no rule sets `entity`, so no event is ever published",
                 Some(
                     "add entity = \"user\" (the entity name) to the rules whose changes are events"

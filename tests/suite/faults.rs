@@ -440,6 +440,8 @@ async fn each_bad_configuration_names_its_line_and_fix() {
         ("status interval out of range", "[source]\nurl = \"postgres://u@h/db\"\nstatus_interval_secs = 0\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{id}\"]\n".to_owned(), "rules.toml:3: [source] status_interval_secs must be between 1 and 3600"),
         ("receive timeout too short", "[source]\nurl = \"postgres://u@h/db\"\nreceive_timeout_secs = 1\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{id}\"]\n".to_owned(), "rules.toml:3: [source] receive_timeout_secs must be 0 (off) or between 2 and 3600"),
         ("no keys per transaction", format!("{head}[limits]\nmax_keys_per_transaction = 0\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\n"), "rules.toml:5: [limits] max_keys_per_transaction must be at least 1"),
+        ("events without entity", format!("{head}[events]\nchannel = \"c\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\n"), "rules.toml:4: [events] is configured but no rule sets `entity`"),
+        ("no source url", "[source]\nslot = \"s\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{id}\"]\n".to_owned(), "rules.toml:1: no source database"),
         ("empty template", format!("{head}[[rules]]\ntable = \"users\"\nkeys = [\"\"]\n"), "rules.toml:6: rule #1"),
     ];
     for (what, text, expected) in cases {
