@@ -30,6 +30,9 @@ use crate::rules::invalidation::{FallbackReason, Invalidation};
 use crate::sink::redelete::Redelete;
 use crate::sink::redis::{RedisSink, SinkError};
 
+mod ack;
+use ack::Ack;
+
 /// Stop reading WAL once this many keys, tags, patterns and events wait for Redis:
 /// Postgres keeps the WAL meanwhile, pginval's memory stays bounded.
 const MAX_PENDING: usize = 200_000;
@@ -975,12 +978,9 @@ struct Stream {
     tx_commit: (Lsn, i64),
     /// Committed, not yet handed to the sink.
     pending: Option<Batch>,
-    /// Batches handed to the sink.
-    sent_batches: u64,
-    /// The flush position confirmed to Postgres.
-    confirmed: Lsn,
-    /// The latest keepalive position: safe to confirm once nothing is pending.
-    server_end: Lsn,
+    /// The ack rule: what was handed to the sink, acknowledged, kept alive, and
+    /// so the flush position that may be confirmed to Postgres.
+    ack: Ack,
     /// The server's WAL end as last reported (for the lag metric).
     server_wal_end: Lsn,
     conn: Option<ReplicationConnection>,
@@ -1014,6 +1014,7 @@ impl Stream {
     ) -> Stream {
         // Streaming resumes where the sink starts out: the slot's confirmed position.
         let start = acked.borrow().lsn;
+        let ack = Ack::new(start, config.dry_run);
         let rule_labels = config
             .rules
             .rules
@@ -1042,9 +1043,7 @@ impl Stream {
             tx: None,
             tx_commit: (0, 0),
             pending: None,
-            sent_batches: 0,
-            confirmed: start,
-            server_end: start,
+            ack,
             server_wal_end: start,
             conn: None,
             metrics,
@@ -1059,25 +1058,16 @@ impl Stream {
         }
     }
 
-    /// Nothing received is waiting: no open transaction, no batch unsent or
-    /// unacknowledged.
-    fn idle(&self) -> bool {
-        self.tx.is_none()
-            && self.pending.is_none()
-            && self.acked.borrow().batches == self.sent_batches
+    /// Work not yet handed to the sink: an open transaction or an unsent batch.
+    fn holding(&self) -> bool {
+        self.tx.is_some() || self.pending.is_some()
     }
 
-    /// The highest position the ack rule allows now.
-    fn confirmable(&self) -> Lsn {
-        if self.config.dry_run {
-            // A dry run must not move the slot: a real run later still sees everything.
-            return self.confirmed;
-        }
-        let mut lsn = self.confirmed.max(self.acked.borrow().lsn);
-        if self.idle() {
-            lsn = lsn.max(self.server_end);
-        }
-        lsn
+    /// The highest position the ack rule allows now (after taking in the sink's
+    /// latest acknowledgements).
+    fn confirmable(&mut self) -> Lsn {
+        self.ack.acknowledged(self.acked.borrow().batches);
+        self.ack.confirmable(self.holding())
     }
 
     /// One replication session: connect, stream until shutdown or an error.
@@ -1122,6 +1112,7 @@ impl Stream {
         self.relations.clear();
         self.bound.clear();
         self.tx = None;
+        self.ack.reconnected();
         self.conn = Some(conn);
         self.health.set_streaming(true);
         self.heard(Instant::now());
@@ -1137,7 +1128,7 @@ impl Stream {
             self.drain_buffered().await?;
             let backlog = self.pending.as_ref().map_or(0, Batch::len);
             // A status update owed because the last one was too recent.
-            let status_due = (self.confirmable() > self.confirmed)
+            let status_due = (self.confirmable() > self.ack.confirmed())
                 .then(|| tokio::time::Instant::from_std(last_status + MIN_STATUS_GAP));
             let conn = self.conn.as_mut().expect("connected");
             // Before a batch goes out, take whatever the kernel already holds: batches
@@ -1187,9 +1178,9 @@ impl Stream {
                 permit = self.batches.reserve(), if self.pending.is_some() => match permit {
                     Ok(permit) => {
                         if let Some(batch) = self.pending.take() {
-                            self.sent_batches += 1;
+                            let seq = self.ack.sent(batch.end_lsn);
                             if let Some((first, _)) = batch.commit_times.first() {
-                                self.in_flight.push_back((self.sent_batches, *first));
+                                self.in_flight.push_back((seq, *first));
                             }
                             permit.send(batch);
                         }
@@ -1217,7 +1208,7 @@ impl Stream {
                     last_status = Instant::now();
                 }
                 Wake::Acked(true) => {
-                    if self.confirmable() > self.confirmed
+                    if self.confirmable() > self.ack.confirmed()
                         && last_status.elapsed() >= MIN_STATUS_GAP
                     {
                         self.send_status().await?;
@@ -1288,7 +1279,7 @@ impl Stream {
                         reply_requested,
                         ..
                     } => {
-                        self.server_end = self.server_end.max(wal_end);
+                        self.ack.keepalive(wal_end);
                         self.server_wal_end = self.server_wal_end.max(wal_end);
                         if reply_requested {
                             self.send_status().await?;
@@ -1755,11 +1746,12 @@ impl Stream {
     /// at once. The send is bounded like the reads: a connection whose socket no
     /// longer drains is dead.
     async fn send_status_asking(&mut self, reply: bool) -> Result<(), RunError> {
-        let lsn = self.confirmable();
-        if lsn > self.confirmed {
+        let before = self.ack.confirmed();
+        self.ack.acknowledged(self.acked.borrow().batches);
+        let lsn = self.ack.confirm(self.holding());
+        if lsn > before {
             tracing::trace!(lsn = %format_lsn(lsn), "confirming");
         }
-        self.confirmed = lsn;
         self.metrics.confirmed_lsn.set(lsn as i64);
         self.metrics
             .lag_bytes
@@ -1793,7 +1785,7 @@ impl Stream {
             match tokio::time::timeout_at(deadline, self.batches.reserve()).await {
                 Ok(Ok(permit)) => {
                     if let Some(batch) = self.pending.take() {
-                        self.sent_batches += 1;
+                        self.ack.sent(batch.end_lsn);
                         permit.send(batch);
                     }
                 }
@@ -1803,7 +1795,7 @@ impl Stream {
                 ),
             }
         }
-        let sent = self.sent_batches;
+        let sent = self.ack.sent_batches();
         let drained = tokio::time::timeout_at(deadline, self.acked.wait_for(|a| a.batches >= sent))
             .await
             .map(|r| r.is_ok());
@@ -1818,7 +1810,7 @@ impl Stream {
         if let Some(conn) = self.conn.take() {
             conn.finish(Duration::from_secs(2)).await?;
         }
-        tracing::info!(confirmed = %format_lsn(self.confirmed), "stopped");
+        tracing::info!(confirmed = %format_lsn(self.ack.confirmed()), "stopped");
         Ok(())
     }
 }
