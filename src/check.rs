@@ -9,7 +9,8 @@ use std::fmt;
 
 use tokio_postgres::Client;
 
-use crate::config::{Config, Problem, SlotLost, write_problem};
+use crate::config::{Config, SlotLost};
+use crate::diagnostics::{Problem, write_problem};
 use crate::replication::catalog::{self, quote_ident, quote_table};
 use crate::replication::relation::ReplicaIdentity;
 use crate::rules::template::ImageSelector;

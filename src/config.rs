@@ -13,6 +13,7 @@ use serde::de::IntoDeserializer;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::diagnostics::{LineIndex, Problem, write_problem};
 use crate::replication::tls::{TlsSettings, split_tls_params, tokio_postgres_mode};
 use crate::rules::compile::{self, RuleSet};
 use crate::rules::model::RuleModel;
@@ -404,28 +405,6 @@ impl fmt::Debug for Source {
     }
 }
 
-/// One problem found in a configuration, with where it is and how to fix it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// 1-based line in the file, when the problem has a place.
-    pub line: Option<usize>,
-    /// What is wrong.
-    pub message: String,
-    /// How to fix it.
-    pub fix: Option<String>,
-}
-
-impl Problem {
-    /// A problem at a line, with an optional fix.
-    pub fn new(line: Option<usize>, message: impl Into<String>, fix: Option<String>) -> Problem {
-        Problem {
-            line,
-            message: message.into(),
-            fix,
-        }
-    }
-}
-
 /// Every problem found in a configuration file.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigError {
@@ -448,46 +427,6 @@ impl fmt::Display for ConfigError {
             write_problem(f, &self.path, p)?;
         }
         Ok(())
-    }
-}
-
-/// Formats one problem as `file:line: message` plus an indented `fix:` line.
-pub fn write_problem(f: &mut impl fmt::Write, path: &Path, p: &Problem) -> fmt::Result {
-    match p.line {
-        Some(line) => writeln!(f, "  {}:{line}: {}", path.display(), p.message)?,
-        None => writeln!(f, "  {}: {}", path.display(), p.message)?,
-    }
-    if let Some(fix) = &p.fix {
-        for (i, l) in fix.lines().enumerate() {
-            let lead = if i == 0 { "fix: " } else { "     " };
-            writeln!(f, "      {lead}{l}")?;
-        }
-    }
-    Ok(())
-}
-
-/// Maps byte offsets to 1-based line numbers.
-#[derive(Debug, Clone)]
-pub struct LineIndex {
-    starts: Vec<usize>,
-}
-
-impl LineIndex {
-    /// Indexes `text`.
-    pub fn new(text: &str) -> LineIndex {
-        let mut starts = vec![0];
-        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        LineIndex { starts }
-    }
-
-    /// The line holding byte `offset`.
-    pub fn line(&self, offset: usize) -> usize {
-        self.starts.partition_point(|&s| s <= offset).max(1)
-    }
-
-    /// The line of a span, or `None` for a default value that has no place.
-    pub fn line_of(&self, span: &std::ops::Range<usize>) -> Option<usize> {
-        (span.end > 0).then(|| self.line(span.start))
     }
 }
 

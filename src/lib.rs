@@ -22,6 +22,7 @@
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod diagnostics;
 pub mod explain;
 #[cfg(test)]
 mod fuzz_inputs;

@@ -105,7 +105,7 @@ async fn execute(cli: Cli) -> u8 {
                     );
                     for p in &report.problems {
                         let mut s = String::new();
-                        let _ = pginval::config::write_problem(&mut s, &path, p);
+                        let _ = pginval::diagnostics::write_problem(&mut s, &path, p);
                         eprint!("{s}");
                     }
                     EXIT_CONFIG

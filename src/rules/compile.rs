@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use crate::config::{LineIndex, Problem};
+use crate::diagnostics::{LineIndex, Problem};
 use crate::replication::event::Op;
 use crate::replication::relation::{ReplicaIdentity, Table};
 
