@@ -6,13 +6,15 @@
 //!
 //! The modules follow the data, in order:
 //!
+//! - [`diagnostics`]: problems with line and fix, and their printing (a leaf).
 //! - [`config`]: `rules.toml`: parsing with line numbers, env overrides, validation.
 //! - [`replication`]: wire → domain: the replication connection ([`replication::conn`]),
 //!   its frames ([`replication::protocol`]), the pgoutput decoder
 //!   ([`replication::pgoutput`]), the relation cache, `RowEvent`, and catalog queries.
 //! - [`rules`]: domain → intent: templates, compiled rules, invalidation sets.
 //! - [`sink`]: intent → effect: Redis pipelines and tag flushes.
-//! - [`pipeline`]: wires the stages and owns the acknowledgement rule.
+//! - [`pipeline`]: wires the stages: the streaming loop, with start-up, the sink
+//!   task, background jobs and the pure acknowledgement rule in submodules.
 //! - [`metrics`]: metric names, `/metrics`, `/healthz`, `/readyz`.
 //! - [`check`]: the configuration against the live database.
 //! - [`explain`]: what one row change would do, without any IO.

@@ -1,9 +1,11 @@
 //! Wires the stages: replication stream → pgoutput decoder → relation cache → rules
-//! → transaction buffer → Redis sink, and owns the acknowledgement rule.
+//! → transaction buffer → Redis sink.
 //!
-//! The ack rule: the flush LSN sent to Postgres only moves forward, and only to the
-//! end of a commit whose invalidations Redis acknowledged — or, when nothing at all
-//! is pending, to the server's keepalive position so an idle slot keeps no WAL.
+//! `run` and the streaming loop (`Stream`) are here; start-up (markers, the managed
+//! publication, the slot and its loss) is in `startup`, the sink task in `apply`, the
+//! heartbeat and the catalog/Redis polls in `background`, and the ack rule — the flush
+//! LSN only moves forward, and only past commits whose invalidations Redis
+//! acknowledged, or to the keepalive position when nothing is held — in `ack`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -11,27 +13,32 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::stream::FuturesOrdered;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, watch};
 
 use crate::check::{self, CheckReport};
-use crate::config::{Config, SlotLost, Source};
+use crate::config::Config;
 use crate::metrics::{self, Health, Metrics, OutcomeLabel, ReasonLabel, RuleLabel, TableOp};
 use crate::replication::catalog;
 use crate::replication::conn::{Backend, ReplicationConnection, ReplicationError};
 use crate::replication::event::RowEvent;
 use crate::replication::pgoutput::{self, DecodeError, LogicalMessage, Lsn, Message};
-use crate::replication::protocol::{self, FrameError, ServerFrame, format_lsn, parse_lsn};
+use crate::replication::protocol::{self, FrameError, ServerFrame, format_lsn};
 use crate::replication::relation::{EffectiveIdentity, RelationCache, ReplicaIdentity, Table};
 use crate::rules::compile::BoundRule;
 use crate::rules::invalidation::{FallbackReason, Invalidation};
-use crate::sink::redelete::Redelete;
 use crate::sink::redis::{RedisSink, SinkError};
 
 mod ack;
+mod apply;
+mod background;
+mod startup;
+
 use ack::Ack;
+use apply::apply_batches;
+use background::{heartbeat, poll_stats};
+use startup::{prepare, publication_marker, recover_lost_slot};
 
 /// Stop reading WAL once this many keys, tags, patterns and events wait for Redis:
 /// Postgres keeps the WAL meanwhile, pginval's memory stays bounded.
@@ -102,22 +109,6 @@ pub enum RunError {
         "replication slot {0} was lost (dropped or invalidated): changes since its last confirmed position are unknown; flush the cache, then delete the Redis key {1} (or set on_slot_lost = \"flush\")"
     )]
     SlotLost(String, String),
-}
-
-/// Value of the slot-state marker while the slot is in use.
-const MARK_ACTIVE: &str = "active";
-/// Value of the slot-state marker while a flush after a lost slot is owed.
-const MARK_FLUSH_PENDING: &str = "flush-pending";
-
-/// Key of pginval's marker in Redis for this database and slot: it tells a lost slot
-/// (marker present, slot gone) from a first start, and survives a crash in the middle
-/// of the flush that a lost slot requires.
-fn slot_marker(config: &Config) -> String {
-    format!(
-        "pginval:slot-state:{}:{}",
-        config.source.pg.get_dbname().unwrap_or(""),
-        config.source.slot
-    )
 }
 
 /// A transaction with this many entries waiting for Redis sends them on before its
@@ -398,534 +389,6 @@ pub async fn run(
     result
 }
 
-/// Every few seconds: the slot's retained WAL, and Redis' keyspace hits and misses
-/// (which also tell `/readyz` whether Redis answers while no change flows).
-///
-/// Also watches that every rule table is still in the publication by name: a table
-/// renamed away (or replaced by one outside the publication) would otherwise send
-/// nothing, silently.
-async fn poll_stats(
-    config: Config,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    unpublished: watch::Sender<Vec<(String, String)>>,
-) {
-    let tables: Vec<(String, String)> = config.rules.tables().into_iter().collect();
-    let Ok(mut redis) = RedisSink::new(
-        config.redis.clone(),
-        config.redis_ca.as_deref(),
-        config.tags.clone(),
-        None,
-        true,
-        metrics.clone(),
-        health.clone(),
-    ) else {
-        return;
-    };
-    let mut control = None;
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    loop {
-        tick.tick().await;
-        match redis.keyspace_stats().await {
-            Ok((hits, misses)) => {
-                health.set_redis_ok(true);
-                metrics.redis_hits.set(hits as i64);
-                metrics.redis_misses.set(misses as i64);
-                if hits + misses > 0 {
-                    metrics
-                        .redis_hit_ratio
-                        .set(hits as f64 / (hits + misses) as f64);
-                }
-            }
-            Err(_) => health.set_redis_ok(false),
-        }
-        // Every catalog step is bounded: a connection that hangs without closing is
-        // dropped and the next round opens another.
-        if control.is_none() {
-            control = tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&config.source))
-                .await
-                .ok()
-                .and_then(Result::ok);
-        }
-        if let Some(client) = &control {
-            let retained = tokio::time::timeout(
-                CATALOG_TIMEOUT,
-                catalog::slot_retained_wal(client, &config.source.slot),
-            );
-            match retained.await.map_err(drop).and_then(|r| r.map_err(drop)) {
-                Ok(bytes) => {
-                    metrics.retained_wal.set(bytes.unwrap_or(0));
-                }
-                Err(_) => control = None,
-            }
-            if let Some(client) = &control
-                && !config.dry_run
-            {
-                let missing = tokio::time::timeout(
-                    CATALOG_TIMEOUT,
-                    catalog::unpublished(client, &config.source.publication, &tables),
-                );
-                match missing.await.map_err(drop).and_then(|r| r.map_err(drop)) {
-                    Ok(missing) => {
-                        unpublished.send_if_modified(|seen| {
-                            let changed = *seen != missing;
-                            *seen = missing;
-                            changed && !seen.is_empty()
-                        });
-                    }
-                    Err(_) => control = None,
-                }
-            }
-        }
-    }
-}
-
-/// Redis key naming the tables whose rules' fallbacks are owed after a change of the
-/// managed publication (set before the change, removed once the fallbacks applied).
-fn publication_marker(config: &Config) -> String {
-    format!(
-        "pginval:publication-changed:{}:{}",
-        config.source.pg.get_dbname().unwrap_or(""),
-        config.source.slot
-    )
-}
-
-/// Brings a publication pginval manages to the rules' tables, columns and row filters.
-/// The backlog before the change is decoded with the old definition, so a table that
-/// may now send more (new table, wider columns, changed filter) gets its rules'
-/// fallbacks once, after the change; a Redis marker makes that survive a crash.
-async fn sync_publication(
-    control: &tokio_postgres::Client,
-    config: &Config,
-    sink: &mut RedisSink,
-    own: &mut RedisSink,
-    desired: &[catalog::PublishedTable],
-) -> Result<(), RunError> {
-    let source = &config.source;
-    let drift = crate::setup::publication_drift(control, &source.publication, desired).await?;
-    if !drift.differs || desired.is_empty() {
-        return Ok(());
-    }
-    let owed = publication_marker(config);
-    let tables: Vec<String> = drift
-        .widened
-        .iter()
-        .map(|(s, t)| format!("{s}.{t}"))
-        .collect();
-    let tables = tables.join("\n");
-    if !tables.is_empty() {
-        own.set_until_ok(&owed, &tables).await;
-    }
-    catalog::execute(
-        control,
-        &catalog::set_publication_tables_sql(&source.publication, desired),
-    )
-    .await?;
-    tracing::info!(publication = %source.publication, "updated the managed publication to the rules' tables, columns and row filters");
-    if !tables.is_empty() {
-        apply_table_fallbacks(sink, own, config, &tables, &owed).await;
-    }
-    Ok(())
-}
-
-/// Applies the fallbacks of every rule of `tables` (`schema.table` lines), then
-/// removes `marker` from pginval's state.
-async fn apply_table_fallbacks(
-    sink: &mut RedisSink,
-    own: &mut RedisSink,
-    config: &Config,
-    tables: &str,
-    marker: &str,
-) {
-    let tables: Vec<&str> = tables.lines().collect();
-    let mut inv = Invalidation::default();
-    for rule in &config.rules.rules {
-        if tables.contains(&rule.qualified_table().as_str()) {
-            inv.add_rule_fallback(
-                &rule.effective_fallback(),
-                FallbackReason::PublicationChanged,
-            );
-        }
-    }
-    tracing::warn!(
-        tables = %tables.join(","),
-        "the publication now sends these tables' changes differently; changes before that were filtered by the old definition: applying their rules' fallbacks (over-invalidation)"
-    );
-    sink.apply_until_ok(&inv, &[]).await;
-    let mut done = Invalidation::default();
-    done.keys.insert(marker.to_owned());
-    own.apply_until_ok(&done, &[]).await;
-}
-
-/// Creates the publication and the slot when they are missing, and recovers from a
-/// lost slot; returns the slot's confirmed position (where streaming resumes).
-async fn prepare(
-    control: &tokio_postgres::Client,
-    config: &Config,
-    sink: &mut RedisSink,
-    own: &mut RedisSink,
-) -> Result<Lsn, RunError> {
-    let source = &config.source;
-    if config
-        .rules
-        .rules
-        .iter()
-        .any(|r| matches!(r.action, crate::rules::compile::Action::Expire(_)))
-    {
-        // PEXPIRE ... LT (never extend a TTL) arrived in Redis 7: known before the
-        // first change, so a Redis that is down at start is waited for, not skipped.
-        let version = sink.major_version_until_ok().await;
-        if version < 7 {
-            return Err(RunError::Replication(ReplicationError::Unsupported(
-                format!(
-                    "rules with action = \"expire\" need Redis 7 or newer (PEXPIRE ... LT); this Redis is {version}"
-                ),
-            )));
-        }
-    }
-    if config.dry_run {
-        // A dry run changes nothing: no DDL, no marker; it streams from a temporary
-        // slot of its own (see `session`), so the real slot is neither moved nor held.
-        if catalog::publication(control, &source.publication)
-            .await?
-            .is_none()
-        {
-            return Err(RunError::Replication(ReplicationError::Unsupported(
-                format!(
-                    "--dry-run needs the publication {} to exist; create it with `pginval setup --apply`",
-                    source.publication
-                ),
-            )));
-        }
-        return Ok(0);
-    }
-    let desired = crate::setup::desired_publication(control, config).await?;
-    if catalog::publication(control, &source.publication)
-        .await?
-        .is_none()
-    {
-        catalog::execute(
-            control,
-            &catalog::create_publication_sql(&source.publication, &desired),
-        )
-        .await?;
-        tracing::info!(
-            publication = %source.publication,
-            tables = desired.len(),
-            column_lists = desired.iter().filter(|t| t.columns.is_some()).count(),
-            "created publication"
-        );
-    } else if catalog::publication_is_managed(control, &source.publication).await?
-        && catalog::server_version(control).await? >= 150000
-    {
-        if catalog::in_recovery(control).await? {
-            // A standby's catalog is the primary's: the publication changes there.
-            tracing::info!(publication = %source.publication, "standby: the managed publication is kept up to date by a pginval on the primary");
-        } else {
-            sync_publication(control, config, sink, own, &desired).await?;
-        }
-    }
-    // A change of the managed publication that a crash interrupted: its fallbacks.
-    let owed = publication_marker(config);
-    if let Some(tables) = state_get(sink, own, &owed).await {
-        apply_table_fallbacks(sink, own, config, &tables, &owed).await;
-    }
-    let slot = catalog::slot(control, &source.slot).await?;
-    {
-        let marker_key = slot_marker(config);
-        let marker = state_get(sink, own, &marker_key).await;
-        let invalidated = slot
-            .as_ref()
-            .is_some_and(|s| s.wal_status.as_deref() == Some("lost"));
-        let dropped = slot.is_none() && marker.is_some();
-        let flush_owed = marker.as_deref() == Some(MARK_FLUSH_PENDING);
-        if invalidated || dropped || flush_owed {
-            recover_lost_slot(control, config, sink, own, slot.is_some()).await?;
-        } else {
-            if slot.is_none() {
-                catalog::create_slot(control, &source.slot).await?;
-                tracing::info!(slot = %source.slot, "created replication slot (pgoutput)");
-            }
-            if marker.is_none() {
-                own.set_until_ok(&marker_key, MARK_ACTIVE).await;
-            }
-        }
-    }
-    let slot = catalog::slot(control, &source.slot)
-        .await?
-        .ok_or(RunError::Replication(ReplicationError::Protocol(
-            "the slot vanished right after its creation".into(),
-        )))?;
-    Ok(slot
-        .confirmed_flush_lsn
-        .as_deref()
-        .and_then(parse_lsn)
-        .unwrap_or(0))
-}
-
-/// The slot was lost: what happened since its last confirmed position is unknown.
-/// With `on_slot_lost = "flush"`: recreate the slot first (so every later change is
-/// seen), then apply every rule's fallback, and only then mark the flush done — a
-/// crash in between repeats the flush at the next start.
-async fn recover_lost_slot(
-    control: &tokio_postgres::Client,
-    config: &Config,
-    sink: &mut RedisSink,
-    own: &mut RedisSink,
-    slot_exists: bool,
-) -> Result<(), RunError> {
-    let source = &config.source;
-    let marker_key = slot_marker(config);
-    if source.on_slot_lost == SlotLost::Fail {
-        return Err(RunError::SlotLost(source.slot.clone(), marker_key));
-    }
-    tracing::error!(
-        slot = %source.slot,
-        "the replication slot was lost: changes since its last confirmed position are unknown; recreating it and applying every rule's fallback (over-invalidation)"
-    );
-    own.set_until_ok(&marker_key, MARK_FLUSH_PENDING).await;
-    let slot = catalog::slot(control, &source.slot).await?;
-    if slot_exists
-        && slot
-            .as_ref()
-            .is_some_and(|s| s.wal_status.as_deref() == Some("lost"))
-    {
-        catalog::drop_slot(control, &source.slot).await?;
-    }
-    if catalog::slot(control, &source.slot).await?.is_none() {
-        catalog::create_slot(control, &source.slot).await?;
-        tracing::info!(slot = %source.slot, "recreated replication slot (pgoutput)");
-    }
-    let mut inv = Invalidation::default();
-    for rule in &config.rules.rules {
-        inv.add_rule_fallback(&rule.effective_fallback(), FallbackReason::SlotLost);
-    }
-    sink.apply_until_ok(&inv, &[]).await;
-    own.set_until_ok(&marker_key, MARK_ACTIVE).await;
-    tracing::warn!(
-        patterns = inv.key_patterns.len(),
-        tags = inv.tags.len() + inv.tag_patterns.len(),
-        "flush after the lost slot done; streaming from the new slot"
-    );
-    Ok(())
-}
-
-/// Reads one of pginval's markers from its state database. A marker that an older
-/// pginval kept in the cache database is moved over first (read there, written to
-/// the state, deleted from the cache).
-async fn state_get(sink: &mut RedisSink, own: &mut RedisSink, key: &str) -> Option<String> {
-    if let Some(value) = own.get_until_ok(key).await {
-        return Some(value);
-    }
-    let old = sink.get_until_ok(key).await?;
-    own.set_until_ok(key, &old).await;
-    let mut moved = Invalidation::default();
-    moved.keys.insert(key.to_owned());
-    sink.apply_until_ok(&moved, &[]).await;
-    tracing::info!(
-        key,
-        "moved pginval's marker from the cache database to its state database"
-    );
-    Some(old)
-}
-
-/// Writes a heartbeat WAL record every `every`, logging failures once per change.
-///
-/// A failed heartbeat drops its control connection and the next one opens a new one:
-/// after a PostgreSQL restart the old connection is dead for good. Each step is
-/// bounded, so a connection that hangs without closing is given up too.
-async fn heartbeat(source: Source, mut control: Option<tokio_postgres::Client>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tick.tick().await;
-        let beat = async {
-            if control.is_none() {
-                let opened = tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&source))
-                    .await
-                    .map_err(|_| format!("no connection within {CATALOG_TIMEOUT:?}"))?;
-                control = Some(opened.map_err(|e| catalog::describe_error(&e))?);
-            }
-            let client = control.as_ref().expect("connected above");
-            tokio::time::timeout(CATALOG_TIMEOUT, catalog::heartbeat(client))
-                .await
-                .map_err(|_| format!("no answer within {CATALOG_TIMEOUT:?}"))?
-                .map_err(|e| catalog::describe_error(&e))
-        };
-        match beat.await {
-            Ok(()) if failing => {
-                tracing::info!("heartbeat works again");
-                failing = false;
-            }
-            Ok(()) => {}
-            Err(error) => {
-                control = None;
-                if !failing {
-                    tracing::warn!(%error, "heartbeat failed; reconnecting for the next one");
-                    failing = true;
-                }
-            }
-        }
-    }
-}
-
-/// The sink task: applies batches, publishes what Redis acknowledged (in order), and
-/// performs the delayed second deletes.
-///
-/// Batches that only delete keys or lower TTLs commute, so up to `MAX_IN_FLIGHT` of
-/// them go to Redis without waiting for each other's replies (a commit arriving while
-/// Redis answers the previous batch is not held back). Any other batch waits until
-/// everything before it is acknowledged and then goes alone, so tag flushes, patterns
-/// and events keep commit order.
-async fn apply_batches(
-    mut sink: RedisSink,
-    mut rx: mpsc::Receiver<Batch>,
-    acked: watch::Sender<Applied>,
-    metrics: Arc<Metrics>,
-) {
-    let mut done = Done {
-        redelete: Redelete::default(),
-        dropped_reported: 0,
-        acked,
-        metrics,
-    };
-    let mut flying = FuturesOrdered::new();
-    let mut open = true;
-    while open || !flying.is_empty() {
-        let due = done.redelete.next_due();
-        // Second deletes that are due go first, so a steady stream of batches cannot
-        // postpone them.
-        if due.is_some_and(|d| d <= tokio::time::Instant::now()) {
-            done.second_deletes(&mut sink).await;
-            continue;
-        }
-        tokio::select! {
-            biased;
-            Some(sent) = flying.next(), if !flying.is_empty() => done.sent(&mut sink, sent).await,
-            batch = rx.recv(), if open && flying.len() < MAX_IN_FLIGHT => {
-                let Some(batch) = batch else {
-                    open = false;
-                    continue;
-                };
-                match sink.send_commuting(&batch.inv, &batch.events) {
-                    Some((generation, send)) => {
-                        // Its own task: the pipeline is written at once, whatever this
-                        // loop awaits meanwhile.
-                        let sent = tokio::spawn(send).map(move |joined| InFlight {
-                            batch,
-                            generation,
-                            result: joined
-                                .map_err(|e| e.to_string())
-                                .and_then(|r| r.map_err(|e| e.to_string())),
-                        });
-                        flying.push_back(sent);
-                    }
-                    None => {
-                        while let Some(sent) = flying.next().await {
-                            done.sent(&mut sink, sent).await;
-                        }
-                        sink.apply_until_ok(&batch.inv, &batch.events).await;
-                        done.batch(batch);
-                    }
-                }
-            }
-            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
-                done.second_deletes(&mut sink).await;
-            }
-        }
-    }
-}
-
-/// Most batches in flight to Redis at once.
-const MAX_IN_FLIGHT: usize = 4;
-
-/// A batch sent without waiting, with how its sending ended.
-struct InFlight {
-    batch: Batch,
-    /// The Redis connection it went on.
-    generation: u64,
-    result: Result<(), String>,
-}
-
-/// What happens once Redis acknowledged a batch.
-struct Done {
-    redelete: Redelete,
-    dropped_reported: u64,
-    acked: watch::Sender<Applied>,
-    metrics: Arc<Metrics>,
-}
-
-impl Done {
-    /// Metrics, second-delete schedule, and the acknowledgement the flush position
-    /// follows. Called in batch order.
-    fn batch(&mut self, batch: Batch) {
-        let metrics = &self.metrics;
-        tracing::debug!(
-            lsn = %format_lsn(batch.end_lsn),
-            transactions = batch.transactions,
-            entries = batch.len(),
-            "batch applied"
-        );
-        metrics.batch_entries.observe(batch.len() as f64);
-        metrics
-            .batch_transactions
-            .observe(batch.transactions as f64);
-        let now_pg = protocol::pg_now_micros();
-        for (t, read_at) in &batch.commit_times {
-            metrics
-                .commit_to_invalidation
-                .observe((now_pg - t).max(0) as f64 / 1e6);
-            metrics
-                .read_to_invalidation
-                .observe(read_at.elapsed().as_secs_f64());
-        }
-        if let Some((last, _)) = batch.commit_times.last() {
-            metrics.lag_seconds.set((now_pg - last).max(0) as f64 / 1e6);
-        }
-        let now = tokio::time::Instant::now();
-        for (key, ms) in &batch.inv.redelete {
-            self.redelete.schedule(now, key, Duration::from_millis(*ms));
-        }
-        if self.redelete.dropped > self.dropped_reported {
-            tracing::warn!(
-                dropped = self.redelete.dropped,
-                "second-delete schedule full; some second deletes skipped"
-            );
-            self.dropped_reported = self.redelete.dropped;
-        }
-        self.acked.send_modify(|a| {
-            a.batches += 1;
-            a.lsn = a.lsn.max(batch.end_lsn);
-        });
-    }
-
-    /// A batch sent without waiting has its answer: acknowledged, or retried until
-    /// Redis takes it (on a new connection) and then acknowledged. In batch order.
-    async fn sent(&mut self, sink: &mut RedisSink, sent: InFlight) {
-        if let Err(e) = &sent.result {
-            self.metrics.redis_errors.inc();
-            if sink.discard_connection(sent.generation) {
-                tracing::warn!(error = %e, "redis failed under batches in flight; retrying them");
-            }
-            sink.apply_until_ok(&sent.batch.inv, &sent.batch.events)
-                .await;
-        }
-        self.batch(sent.batch);
-    }
-
-    /// Deletes the keys whose second delete is due.
-    async fn second_deletes(&mut self, sink: &mut RedisSink) {
-        let keys = self.redelete.take_due(tokio::time::Instant::now());
-        let count = keys.len();
-        let mut inv = Invalidation::default();
-        inv.keys.extend(keys);
-        sink.apply_until_ok(&inv, &[]).await;
-        self.metrics.second_deletes.inc_by(count as u64);
-        tracing::debug!(keys = count, "second delete applied");
-    }
-}
-
 /// A table with the rules bound to its columns and its primary key's positions.
 #[derive(Clone)]
 struct TableRules {
@@ -998,8 +461,8 @@ struct Stream {
     /// Since when the server has sent nothing while pginval was reading (the
     /// receive timeout counts from here).
     heard_at: Instant,
-    /// A keepalive was asked for since `heard_at`.
-    asked_keepalive: bool,
+    /// When a keepalive was asked for, if since `heard_at`.
+    asked_at: Option<Instant>,
 }
 
 impl Stream {
@@ -1054,7 +517,7 @@ impl Stream {
             catching_up: false,
             read_at: Instant::now(),
             heard_at: Instant::now(),
-            asked_keepalive: false,
+            asked_at: None,
         }
     }
 
@@ -1141,7 +604,7 @@ impl Stream {
                     read?;
                     self.read_at = Instant::now();
                     self.heard_at = self.read_at;
-                    self.asked_keepalive = false;
+                    self.asked_at = None;
                     eager_reads += 1;
                     continue;
                 }
@@ -1152,15 +615,18 @@ impl Stream {
             if !reading {
                 // Not reading (Redis is behind): the server's silence means nothing.
                 self.heard_at = Instant::now();
-                self.asked_keepalive = false;
+                self.asked_at = None;
             }
             // Like PostgreSQL's wal_receiver_timeout: a connection that stopped
             // delivering without closing (a half-open socket, a stuck proxy) would
             // otherwise stall invalidation while looking healthy.
             let quiet_at =
                 receive_timeout.map(|t| tokio::time::Instant::from_std(self.heard_at + t / 2));
-            let deaf_at =
-                receive_timeout.map(|t| tokio::time::Instant::from_std(self.heard_at + t));
+            // Dead only once the keepalive asked for has had half the timeout to come:
+            // time spent away from the socket (a slow catalog read) is not silence.
+            let deaf_at = receive_timeout.zip(self.asked_at).map(|(t, asked)| {
+                tokio::time::Instant::from_std((self.heard_at + t).max(asked + t / 2))
+            });
             let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
             let wake = tokio::select! {
                 biased;
@@ -1190,7 +656,7 @@ impl Stream {
                 },
                 // More WAL, unless Redis is so far behind that the backlog is full.
                 read = conn.fill(), if reading => Wake::Read(read),
-                _ = tokio::time::sleep_until(quiet_at.unwrap_or(far)), if reading && quiet_at.is_some() && !self.asked_keepalive => Wake::Quiet,
+                _ = tokio::time::sleep_until(quiet_at.unwrap_or(far)), if reading && quiet_at.is_some() && self.asked_at.is_none() => Wake::Quiet,
                 _ = tokio::time::sleep_until(deaf_at.unwrap_or(far)), if reading && deaf_at.is_some() => Wake::Deaf,
             };
             self.update_health();
@@ -1223,7 +689,7 @@ impl Stream {
                 }
                 Wake::Sent => {}
                 Wake::Quiet => {
-                    self.asked_keepalive = true;
+                    self.asked_at = Some(Instant::now());
                     self.send_status_asking(true).await?;
                     last_status = Instant::now();
                 }
@@ -1531,6 +997,19 @@ impl Stream {
                 return;
             }
         };
+        // Only partitioned rule tables: anyone may write such a message, and it must not
+        // flush the fallbacks of a table that has no partitions to speak of.
+        if !self
+            .partitioned
+            .iter()
+            .any(|(schema, table)| format!("{schema}.{table}") == change.root)
+        {
+            tracing::warn!(
+                lsn = %format_lsn(m.lsn), table = %change.root,
+                "ignored a pginval-partition message for a table that is not a partitioned rule table"
+            );
+            return;
+        }
         let config = self.config.clone();
         let rules: Vec<_> = config
             .rules
@@ -1734,7 +1213,7 @@ impl Stream {
     /// Something arrived from the server at `at`: the receive timeout starts again.
     fn heard(&mut self, at: Instant) {
         self.heard_at = at;
-        self.asked_keepalive = false;
+        self.asked_at = None;
     }
 
     /// Sends a standby status update with the highest position the ack rule allows.

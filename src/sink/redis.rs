@@ -51,6 +51,7 @@ if spilled or n > tonumber(ARGV[3]) then
   if n > 0 then
     if not spilled then
       redis.call('RENAME', KEYS[1], KEYS[2])
+      redis.call('PERSIST', KEYS[2])
     elseif zset then
       redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1])
       redis.call('UNLINK', KEYS[1])

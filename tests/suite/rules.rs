@@ -529,13 +529,18 @@ async fn dry_run_touches_neither_redis_nor_the_slot() {
     cache(&redis, &["user:15"]).await;
     db.execute_batch("UPDATE users SET name = 'dry' WHERE id = 15")
         .await;
-    // The dry run has handled the change once its batch counts as applied (where a
-    // real run would have deleted the key).
+    // The dry run has handled the change once the users rule rendered its keys and
+    // a batch counts as applied (where a real run would have deleted the key).
     wait_until("the dry run handled the change", WAIT, || async {
         let Some((_, metrics)) = crate::suite::ops::get(port, "/metrics").await else {
             return false;
         };
-        crate::suite::ops::sample(&metrics, "pginval_commit_to_invalidation_seconds_count") >= 1.0
+        crate::suite::ops::sample(
+            &metrics,
+            "pginval_keys_invalidated_total{rule=\"#1 public.users\"}",
+        ) >= 2.0
+            && crate::suite::ops::sample(&metrics, "pginval_commit_to_invalidation_seconds_count")
+                >= 1.0
     })
     .await;
     assert_cached(&redis, &["user:15"]).await;

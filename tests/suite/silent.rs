@@ -157,6 +157,14 @@ async fn partition_truncate_detach_and_drop_reach_pginval_through_sql_partitions
             && !stdout.contains("is partitioned: each partition"),
         "{stdout}"
     );
+    // A look-alike of pg_partition_root taking `oid` would match the triggers' calls
+    // better than PostgreSQL's (which takes regclass) if they resolved it through
+    // `public`: they run as superuser, so they must not.
+    db.execute_batch(
+        "CREATE FUNCTION public.pg_partition_root(oid) RETURNS regclass LANGUAGE plpgsql
+           AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$;",
+    )
+    .await;
     // The application's role, where pg_logical_emit_message is revoked from PUBLIC
     // (sql/setup.sql, section 6): the triggers still tell pginval.
     let app = format!("{}_app", db.name);
