@@ -12,8 +12,8 @@ use super::{Applied, Batch};
 use crate::metrics::Metrics;
 use crate::replication::protocol::{self, format_lsn};
 use crate::rules::invalidation::Invalidation;
+use crate::sink::Sink;
 use crate::sink::redelete::Redelete;
-use crate::sink::redis::RedisSink;
 
 /// The sink task: applies batches, publishes what Redis acknowledged (in order), and
 /// performs the delayed second deletes.
@@ -23,8 +23,8 @@ use crate::sink::redis::RedisSink;
 /// Redis answers the previous batch is not held back). Any other batch waits until
 /// everything before it is acknowledged and then goes alone, so tag flushes, patterns
 /// and events keep commit order.
-pub(super) async fn apply_batches(
-    mut sink: RedisSink,
+pub(super) async fn apply_batches<S: Sink>(
+    mut sink: S,
     mut rx: mpsc::Receiver<Batch>,
     acked: watch::Sender<Applied>,
     metrics: Arc<Metrics>,
@@ -70,7 +70,7 @@ pub(super) async fn apply_batches(
                         while let Some(sent) = flying.next().await {
                             done.sent(&mut sink, sent).await;
                         }
-                        sink.apply_until_ok(&batch.inv, &batch.events).await;
+                        sink.deliver(&batch.inv, &batch.events).await;
                         done.batch(batch);
                     }
                 }
@@ -147,26 +147,224 @@ impl Done {
 
     /// A batch sent without waiting has its answer: acknowledged, or retried until
     /// Redis takes it (on a new connection) and then acknowledged. In batch order.
-    async fn sent(&mut self, sink: &mut RedisSink, sent: InFlight) {
+    async fn sent<S: Sink>(&mut self, sink: &mut S, sent: InFlight) {
         if let Err(e) = &sent.result {
             self.metrics.redis_errors.inc();
             if sink.discard_connection(sent.generation) {
                 tracing::warn!(error = %e, "redis failed under batches in flight; retrying them");
             }
-            sink.apply_until_ok(&sent.batch.inv, &sent.batch.events)
-                .await;
+            sink.deliver(&sent.batch.inv, &sent.batch.events).await;
         }
         self.batch(sent.batch);
     }
 
     /// Deletes the keys whose second delete is due.
-    async fn second_deletes(&mut self, sink: &mut RedisSink) {
+    async fn second_deletes<S: Sink>(&mut self, sink: &mut S) {
         let keys = self.redelete.take_due(tokio::time::Instant::now());
         let count = keys.len();
         let mut inv = Invalidation::default();
         inv.keys.extend(keys);
-        sink.apply_until_ok(&inv, &[]).await;
+        sink.deliver(&inv, &[]).await;
         self.metrics.second_deletes.inc_by(count as u64);
         tracing::debug!(keys = count, "second delete applied");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The sink task against an in-memory sink whose commuting sends the test finishes
+    //! one by one, in any order: ordering and acknowledgements without timing.
+
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::sync::Mutex;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::replication::pgoutput::Lsn;
+    use crate::rules::invalidation::TagAction;
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    /// Records what it is asked to do. A commuting send waits for the next gate the
+    /// test holds (true: acknowledged, false: failed).
+    struct FakeSink {
+        log: Log,
+        gates: Arc<Mutex<VecDeque<oneshot::Receiver<bool>>>>,
+        generation: u64,
+    }
+
+    fn name(work: &Invalidation) -> String {
+        work.keys.iter().next().cloned().unwrap_or_default()
+    }
+
+    impl Sink for FakeSink {
+        type Error = String;
+
+        fn send_commuting(
+            &self,
+            work: &Invalidation,
+            events: &[String],
+        ) -> Option<(
+            u64,
+            impl Future<Output = Result<(), String>> + Send + 'static,
+        )> {
+            if !events.is_empty() || !work.tags.is_empty() {
+                return None;
+            }
+            let gate = self.gates.lock().unwrap().pop_front()?;
+            let (log, name) = (self.log.clone(), name(work));
+            log.lock().unwrap().push(format!("send {name}"));
+            Some((self.generation, async move {
+                let ok = gate.await.unwrap_or(false);
+                let what = if ok { "acked" } else { "failed" };
+                log.lock().unwrap().push(format!("{what} {name}"));
+                if ok { Ok(()) } else { Err("injected".into()) }
+            }))
+        }
+
+        fn deliver(
+            &mut self,
+            work: &Invalidation,
+            _events: &[String],
+        ) -> impl Future<Output = ()> + Send {
+            let (log, name) = (self.log.clone(), name(work));
+            async move { log.lock().unwrap().push(format!("deliver {name}")) }
+        }
+
+        fn discard_connection(&mut self, generation: u64) -> bool {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("discard {generation}"));
+            self.generation += 1;
+            true
+        }
+    }
+
+    fn batch(key: &str, end_lsn: Lsn, commuting: bool) -> Batch {
+        let mut inv = Invalidation::default();
+        inv.keys.insert(key.to_owned());
+        if !commuting {
+            inv.tags.insert("t".into(), TagAction::Delete);
+        }
+        Batch {
+            inv,
+            end_lsn,
+            transactions: 1,
+            ..Batch::default()
+        }
+    }
+
+    struct Harness {
+        log: Log,
+        tx: mpsc::Sender<Batch>,
+        acked: watch::Receiver<Applied>,
+        gates: Vec<oneshot::Sender<bool>>,
+    }
+
+    /// The sink task with `gates` commuting sends to hold.
+    fn start(gates: usize) -> Harness {
+        let log = Log::default();
+        let (senders, receivers): (Vec<_>, VecDeque<_>) =
+            (0..gates).map(|_| oneshot::channel()).unzip();
+        let sink = FakeSink {
+            log: log.clone(),
+            gates: Arc::new(Mutex::new(receivers)),
+            generation: 0,
+        };
+        let (tx, rx) = mpsc::channel(1);
+        let (acked_tx, acked) = watch::channel(Applied::default());
+        tokio::spawn(apply_batches(sink, rx, acked_tx, Arc::new(Metrics::new())));
+        Harness {
+            log,
+            tx,
+            acked,
+            gates: senders,
+        }
+    }
+
+    /// Lets every task that can run do so (current-thread runtime: nothing else runs
+    /// meanwhile), so that what has not happened after it cannot happen without a
+    /// further event.
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    impl Harness {
+        fn log(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+
+        async fn acked_up_to(&mut self, batches: u64) -> Applied {
+            *self.acked.wait_for(|a| a.batches >= batches).await.unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_follow_batch_order_whatever_order_the_sink_finishes_in() {
+        let mut h = start(2);
+        h.tx.send(batch("b1", 10, true)).await.unwrap();
+        h.tx.send(batch("b2", 20, true)).await.unwrap();
+        settle().await;
+        assert_eq!(h.log(), ["send b1", "send b2"], "both in flight at once");
+        let (first, second) = (h.gates.remove(0), h.gates.remove(0));
+        second.send(true).unwrap();
+        settle().await;
+        assert_eq!(
+            *h.acked.borrow(),
+            Applied::default(),
+            "b2 acknowledged before b1"
+        );
+        first.send(true).unwrap();
+        assert_eq!(
+            h.acked_up_to(2).await,
+            Applied {
+                batches: 2,
+                lsn: 20
+            }
+        );
+        assert_eq!(h.log(), ["send b1", "send b2", "acked b2", "acked b1"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_does_not_commute_waits_for_those_in_flight() {
+        let mut h = start(1);
+        h.tx.send(batch("b1", 10, true)).await.unwrap();
+        h.tx.send(batch("b2", 20, false)).await.unwrap();
+        settle().await;
+        assert_eq!(h.log(), ["send b1"], "b2 went before b1 was acknowledged");
+        h.gates.remove(0).send(true).unwrap();
+        assert_eq!(
+            h.acked_up_to(2).await,
+            Applied {
+                batches: 2,
+                lsn: 20
+            }
+        );
+        assert_eq!(h.log(), ["send b1", "acked b1", "deliver b2"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_in_flight_is_delivered_again_before_it_counts() {
+        let mut h = start(1);
+        h.tx.send(batch("b1", 10, true)).await.unwrap();
+        settle().await;
+        h.gates.remove(0).send(false).unwrap();
+        assert_eq!(
+            h.acked_up_to(1).await,
+            Applied {
+                batches: 1,
+                lsn: 10
+            }
+        );
+        assert_eq!(
+            h.log(),
+            ["send b1", "failed b1", "discard 0", "deliver b1"],
+            "retried on a fresh connection, then acknowledged"
+        );
     }
 }

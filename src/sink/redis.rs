@@ -686,3 +686,30 @@ impl RedisSink {
 
 /// Suffix of the key a big tag's members are moved to while they are flushed.
 pub const SPILL_SUFFIX: &str = ":pginval-flushing";
+
+impl super::Sink for RedisSink {
+    type Error = SinkError;
+
+    fn send_commuting(
+        &self,
+        work: &Invalidation,
+        events: &[String],
+    ) -> Option<(
+        u64,
+        impl Future<Output = Result<(), SinkError>> + Send + 'static,
+    )> {
+        RedisSink::send_commuting(self, work, events)
+    }
+
+    fn deliver(
+        &mut self,
+        work: &Invalidation,
+        events: &[String],
+    ) -> impl Future<Output = ()> + Send {
+        self.apply_until_ok(work, events)
+    }
+
+    fn discard_connection(&mut self, generation: u64) -> bool {
+        RedisSink::discard_connection(self, generation)
+    }
+}
