@@ -78,7 +78,8 @@ impl ReplicationError {
     }
 
     /// Whether the server says the slot is gone: dropped (42704) or invalidated
-    /// because it exceeded `max_slot_wal_keep_size` (55000, "can no longer get changes").
+    /// because it exceeded `max_slot_wal_keep_size` (55000, "can no longer get changes";
+    /// PostgreSQL 18 says "can no longer access replication slot").
     pub fn is_slot_lost(&self) -> bool {
         match self {
             ReplicationError::Server { code, message, .. } => {
@@ -86,6 +87,9 @@ impl ReplicationError {
                 (code == "42704" && message.contains("replication slot"))
                     || (code == "55000"
                         && (message.contains("can no longer get changes")
+                            // PostgreSQL 18: "can no longer access replication slot
+                            // \"x\"", detail "...invalidated due to \"wal_removed\"".
+                            || message.contains("can no longer access replication slot")
                             || message.contains("cannot read from logical replication slot")))
                     || (code == "58P01" && message.contains("has already been removed"))
             }
@@ -620,6 +624,39 @@ fn server_error(body: &backend::ErrorResponseBody) -> ReplicationError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server(code: &str, message: &str) -> ReplicationError {
+        ReplicationError::Server {
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn every_majors_wording_of_a_lost_slot_is_recognised() {
+        for (code, message) in [
+            // Dropped.
+            ("42704", "replication slot \"s\" does not exist"),
+            // PostgreSQL 14-17, invalidated by max_slot_wal_keep_size.
+            (
+                "55000",
+                "can no longer get changes from replication slot \"s\"",
+            ),
+            ("55000", "cannot read from logical replication slot \"s\""),
+            // PostgreSQL 18 (detail: invalidated due to "wal_removed" / "rows_removed").
+            ("55000", "can no longer access replication slot \"s\""),
+            (
+                "58P01",
+                "requested WAL segment 000000010000000000000001 has already been removed",
+            ),
+        ] {
+            assert!(server(code, message).is_slot_lost(), "{code} {message}");
+        }
+        // A missing publication is also 42704, and not a lost slot.
+        assert!(!server("42704", "publication \"p\" does not exist").is_slot_lost());
+        assert!(!server("55006", "replication slot \"s\" is active for PID 7").is_slot_lost());
+    }
 
     /// A connection over a loopback TCP pair, without a server behind it.
     async fn pair() -> (ReplicationConnection, TcpStream) {
