@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pginval::metrics::{Health, Metrics};
-use pginval::rules::invalidation::Invalidation;
+use pginval::rules::invalidation::Work;
 use pginval::sink::redis::RedisSink;
 use pginval::sink::tags::TagLayout;
 
@@ -146,7 +146,7 @@ async fn main() {
         Arc::new(Health::new(Duration::from_secs(60))),
     )
     .unwrap();
-    let mut inv = Invalidation::default();
+    let mut inv = Work::default();
     inv.tag_patterns.insert("category:*".into());
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for _ in 0..runs {

@@ -184,16 +184,16 @@ pub fn explain(config: &Config, change: &Change) -> Result<String, ExplainError>
         v.sort();
         v
     };
-    for key in sorted(&mut inv.keys.iter().cloned()) {
+    for key in sorted(&mut inv.work.keys.iter().cloned()) {
         let _ = writeln!(out, "delete key      {key}");
     }
-    let mut expire: Vec<_> = inv.expire_keys.iter().collect();
+    let mut expire: Vec<_> = inv.work.expire_keys.iter().collect();
     expire.sort();
     for (key, ms) in expire {
         let _ = writeln!(out, "expire key      {key} (TTL lowered to {ms} ms)");
     }
     for (tag, action) in {
-        let mut v: Vec<_> = inv.tags.iter().collect();
+        let mut v: Vec<_> = inv.work.tags.iter().collect();
         v.sort_by(|a, b| a.0.cmp(b.0));
         v
     } {
@@ -207,13 +207,13 @@ pub fn explain(config: &Config, change: &Change) -> Result<String, ExplainError>
             config.tags.tag_key(tag).escape_debug()
         );
     }
-    for p in sorted(&mut inv.key_patterns.iter().cloned()) {
+    for p in sorted(&mut inv.work.key_patterns.iter().cloned()) {
         let _ = writeln!(out, "delete pattern  {p} (SCAN + UNLINK)");
     }
-    for p in sorted(&mut inv.tag_patterns.iter().cloned()) {
+    for p in sorted(&mut inv.work.tag_patterns.iter().cloned()) {
         let _ = writeln!(out, "flush tags like {p}");
     }
-    for (key, ms) in &inv.redelete {
+    for (key, ms) in &inv.work.redelete {
         let _ = writeln!(out, "delete again    {key} after {ms} ms");
     }
     for e in &inv.events {

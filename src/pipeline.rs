@@ -27,7 +27,7 @@ use crate::replication::pgoutput::{self, DecodeError, LogicalMessage, Lsn, Messa
 use crate::replication::protocol::{self, FrameError, ServerFrame, format_lsn};
 use crate::replication::relation::{EffectiveIdentity, RelationCache, ReplicaIdentity, Table};
 use crate::rules::compile::BoundRule;
-use crate::rules::invalidation::{FallbackReason, Invalidation};
+use crate::rules::invalidation::{FallbackReason, Invalidation, PendingEvent, Work};
 use crate::sink::redis::{RedisSink, SinkError};
 
 mod ack;
@@ -125,7 +125,8 @@ const POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// Committed transactions waiting to go to Redis together.
 #[derive(Debug, Default)]
 struct Batch {
-    inv: Invalidation,
+    /// The Redis work of its transactions.
+    work: Work,
     /// Entity events, stamped with their commits.
     events: Vec<String>,
     /// End LSN of the last commit in the batch.
@@ -138,7 +139,7 @@ struct Batch {
 
 impl Batch {
     fn len(&self) -> usize {
-        self.inv.len() + self.events.len()
+        self.work.len() + self.events.len()
     }
 }
 
@@ -802,7 +803,7 @@ impl Stream {
                     );
                 }
                 self.tx_commit = (commit.commit_lsn, commit.commit_time);
-                self.queue(inv);
+                self.queue(inv.work, inv.events);
                 let batch = self.pending.get_or_insert_with(Batch::default);
                 batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
                 batch.transactions += 1;
@@ -900,28 +901,25 @@ impl Stream {
 
     /// Adds the open transaction's work to the pending batch, its events stamped with
     /// the transaction's commit. Moves no flush position.
-    fn queue(&mut self, mut inv: Invalidation) {
-        let events: Vec<String> = if inv.events.is_empty() {
+    fn queue(&mut self, work: Work, events: Vec<PendingEvent>) {
+        let events: Vec<String> = if events.is_empty() {
             Vec::new()
         } else {
             let (lsn, time) = self.tx_commit;
             let at = format_lsn(lsn);
             let time = humantime::format_rfc3339_micros(protocol::pg_time(time)).to_string();
-            inv.events
-                .drain(..)
-                .map(|e| e.to_json(&at, &time))
-                .collect()
+            events.iter().map(|e| e.to_json(&at, &time)).collect()
         };
         let batch = self.pending.get_or_insert_with(Batch::default);
-        batch.inv.merge(inv);
+        batch.work.merge(work);
         batch.events.extend(events);
     }
 
     /// Sends a big open transaction's work on in parts (see `TX_PART_ENTRIES`).
     fn queue_part_if_big(&mut self) {
         if let Some(tx) = self.tx.as_mut().filter(|tx| tx.len() >= TX_PART_ENTRIES) {
-            let part = tx.take_work();
-            self.queue(part);
+            let (work, events) = tx.take_work();
+            self.queue(work, events);
             // Its commit time, so lag and readiness see a part waiting for Redis.
             let batch = self.pending.get_or_insert_with(Batch::default);
             if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
@@ -967,12 +965,12 @@ impl Stream {
             .get_or_create(&OutcomeLabel { outcome: "applied" })
             .inc();
         if m.transactional {
-            self.tx_mut().add_hint(hint.keys, hint.tags);
+            self.tx_mut().work.add_hint(hint.keys, hint.tags);
             // The same bounds as row changes: a big transaction goes on in parts.
             self.queue_part_if_big();
         } else {
             let batch = self.pending.get_or_insert_with(Batch::default);
-            batch.inv.add_hint(hint.keys, hint.tags);
+            batch.work.add_hint(hint.keys, hint.tags);
             batch.end_lsn = batch.end_lsn.max(m.lsn);
         }
     }
@@ -1033,12 +1031,11 @@ impl Stream {
             // Outside a transaction there is no commit to give events: fallbacks only.
             let batch = self.pending.get_or_insert_with(Batch::default);
             batch.end_lsn = batch.end_lsn.max(m.lsn);
+            let mut inv = Invalidation::default();
             for rule in rules {
-                batch.inv.add_rule_fallback(
-                    &rule.effective_fallback(),
-                    FallbackReason::PartitionChanged,
-                );
+                inv.add_rule_fallback(&rule.effective_fallback(), FallbackReason::PartitionChanged);
             }
+            batch.work.merge(inv.work);
         }
     }
 

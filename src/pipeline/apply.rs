@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use super::{Applied, Batch};
 use crate::metrics::Metrics;
 use crate::replication::protocol::{self, format_lsn};
-use crate::rules::invalidation::Invalidation;
+use crate::rules::invalidation::Work;
 use crate::sink::Sink;
 use crate::sink::redelete::Redelete;
 
@@ -53,7 +53,7 @@ pub(super) async fn apply_batches<S: Sink>(
                     open = false;
                     continue;
                 };
-                match sink.send_commuting(&batch.inv, &batch.events) {
+                match sink.send_commuting(&batch.work, &batch.events) {
                     Some((generation, send)) => {
                         // Its own task: the pipeline is written at once, whatever this
                         // loop awaits meanwhile.
@@ -70,7 +70,7 @@ pub(super) async fn apply_batches<S: Sink>(
                         while let Some(sent) = flying.next().await {
                             done.sent(&mut sink, sent).await;
                         }
-                        sink.deliver(&batch.inv, &batch.events).await;
+                        sink.deliver(&batch.work, &batch.events).await;
                         done.batch(batch);
                     }
                 }
@@ -129,7 +129,7 @@ impl Done {
             metrics.lag_seconds.set((now_pg - last).max(0) as f64 / 1e6);
         }
         let now = tokio::time::Instant::now();
-        for (key, ms) in &batch.inv.redelete {
+        for (key, ms) in &batch.work.redelete {
             self.redelete.schedule(now, key, Duration::from_millis(*ms));
         }
         if self.redelete.dropped > self.dropped_reported {
@@ -153,7 +153,7 @@ impl Done {
             if sink.discard_connection(sent.generation) {
                 tracing::warn!(error = %e, "redis failed under batches in flight; retrying them");
             }
-            sink.deliver(&sent.batch.inv, &sent.batch.events).await;
+            sink.deliver(&sent.batch.work, &sent.batch.events).await;
         }
         self.batch(sent.batch);
     }
@@ -162,7 +162,7 @@ impl Done {
     async fn second_deletes<S: Sink>(&mut self, sink: &mut S) {
         let keys = self.redelete.take_due(tokio::time::Instant::now());
         let count = keys.len();
-        let mut inv = Invalidation::default();
+        let mut inv = Work::default();
         inv.keys.extend(keys);
         sink.deliver(&inv, &[]).await;
         self.metrics.second_deletes.inc_by(count as u64);
@@ -195,7 +195,7 @@ mod tests {
         generation: u64,
     }
 
-    fn name(work: &Invalidation) -> String {
+    fn name(work: &Work) -> String {
         work.keys.iter().next().cloned().unwrap_or_default()
     }
 
@@ -204,7 +204,7 @@ mod tests {
 
         fn send_commuting(
             &self,
-            work: &Invalidation,
+            work: &Work,
             events: &[String],
         ) -> Option<(
             u64,
@@ -224,11 +224,7 @@ mod tests {
             }))
         }
 
-        fn deliver(
-            &mut self,
-            work: &Invalidation,
-            _events: &[String],
-        ) -> impl Future<Output = ()> + Send {
+        fn deliver(&mut self, work: &Work, _events: &[String]) -> impl Future<Output = ()> + Send {
             let (log, name) = (self.log.clone(), name(work));
             async move { log.lock().unwrap().push(format!("deliver {name}")) }
         }
@@ -244,13 +240,13 @@ mod tests {
     }
 
     fn batch(key: &str, end_lsn: Lsn, commuting: bool) -> Batch {
-        let mut inv = Invalidation::default();
+        let mut inv = Work::default();
         inv.keys.insert(key.to_owned());
         if !commuting {
             inv.tags.insert("t".into(), TagAction::Delete);
         }
         Batch {
-            inv,
+            work: inv,
             end_lsn,
             transactions: 1,
             ..Batch::default()

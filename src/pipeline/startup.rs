@@ -7,7 +7,7 @@ use crate::replication::catalog;
 use crate::replication::conn::ReplicationError;
 use crate::replication::pgoutput::Lsn;
 use crate::replication::protocol::parse_lsn;
-use crate::rules::invalidation::{FallbackReason, Invalidation};
+use crate::rules::invalidation::{FallbackReason, Invalidation, Work};
 use crate::sink::redis::RedisSink;
 
 /// Value of the slot-state marker while the slot is in use.
@@ -97,8 +97,8 @@ pub(super) async fn apply_table_fallbacks(
         tables = %tables.join(","),
         "the publication now sends these tables' changes differently; changes before that were filtered by the old definition: applying their rules' fallbacks (over-invalidation)"
     );
-    sink.apply_until_ok(&inv, &[]).await;
-    let mut done = Invalidation::default();
+    sink.apply_until_ok(&inv.work, &[]).await;
+    let mut done = Work::default();
     done.keys.insert(marker.to_owned());
     own.apply_until_ok(&done, &[]).await;
 }
@@ -246,11 +246,11 @@ pub(super) async fn recover_lost_slot(
     for rule in &config.rules.rules {
         inv.add_rule_fallback(&rule.effective_fallback(), FallbackReason::SlotLost);
     }
-    sink.apply_until_ok(&inv, &[]).await;
+    sink.apply_until_ok(&inv.work, &[]).await;
     own.set_until_ok(&marker_key, MARK_ACTIVE).await;
     tracing::warn!(
-        patterns = inv.key_patterns.len(),
-        tags = inv.tags.len() + inv.tag_patterns.len(),
+        patterns = inv.work.key_patterns.len(),
+        tags = inv.work.tags.len() + inv.work.tag_patterns.len(),
         "flush after the lost slot done; streaming from the new slot"
     );
     Ok(())
@@ -269,7 +269,7 @@ pub(super) async fn state_get(
     }
     let old = sink.get_until_ok(key).await?;
     own.set_until_ok(key, &old).await;
-    let mut moved = Invalidation::default();
+    let mut moved = Work::default();
     moved.keys.insert(key.to_owned());
     sink.apply_until_ok(&moved, &[]).await;
     tracing::info!(

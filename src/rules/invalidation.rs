@@ -96,9 +96,9 @@ impl PendingEvent {
     }
 }
 
-/// What a set of committed changes makes stale, and the events it announces.
+/// What goes to the sink: the Redis work of one or more transactions, deduplicated.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Invalidation {
+pub struct Work {
     /// Cache keys to delete.
     pub keys: HashSet<String>,
     /// Cache keys whose TTL is to be lowered to this many milliseconds.
@@ -111,23 +111,15 @@ pub struct Invalidation {
     pub tag_patterns: HashSet<String>,
     /// Keys to delete a second time after this many milliseconds.
     pub redelete: HashMap<String, u64>,
-    /// Entity events, in change order.
-    pub events: Vec<PendingEvent>,
-    /// Fallbacks used, by reason.
-    pub fallbacks: HashMap<FallbackReason, u64>,
-    /// Keys and tags rendered, by rule number (before deduplication; for metrics).
-    pub rendered: HashMap<usize, (u64, u64)>,
-    /// Rows seen per rule in the open transaction (for `max_keys_per_transaction`).
-    rows: HashMap<usize, usize>,
 }
 
-impl Invalidation {
+impl Work {
     /// Nothing to do in Redis.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Number of distinct entries waiting for Redis.
+    /// Number of distinct entries.
     pub fn len(&self) -> usize {
         self.keys.len()
             + self.expire_keys.len()
@@ -135,18 +127,12 @@ impl Invalidation {
             + self.key_patterns.len()
             + self.tag_patterns.len()
             + self.redelete.len()
-            + self.events.len()
     }
 
-    /// Total fallbacks used.
-    pub fn fallback_count(&self) -> u64 {
-        self.fallbacks.values().sum()
-    }
-
-    /// Adds everything of `other`, deduplicating. Deleting a key wins over expiring it.
-    pub fn merge(&mut self, mut other: Invalidation) {
-        other.rows.clear();
-        if self.is_empty() && self.fallbacks.is_empty() {
+    /// Adds everything of `other`, deduplicating. Deleting a key wins over expiring it;
+    /// the lowest TTL and the latest second delete win.
+    pub fn merge(&mut self, other: Work) {
+        if self.is_empty() {
             *self = other;
             return;
         }
@@ -164,31 +150,62 @@ impl Invalidation {
             let e = self.redelete.entry(k).or_insert(ms);
             *e = (*e).max(ms);
         }
-        self.events.extend(other.events);
-        for (r, n) in other.fallbacks {
-            *self.fallbacks.entry(r).or_default() += n;
-        }
-        for (rule, (k, t)) in other.rendered {
-            let e = self.rendered.entry(rule).or_default();
-            e.0 += k;
-            e.1 += t;
-        }
     }
 
-    /// Moves out what Redis is to do so far (keys, tags, patterns, second deletes,
-    /// events), keeping the per-transaction accounting (rows per rule, fallbacks used,
-    /// rendered counts): a big transaction goes to Redis in parts.
-    pub fn take_work(&mut self) -> Invalidation {
-        Invalidation {
-            keys: std::mem::take(&mut self.keys),
-            expire_keys: std::mem::take(&mut self.expire_keys),
-            tags: std::mem::take(&mut self.tags),
-            key_patterns: std::mem::take(&mut self.key_patterns),
-            tag_patterns: std::mem::take(&mut self.tag_patterns),
-            redelete: std::mem::take(&mut self.redelete),
-            events: std::mem::take(&mut self.events),
-            ..Invalidation::default()
+    /// Adds keys and tags an application named in a `pg_logical_emit_message` hint.
+    pub fn add_hint(
+        &mut self,
+        keys: impl IntoIterator<Item = String>,
+        tags: impl IntoIterator<Item = String>,
+    ) {
+        self.keys.extend(keys);
+        for t in tags {
+            add_tag(&mut self.tags, t, TagAction::Delete);
         }
+    }
+}
+
+/// What an open transaction accumulates while it streams: the work for the sink and
+/// its entity events so far, plus its bookkeeping (fallbacks used, keys rendered per
+/// rule, rows per rule against `max_keys_per_transaction`), which stays with the
+/// transaction when its work goes on in parts.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Invalidation {
+    /// The Redis work not yet handed on.
+    pub work: Work,
+    /// Entity events, in change order.
+    pub events: Vec<PendingEvent>,
+    /// Fallbacks used, by reason.
+    pub fallbacks: HashMap<FallbackReason, u64>,
+    /// Keys and tags rendered, by rule number (before deduplication; for metrics).
+    pub rendered: HashMap<usize, (u64, u64)>,
+    /// Rows seen per rule in the open transaction (for `max_keys_per_transaction`).
+    rows: HashMap<usize, usize>,
+}
+
+impl Invalidation {
+    /// Nothing waits to be handed on: no Redis work, no event.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entries waiting to be handed on: Redis work and events.
+    pub fn len(&self) -> usize {
+        self.work.len() + self.events.len()
+    }
+
+    /// Total fallbacks used.
+    pub fn fallback_count(&self) -> u64 {
+        self.fallbacks.values().sum()
+    }
+
+    /// Takes the work and events so far (a part of a big transaction goes on before
+    /// its COMMIT); the bookkeeping stays.
+    pub fn take_work(&mut self) -> (Work, Vec<PendingEvent>) {
+        (
+            std::mem::take(&mut self.work),
+            std::mem::take(&mut self.events),
+        )
     }
 
     /// Every rule of `rules` has passed its row limit in this transaction (its
@@ -238,16 +255,16 @@ impl Invalidation {
                         rendered_keys += 1;
                         if let Some(delay) = rule.rule.redelete_after {
                             let ms = delay.as_millis() as u64;
-                            let e = self.redelete.entry(key.clone()).or_insert(ms);
+                            let e = self.work.redelete.entry(key.clone()).or_insert(ms);
                             *e = (*e).max(ms);
                         }
-                        self.keys.insert(key);
+                        self.work.keys.insert(key);
                     }),
                     Action::Expire(ttl) => {
                         let ms = ttl.as_millis() as u64;
                         render(t, event, false, &mut |key| {
                             rendered_keys += 1;
-                            let e = self.expire_keys.entry(key).or_insert(ms);
+                            let e = self.work.expire_keys.entry(key).or_insert(ms);
                             *e = (*e).min(ms);
                         })
                     }
@@ -263,14 +280,14 @@ impl Invalidation {
             for t in &rule.tags {
                 if render(t, event, false, &mut |tag| {
                     rendered_tags += 1;
-                    add_tag(&mut self.tags, tag, tag_action)
+                    add_tag(&mut self.work.tags, tag, tag_action)
                 }) {
                     inexact.push((t, true));
                 }
             }
             for t in &rule.patterns {
                 if render(t, event, true, &mut |p| {
-                    self.key_patterns.insert(p);
+                    self.work.key_patterns.insert(p);
                 }) {
                     inexact.push((t, false));
                 }
@@ -287,9 +304,9 @@ impl Invalidation {
                 for (t, is_tag) in inexact {
                     let glob = t.template.wildcard_pattern();
                     if is_tag {
-                        self.tag_patterns.insert(glob);
+                        self.work.tag_patterns.insert(glob);
                     } else {
-                        self.key_patterns.insert(glob);
+                        self.work.key_patterns.insert(glob);
                     }
                 }
                 match &rule.rule.fallback {
@@ -333,18 +350,6 @@ impl Invalidation {
         }
     }
 
-    /// Adds keys and tags an application named in a `pg_logical_emit_message` hint.
-    pub fn add_hint(
-        &mut self,
-        keys: impl IntoIterator<Item = String>,
-        tags: impl IntoIterator<Item = String>,
-    ) {
-        self.keys.extend(keys);
-        for t in tags {
-            add_tag(&mut self.tags, t, TagAction::Delete);
-        }
-    }
-
     fn add_fallback(&mut self, rule: &BoundRule, reason: FallbackReason) {
         self.add_rule_fallback(&rule.fallback, reason);
     }
@@ -354,12 +359,14 @@ impl Invalidation {
         *self.fallbacks.entry(reason).or_default() += 1;
         for t in &fallback.tags {
             if t.contains(['*', '?', '[']) {
-                self.tag_patterns.insert(t.clone());
+                self.work.tag_patterns.insert(t.clone());
             } else {
-                add_tag(&mut self.tags, t.clone(), TagAction::Delete);
+                add_tag(&mut self.work.tags, t.clone(), TagAction::Delete);
             }
         }
-        self.key_patterns.extend(fallback.patterns.iter().cloned());
+        self.work
+            .key_patterns
+            .extend(fallback.patterns.iter().cloned());
     }
 }
 
@@ -663,7 +670,7 @@ mod tests {
     }
 
     fn keys(inv: &Invalidation) -> Vec<&str> {
-        let mut v: Vec<_> = inv.keys.iter().map(String::as_str).collect();
+        let mut v: Vec<_> = inv.work.keys.iter().map(String::as_str).collect();
         v.sort();
         v
     }
@@ -734,8 +741,8 @@ mod tests {
             &[0],
         );
         assert_eq!(keys(&inv), vec!["post:1"]);
-        assert!(inv.key_patterns.contains("user_posts:*"));
-        assert!(inv.tag_patterns.contains("a:*"));
+        assert!(inv.work.key_patterns.contains("user_posts:*"));
+        assert!(inv.work.tag_patterns.contains("a:*"));
         assert_eq!(inv.fallbacks[&FallbackReason::ValueNotSent], 1);
     }
 
@@ -758,7 +765,7 @@ mod tests {
         );
         assert_eq!(keys(&inv), vec!["was:5"]);
         assert!(
-            inv.key_patterns.contains("by:*"),
+            inv.work.key_patterns.contains("by:*"),
             "old non-key value unknown: fallback"
         );
     }
@@ -791,9 +798,12 @@ mod tests {
         );
         // The new author's key exactly; the old author is unknown: the wildcard.
         assert_eq!(keys(&inv), vec!["post:5", "user_posts:7"]);
-        assert!(inv.key_patterns.contains("user_posts:*"));
-        assert!(inv.tag_patterns.contains("a:*"));
-        assert!(!inv.key_patterns.contains("post:*"), "the key is known");
+        assert!(inv.work.key_patterns.contains("user_posts:*"));
+        assert!(inv.work.tag_patterns.contains("a:*"));
+        assert!(
+            !inv.work.key_patterns.contains("post:*"),
+            "the key is known"
+        );
         assert_eq!(inv.fallbacks[&FallbackReason::ValueNotSent], 1);
     }
 
@@ -808,8 +818,8 @@ mod tests {
         };
         let mut inv = Invalidation::default();
         inv.add_row(&rules(&["was:{old.id}"], &[]), &ev, &[0]);
-        assert!(inv.keys.is_empty());
-        assert!(inv.key_patterns.contains("was:*"));
+        assert!(inv.work.keys.is_empty());
+        assert!(inv.work.key_patterns.contains("was:*"));
     }
 
     #[test]
@@ -828,8 +838,8 @@ mod tests {
         let mut inv = Invalidation::default();
         inv.add_row(&bind(r), &ev, &[0]);
         assert_eq!(keys(&inv), vec!["post:1"]);
-        assert!(inv.key_patterns.contains("user_posts:*"));
-        assert!(inv.tags.contains_key("all_posts"));
+        assert!(inv.work.key_patterns.contains("user_posts:*"));
+        assert!(inv.work.tags.contains_key("all_posts"));
         assert_eq!(inv.fallbacks[&FallbackReason::ValueNotSent], 1);
     }
 
@@ -850,7 +860,7 @@ mod tests {
         let mut inv = Invalidation::default();
         inv.add_row(&bound, &ev, &[0]);
         assert_eq!(keys(&inv), vec!["post:1"]);
-        assert!(inv.key_patterns.contains("user_posts:*"));
+        assert!(inv.work.key_patterns.contains("user_posts:*"));
         assert_eq!(inv.fallbacks[&FallbackReason::SchemaChange], 1);
     }
 
@@ -868,8 +878,8 @@ mod tests {
             &ev,
             &[0],
         );
-        assert!(inv.keys.is_empty());
-        assert_eq!(inv.tags.len(), 1);
+        assert!(inv.work.keys.is_empty());
+        assert_eq!(inv.work.tags.len(), 1);
         assert_eq!(inv.fallback_count(), 0);
     }
 
@@ -877,8 +887,8 @@ mod tests {
     fn truncate_uses_the_fallback() {
         let mut inv = Invalidation::default();
         inv.add_truncate(&rules(&["post:{id}"], &["category:{author_id}"]));
-        assert!(inv.key_patterns.contains("post:*"));
-        assert!(inv.tag_patterns.contains("category:*"));
+        assert!(inv.work.key_patterns.contains("post:*"));
+        assert!(inv.work.tag_patterns.contains("category:*"));
         let mut declared = rule(&["post:{id}"], &[]);
         declared.fallback = Some(Fallback {
             tags: vec!["posts".into()],
@@ -886,8 +896,8 @@ mod tests {
         });
         let mut inv = Invalidation::default();
         inv.add_truncate(&bind(declared));
-        assert!(inv.tags.contains_key("posts"));
-        assert_eq!(inv.key_patterns.len(), 2);
+        assert!(inv.work.tags.contains_key("posts"));
+        assert_eq!(inv.work.key_patterns.len(), 2);
     }
 
     #[test]
@@ -901,13 +911,16 @@ mod tests {
             vec![text("1"), text("3"), text("b")],
         );
         inv.add_row(&bound, &same, &[0]);
-        assert!(inv.keys.is_empty(), "body changed, author_id did not");
+        assert!(inv.work.keys.is_empty(), "body changed, author_id did not");
         let toast = update(
             vec![text("1"), text("3"), text("a")],
             vec![text("1"), Cell::Unknown, text("b")],
         );
         inv.add_row(&bound, &toast, &[0]);
-        assert!(inv.keys.is_empty(), "unchanged TOAST counts as unchanged");
+        assert!(
+            inv.work.keys.is_empty(),
+            "unchanged TOAST counts as unchanged"
+        );
         let no_old = RowEvent {
             old: None,
             ..same.clone()
@@ -961,8 +974,8 @@ mod tests {
             };
             inv.add_row(&bound, &ev, &[0]);
         }
-        assert_eq!(inv.keys.len(), 10);
-        assert!(inv.key_patterns.contains("post:*"));
+        assert_eq!(inv.work.keys.len(), 10);
+        assert!(inv.work.key_patterns.contains("post:*"));
         assert_eq!(inv.fallbacks[&FallbackReason::TooManyRows], 1);
     }
 
@@ -976,8 +989,8 @@ mod tests {
         );
         let mut inv = Invalidation::default();
         inv.add_row(&bind(r), &ev, &[0]);
-        assert_eq!(inv.expire_keys.get("post:1"), Some(&5000));
-        assert!(inv.keys.is_empty());
+        assert_eq!(inv.work.expire_keys.get("post:1"), Some(&5000));
+        assert!(inv.work.keys.is_empty());
     }
 
     #[test]
@@ -991,9 +1004,9 @@ mod tests {
         let mut inv = Invalidation::default();
         inv.add_row(&bind(r), &ev, &[0]);
         assert!(
-            inv.key_patterns.contains("user:a\\*:*"),
+            inv.work.key_patterns.contains("user:a\\*:*"),
             "{:?}",
-            inv.key_patterns
+            inv.work.key_patterns
         );
     }
 

@@ -6,13 +6,13 @@
 use std::fmt::Display;
 use std::future::Future;
 
-use crate::rules::invalidation::Invalidation;
+use crate::rules::invalidation::Work;
 
 pub mod redelete;
 pub mod redis;
 pub mod tags;
 
-/// Where a unit of work (an [`Invalidation`] and the entity events of its
+/// Where a unit of work ([`Work`] and the entity events of its
 /// transactions, as JSON) goes, with an at-least-once contract: a unit counts as
 /// delivered only once the sink acknowledged it, and a unit whose delivery failed is
 /// delivered again (in whole: every operation in it must be safe to repeat).
@@ -30,7 +30,7 @@ pub trait Sink: Send + 'static {
     /// the sink acknowledged (or failed), the generation of the connection it went on.
     fn send_commuting(
         &self,
-        work: &Invalidation,
+        work: &Work,
         events: &[String],
     ) -> Option<(
         u64,
@@ -39,11 +39,7 @@ pub trait Sink: Send + 'static {
 
     /// Delivers a unit alone, retrying until the sink acknowledged it. Never gives up:
     /// an outage means waiting.
-    fn deliver(
-        &mut self,
-        work: &Invalidation,
-        events: &[String],
-    ) -> impl Future<Output = ()> + Send;
+    fn deliver(&mut self, work: &Work, events: &[String]) -> impl Future<Output = ()> + Send;
 
     /// A unit sent on connection `generation` failed: drop that connection so the
     /// retry starts afresh. True when it was still the current one.

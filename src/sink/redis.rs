@@ -1,4 +1,4 @@
-//! The Redis sink: applies an `Invalidation` with pipelined UNLINK / PEXPIRE, per-tag
+//! The Redis sink: applies the `Work` with pipelined UNLINK / PEXPIRE, per-tag
 //! Lua flushes (chunked for big tags), SCAN-based pattern deletes, and publishes
 //! entity events; retries with capped backoff until Redis acknowledges.
 //!
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::config::EventsConfig;
 use crate::metrics::{Health, Metrics};
-use crate::rules::invalidation::{Invalidation, TagAction};
+use crate::rules::invalidation::{TagAction, Work};
 
 use super::tags::TagLayout;
 
@@ -81,7 +81,7 @@ return n
 
 /// UNLINK for the keys (in chunks), PEXPIRE ... LT for the keys to expire that are not
 /// deleted anyway.
-fn key_pipeline(inv: &Invalidation) -> redis::Pipeline {
+fn key_pipeline(inv: &Work) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     let keys: Vec<&str> = inv.keys.iter().map(String::as_str).collect();
     for chunk in keys.chunks(KEYS_PER_UNLINK) {
@@ -224,7 +224,7 @@ impl RedisSink {
     /// [`Self::discard_connection`].
     pub fn send_commuting(
         &self,
-        inv: &Invalidation,
+        inv: &Work,
         events: &[String],
     ) -> Option<(
         u64,
@@ -411,7 +411,7 @@ impl RedisSink {
 
     /// Applies `inv` and publishes `events` once. On error the connection is dropped
     /// so the next attempt starts afresh.
-    pub async fn apply(&mut self, inv: &Invalidation, events: &[String]) -> Result<(), SinkError> {
+    pub async fn apply(&mut self, inv: &Work, events: &[String]) -> Result<(), SinkError> {
         if self.dry_run {
             tracing::info!(
                 keys = ?inv.keys, expire = ?inv.expire_keys, tags = ?inv.tags,
@@ -432,7 +432,7 @@ impl RedisSink {
     /// rejecting holds the flush position (Postgres keeps the WAL), `/readyz` turns
     /// unready and the error is logged, once when it starts and once more as an error
     /// if it is not about the connection. Logs again when Redis recovers.
-    pub async fn apply_until_ok(&mut self, inv: &Invalidation, events: &[String]) {
+    pub async fn apply_until_ok(&mut self, inv: &Work, events: &[String]) {
         let mut backoff = MIN_BACKOFF;
         let mut failing_since = None;
         let mut reported_command_error = false;
@@ -472,7 +472,7 @@ impl RedisSink {
         }
     }
 
-    async fn try_apply(&mut self, inv: &Invalidation, events: &[String]) -> Result<(), SinkError> {
+    async fn try_apply(&mut self, inv: &Work, events: &[String]) -> Result<(), SinkError> {
         let mut conn = self.connection().await?;
         let tags: Vec<(&String, &TagAction)> = inv.tags.iter().collect();
         if !inv.keys.is_empty() || !inv.expire_keys.is_empty() || !tags.is_empty() {
@@ -692,7 +692,7 @@ impl super::Sink for RedisSink {
 
     fn send_commuting(
         &self,
-        work: &Invalidation,
+        work: &Work,
         events: &[String],
     ) -> Option<(
         u64,
@@ -701,11 +701,7 @@ impl super::Sink for RedisSink {
         RedisSink::send_commuting(self, work, events)
     }
 
-    fn deliver(
-        &mut self,
-        work: &Invalidation,
-        events: &[String],
-    ) -> impl Future<Output = ()> + Send {
+    fn deliver(&mut self, work: &Work, events: &[String]) -> impl Future<Output = ()> + Send {
         self.apply_until_ok(work, events)
     }
 
