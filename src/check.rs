@@ -251,7 +251,7 @@ pub async fn check_with(
                     ),
                     Some(format!(
                         "as the tables' owner: {}\n(or run `pginval setup --apply` / sql/setup.sql as the owner)",
-                        catalog::create_publication_sql(
+                        crate::publication::create_publication_sql(
                             pub_name,
                             &tables
                                 .iter()
@@ -519,7 +519,7 @@ async fn check_row_filters(
         }
         // The filter in force for the table: the OR of its rules' conditions, none when
         // one of its rules has no `where`.
-        let applied = crate::setup::row_filter(config, &rule.schema, &rule.table);
+        let applied = crate::publication::row_filter(config, &rule.schema, &rule.table);
         if applied.is_none() {
             report.warnings.push(Problem::new(
                 line,

@@ -16,6 +16,8 @@
 //! - [`pipeline`]: wires the stages: the streaming loop, with start-up, the sink
 //!   task, background jobs and the pure acknowledgement rule in submodules.
 //! - [`metrics`]: metric names, `/metrics`, `/healthz`, `/readyz`.
+//! - [`publication`]: the publication policy: what the managed publication should be,
+//!   its drift, the DDL (used by `check`, `setup` and start-up).
 //! - [`check`]: the configuration against the live database.
 //! - [`explain`]: what one row change would do, without any IO.
 //! - [`setup`], [`status`]: preparing and inspecting the database.
@@ -30,6 +32,7 @@ pub mod explain;
 mod fuzz_inputs;
 pub mod metrics;
 pub mod pipeline;
+pub mod publication;
 pub mod replication;
 pub mod rules;
 pub mod setup;

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 use crate::config::Config;
+use crate::publication::{desired_publication, row_filter};
 use crate::replication::catalog::{self, PublishedTable, quote_ident, quote_table};
 use crate::replication::relation::ReplicaIdentity;
 use crate::rules::template::ImageSelector;
@@ -37,142 +38,6 @@ impl Plan {
             out.push('\n');
         }
         out
-    }
-}
-
-/// The publication pginval wants for `config`'s rules: every rule table Postgres can
-/// replicate, each with a column list of the columns the rules read plus the replica
-/// identity columns (PostgreSQL 15+). A table with REPLICA IDENTITY FULL is published
-/// whole: Postgres requires a column list to cover the identity, which for FULL is
-/// every column.
-pub async fn desired_publication(
-    client: &Client,
-    config: &Config,
-) -> Result<Vec<PublishedTable>, tokio_postgres::Error> {
-    let pg15 = catalog::server_version(client).await? >= 150000;
-    let lists = config.source.column_lists && pg15;
-    let mut out = Vec::new();
-    for (schema, table) in config.rules.tables() {
-        let Some(info) = catalog::table_info(client, &schema, &table).await? else {
-            continue;
-        };
-        if !info.replicates_updates {
-            continue;
-        }
-        let columns =
-            (lists && info.replica_identity != ReplicaIdentity::Full && !info.partitioned)
-                .then(|| {
-                    let needed: BTreeSet<&str> = config
-                        .rules
-                        .rules
-                        .iter()
-                        .filter(|r| r.schema == schema && r.table == table)
-                        .flat_map(|r| r.columns())
-                        .chain(info.identity_columns.iter().map(String::as_str))
-                        .collect();
-                    info.columns
-                        .iter()
-                        .filter(|c| needed.contains(c.as_str()))
-                        .cloned()
-                        .collect::<Vec<_>>()
-                })
-                .filter(|cols| cols.len() < info.columns.len());
-        let row_filter = pg15.then(|| row_filter(config, &schema, &table)).flatten();
-        out.push(PublishedTable {
-            schema,
-            table,
-            columns,
-            row_filter,
-        });
-    }
-    Ok(out)
-}
-
-/// How a managed publication differs from the rules' (PostgreSQL 15+).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct PublicationDrift {
-    /// Its tables, column lists or row filters differ: `ALTER PUBLICATION ... SET TABLE`.
-    pub differs: bool,
-    /// Tables that may now send rows or columns the old definition held back. The
-    /// backlog before the change is decoded with the old definition, so these tables'
-    /// rules apply their fallbacks once.
-    pub widened: Vec<(String, String)>,
-}
-
-/// Compares publication `name` with `desired`.
-pub async fn publication_drift(
-    client: &Client,
-    name: &str,
-    desired: &[PublishedTable],
-) -> Result<PublicationDrift, tokio_postgres::Error> {
-    let current = catalog::publication_tables(client, name).await?;
-    let mut drift = PublicationDrift {
-        differs: current.len() != desired.len(),
-        widened: Vec::new(),
-    };
-    let sorted = |v: Option<Vec<String>>| {
-        v.map(|mut v| {
-            v.sort();
-            v
-        })
-    };
-    for want in desired {
-        let Some(now) = current
-            .iter()
-            .find(|c| c.schema == want.schema && c.table == want.table)
-        else {
-            drift.differs = true;
-            drift
-                .widened
-                .push((want.schema.clone(), want.table.clone()));
-            continue;
-        };
-        let want_columns = match &want.columns {
-            Some(cols) => Some(cols.clone()),
-            None => catalog::table_info(client, &want.schema, &want.table)
-                .await?
-                .map(|i| i.columns),
-        };
-        // PostgreSQL keeps a filter in its own words: compare in those.
-        let want_filter = match &want.row_filter {
-            None => None,
-            Some(f) => catalog::probe_row_filter(client, &want.schema, &want.table, f)
-                .await?
-                .ok()
-                .map(|probed| probed.canonical),
-        };
-        if sorted(now.columns.clone()) != sorted(want_columns) || now.row_filter != want_filter {
-            drift.differs = true;
-            drift
-                .widened
-                .push((want.schema.clone(), want.table.clone()));
-        }
-    }
-    Ok(drift)
-}
-
-/// The row filter of a table: when every rule of the table has a `where`, their OR;
-/// otherwise none (a rule without one needs every row).
-pub fn row_filter(config: &Config, schema: &str, table: &str) -> Option<String> {
-    let filters: Option<Vec<&str>> = config
-        .rules
-        .rules
-        .iter()
-        .filter(|r| r.schema == schema && r.table == table)
-        .map(|r| r.row_filter.as_deref())
-        .collect();
-    let mut filters = filters?;
-    filters.sort_unstable();
-    filters.dedup();
-    match filters.as_slice() {
-        [] => None,
-        [one] => Some((*one).to_owned()),
-        many => Some(
-            many.iter()
-                .map(|f| format!("({f})"))
-                .collect::<Vec<_>>()
-                .join(" OR "),
-        ),
     }
 }
 
@@ -273,7 +138,9 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
                 })
                 .collect();
             plan.statements
-                .push(catalog::create_publication_sql(pub_name, &tables));
+                .push(crate::publication::create_publication_sql(
+                    pub_name, &tables,
+                ));
         }
         None => {}
         Some(publ) => {

@@ -48,7 +48,8 @@ pub(super) async fn sync_publication(
     desired: &[catalog::PublishedTable],
 ) -> Result<(), RunError> {
     let source = &config.source;
-    let drift = crate::setup::publication_drift(control, &source.publication, desired).await?;
+    let drift =
+        crate::publication::publication_drift(control, &source.publication, desired).await?;
     if !drift.differs || desired.is_empty() {
         return Ok(());
     }
@@ -64,7 +65,7 @@ pub(super) async fn sync_publication(
     }
     catalog::execute(
         control,
-        &catalog::set_publication_tables_sql(&source.publication, desired),
+        &crate::publication::set_publication_tables_sql(&source.publication, desired),
     )
     .await?;
     tracing::info!(publication = %source.publication, "updated the managed publication to the rules' tables, columns and row filters");
@@ -145,14 +146,14 @@ pub(super) async fn prepare(
         }
         return Ok(0);
     }
-    let desired = crate::setup::desired_publication(control, config).await?;
+    let desired = crate::publication::desired_publication(control, config).await?;
     if catalog::publication(control, &source.publication)
         .await?
         .is_none()
     {
         catalog::execute(
             control,
-            &catalog::create_publication_sql(&source.publication, &desired),
+            &crate::publication::create_publication_sql(&source.publication, &desired),
         )
         .await?;
         tracing::info!(

@@ -489,7 +489,8 @@ impl PublishedTable {
         }
     }
 
-    fn sql(&self) -> String {
+    /// The table as a publication lists it: `schema.table (columns) WHERE (filter)`.
+    pub fn sql(&self) -> String {
         let mut sql = quote_table(&self.schema, &self.table);
         if let Some(cols) = &self.columns {
             let cols: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
@@ -502,33 +503,7 @@ impl PublishedTable {
     }
 }
 
-/// Comment that marks a publication pginval created and keeps up to date.
-pub const MANAGED_COMMENT: &str = "managed by pginval";
-
-/// The SQL that creates pginval's publication for `tables` and marks it as managed.
-pub fn create_publication_sql(name: &str, tables: &[PublishedTable]) -> String {
-    let list = tables
-        .iter()
-        .map(PublishedTable::sql)
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "CREATE PUBLICATION {0} FOR TABLE {list} WITH (publish_via_partition_root = true);\nCOMMENT ON PUBLICATION {0} IS '{MANAGED_COMMENT}';",
-        quote_ident(name)
-    )
-}
-
-/// The SQL that brings a managed publication to exactly `tables`.
-pub fn set_publication_tables_sql(name: &str, tables: &[PublishedTable]) -> String {
-    let list = tables
-        .iter()
-        .map(PublishedTable::sql)
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!("ALTER PUBLICATION {} SET TABLE {list};", quote_ident(name))
-}
-
-/// Runs SQL made by the functions above.
+/// Runs SQL (DDL made by `publication`, say).
 pub async fn execute(client: &Client, sql: &str) -> Result<(), tokio_postgres::Error> {
     client.batch_execute(sql).await
 }
@@ -545,7 +520,7 @@ pub async fn publication_is_managed(
         )
         .await?
         .and_then(|r| r.get::<_, Option<String>>(0))
-        .is_some_and(|c| c == MANAGED_COMMENT))
+        .is_some_and(|c| c == crate::publication::MANAGED_COMMENT))
 }
 
 /// The published columns and row filter of each table of a publication
