@@ -14,9 +14,11 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::diagnostics::{LineIndex, Problem, write_problem};
+pub use crate::replication::source::{SlotLost, Source};
 use crate::replication::tls::{TlsSettings, split_tls_params, tokio_postgres_mode};
 use crate::rules::compile::{self, RuleSet};
 use crate::rules::model::RuleModel;
+pub use crate::sink::redis::EventsConfig;
 use crate::sink::tags::TagLayout;
 
 /// Environment variable that overrides `[source] url`.
@@ -118,21 +120,6 @@ pub struct TagsConfig {
     /// With "symfony": the adapter's namespace ("" when none).
     #[serde(default)]
     pub namespace: String,
-}
-
-/// `[events]`: entity events for rules with `entity`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventsConfig {
-    /// Redis Pub/Sub channel to PUBLISH each event to.
-    #[serde(default)]
-    pub channel: Option<String>,
-    /// Redis Stream to XADD each event to (field `event`, the JSON).
-    #[serde(default)]
-    pub stream: Option<String>,
-    /// Approximate length the stream is trimmed to (`MAXLEN ~`).
-    #[serde(default = "default_stream_maxlen")]
-    pub stream_maxlen: u64,
 }
 
 /// `[hints]`: invalidations applications name themselves, with
@@ -264,9 +251,6 @@ pub struct LimitsConfig {
 fn default_layout() -> Spanned<String> {
     Spanned::new(0..0, "set".to_owned())
 }
-fn default_stream_maxlen() -> u64 {
-    100_000
-}
 fn default_max_keys() -> Spanned<usize> {
     Spanned::new(0..0, usize::MAX)
 }
@@ -357,52 +341,6 @@ pub struct Config {
     /// Log what would be invalidated instead of doing it, and never move the slot
     /// (`run --dry-run`; not a file setting).
     pub dry_run: bool,
-}
-
-/// The validated `[source]` section.
-#[derive(Clone)]
-pub struct Source {
-    /// Parsed connection settings (the password stays inside, never printed).
-    pub pg: tokio_postgres::Config,
-    /// Slot name.
-    pub slot: String,
-    /// Publication name.
-    pub publication: String,
-    /// Interval of unprompted standby status updates.
-    pub status_interval: Duration,
-    /// Silence on the replication connection after which it is reopened, when enabled.
-    pub receive_timeout: Option<Duration>,
-    /// What to do when the slot is lost.
-    pub on_slot_lost: SlotLost,
-    /// Heartbeat interval, when enabled.
-    pub heartbeat: Option<Duration>,
-    /// TLS (`sslmode`, `sslrootcert` from the connection string).
-    pub tls: TlsSettings,
-    /// Column lists in a publication pginval creates or manages.
-    pub column_lists: bool,
-    /// The rustls configuration for those settings (`None` with sslmode=disable).
-    pub tls_config: Option<std::sync::Arc<rustls::ClientConfig>>,
-}
-
-/// `on_slot_lost`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotLost {
-    /// Recreate the slot and apply every rule's fallback.
-    Flush,
-    /// Stop with an error.
-    Fail,
-}
-
-impl fmt::Debug for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Source")
-            .field("host", &self.pg.get_hosts())
-            .field("user", &self.pg.get_user())
-            .field("dbname", &self.pg.get_dbname())
-            .field("slot", &self.slot)
-            .field("publication", &self.publication)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Every problem found in a configuration file.

@@ -6,7 +6,7 @@
 use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::Source;
+use super::source::Source;
 
 use super::relation::ReplicaIdentity;
 

@@ -19,8 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::config::Host;
 
+use super::source::Source;
 use super::tls::{self, SslMode};
-use crate::config::Source;
 
 /// How much the read buffer grows by at least: big reads keep the walsender from
 /// being woken per message.

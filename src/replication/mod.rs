@@ -8,4 +8,5 @@ pub mod event;
 pub mod pgoutput;
 pub mod protocol;
 pub mod relation;
+pub mod source;
 pub mod tls;

@@ -10,14 +10,33 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script};
+use serde::Deserialize;
 
 use std::sync::Arc;
 
-use crate::config::EventsConfig;
 use crate::metrics::{Health, Metrics};
 use crate::rules::invalidation::{TagAction, Work};
 
 use super::tags::TagLayout;
+
+/// `[events]`: entity events for rules with `entity`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Redis Pub/Sub channel to PUBLISH each event to.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Redis Stream to XADD each event to (field `event`, the JSON).
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// Approximate length the stream is trimmed to (`MAXLEN ~`).
+    #[serde(default = "default_stream_maxlen")]
+    pub stream_maxlen: u64,
+}
+
+fn default_stream_maxlen() -> u64 {
+    100_000
+}
 
 /// Keys per UNLINK command inside a pipeline.
 const KEYS_PER_UNLINK: usize = 256;

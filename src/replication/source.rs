@@ -1,0 +1,53 @@
+//! The validated settings of the source database, as the replication and catalog
+//! code use them (built by `config` from `[source]` and the environment).
+
+use std::fmt;
+use std::time::Duration;
+
+use super::tls::TlsSettings;
+
+/// The validated `[source]` section.
+#[derive(Clone)]
+pub struct Source {
+    /// Parsed connection settings (the password stays inside, never printed).
+    pub pg: tokio_postgres::Config,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Interval of unprompted standby status updates.
+    pub status_interval: Duration,
+    /// Silence on the replication connection after which it is reopened, when enabled.
+    pub receive_timeout: Option<Duration>,
+    /// What to do when the slot is lost.
+    pub on_slot_lost: SlotLost,
+    /// Heartbeat interval, when enabled.
+    pub heartbeat: Option<Duration>,
+    /// TLS (`sslmode`, `sslrootcert` from the connection string).
+    pub tls: TlsSettings,
+    /// Column lists in a publication pginval creates or manages.
+    pub column_lists: bool,
+    /// The rustls configuration for those settings (`None` with sslmode=disable).
+    pub tls_config: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// `on_slot_lost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotLost {
+    /// Recreate the slot and apply every rule's fallback.
+    Flush,
+    /// Stop with an error.
+    Fail,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source")
+            .field("host", &self.pg.get_hosts())
+            .field("user", &self.pg.get_user())
+            .field("dbname", &self.pg.get_dbname())
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .finish_non_exhaustive()
+    }
+}
