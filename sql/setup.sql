@@ -114,11 +114,16 @@ ALTER TABLE public.categories REPLICA IDENTITY FULL;
 -- pg_logical_emit_message by default; to let only the application emit them (as a
 -- superuser; the application role here is "app"):
 --
---   REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC;
---   REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;
---   GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO app;
+--   DO $$ DECLARE f regprocedure; BEGIN
+--     FOR f IN SELECT oid::regprocedure FROM pg_proc WHERE proname = 'pg_logical_emit_message'
+--     LOOP
+--       EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+--       EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO app', f);
+--     END LOOP;
+--   END $$;
 --
--- (PostgreSQL 17 adds a variant with a fourth "flush" argument: revoke it too.) pginval's
+-- (The loop covers every major's signatures: (boolean, text, text) and (boolean, text,
+-- bytea) up to PostgreSQL 16; from 17 on each takes a fourth "flush" argument.) pginval's
 -- heartbeat ([source] heartbeat_secs) calls the function as pginval's role: grant it
 -- there as well when you use it.
 --

@@ -169,8 +169,10 @@ async fn partition_truncate_detach_and_drop_reach_pginval_through_sql_partitions
     // (sql/setup.sql, section 6): the triggers still tell pginval.
     let app = format!("{}_app", db.name);
     db.execute_batch(&format!(
-        "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC;
-         REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;
+        "DO $$ DECLARE f regprocedure; BEGIN
+           FOR f IN SELECT oid::regprocedure FROM pg_proc WHERE proname = 'pg_logical_emit_message'
+           LOOP EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f); END LOOP;
+         END $$;
          CREATE ROLE {app};
          GRANT TRUNCATE ON pposts_1 TO {app};"
     ))
