@@ -152,6 +152,49 @@ struct Applied {
     lsn: Lsn,
 }
 
+/// A catalog step bounded by `CATALOG_TIMEOUT`, its error described: a control
+/// connection that hangs without closing counts as failed.
+async fn bounded<T>(
+    step: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, String> {
+    tokio::time::timeout(CATALOG_TIMEOUT, step)
+        .await
+        .map_err(|_| format!("no answer within {CATALOG_TIMEOUT:?}"))?
+        .map_err(|e| catalog::describe_error(&e))
+}
+
+/// Which Redis database a plain sink (no events, never a dry run) writes to.
+#[derive(Clone, Copy)]
+enum Db {
+    /// The cache's database.
+    Cache,
+    /// pginval's own state database (`[state]`).
+    State,
+}
+
+/// A sink without events that always writes: for start-up, recovery and pginval's
+/// own state.
+fn plain_sink(
+    config: &Config,
+    db: Db,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+) -> Result<RedisSink, SinkError> {
+    let url = match db {
+        Db::Cache => config.redis.clone(),
+        Db::State => config.state_redis.clone(),
+    };
+    RedisSink::new(
+        url,
+        config.redis_ca.as_deref(),
+        config.tags.clone(),
+        None,
+        false,
+        metrics.clone(),
+        health.clone(),
+    )
+}
+
 /// Runs pginval until `shutdown` completes: checks, prepares the publication and the
 /// slot, then streams and invalidates, reconnecting after connection failures.
 pub async fn run(
@@ -200,15 +243,7 @@ pub async fn run(
         health.clone(),
     )?;
     // pginval's own state: the cache's server, a database of its own (`[state]`).
-    let mut own = RedisSink::new(
-        config.state_redis.clone(),
-        config.redis_ca.as_deref(),
-        config.tags.clone(),
-        None,
-        false,
-        metrics.clone(),
-        health.clone(),
-    )?;
+    let mut own = plain_sink(&config, Db::State, &metrics, &health)?;
     if let Err(e) = sink.ping().await {
         tracing::warn!(error = %e, "redis is not reachable yet; changes will wait for it");
     }
@@ -262,15 +297,7 @@ pub async fn run(
             Ok(()) => break Ok(()),
             Err(RunError::Replication(e)) if e.is_slot_lost() && !state.config.dry_run => {
                 tracing::error!(error = %e, "the replication slot is gone");
-                let mut recovery = RedisSink::new(
-                    state.config.redis.clone(),
-                    state.config.redis_ca.as_deref(),
-                    state.config.tags.clone(),
-                    None,
-                    false,
-                    metrics.clone(),
-                    health.clone(),
-                )?;
+                let mut recovery = plain_sink(&state.config, Db::Cache, &metrics, &health)?;
                 let control = catalog::connect(&state.config.source).await?;
                 let slot = catalog::slot(&control, &state.config.source.slot).await?;
                 let lost = slot
@@ -281,15 +308,7 @@ pub async fn run(
                     // server behind the DSN, say): not a case to flush the cache over.
                     break Err(RunError::Replication(e));
                 }
-                let mut own_state = RedisSink::new(
-                    state.config.state_redis.clone(),
-                    state.config.redis_ca.as_deref(),
-                    state.config.tags.clone(),
-                    None,
-                    false,
-                    metrics.clone(),
-                    health.clone(),
-                )?;
+                let mut own_state = plain_sink(&state.config, Db::State, &metrics, &health)?;
                 let recovered = tokio::select! {
                     biased;
                     _ = &mut shutdown => break state.drain_on_shutdown().await,
@@ -310,24 +329,8 @@ pub async fn run(
                     tables = %tables.iter().map(|(s, t)| format!("{s}.{t}")).collect::<Vec<_>>().join(","),
                     "rule tables are no longer in the publication (renamed or replaced); following their names: checking and preparing again"
                 );
-                let mut cache = RedisSink::new(
-                    state.config.redis.clone(),
-                    state.config.redis_ca.as_deref(),
-                    state.config.tags.clone(),
-                    None,
-                    false,
-                    metrics.clone(),
-                    health.clone(),
-                )?;
-                let mut own = RedisSink::new(
-                    state.config.state_redis.clone(),
-                    state.config.redis_ca.as_deref(),
-                    state.config.tags.clone(),
-                    None,
-                    false,
-                    metrics.clone(),
-                    health.clone(),
-                )?;
+                let mut cache = plain_sink(&state.config, Db::Cache, &metrics, &health)?;
+                let mut own = plain_sink(&state.config, Db::State, &metrics, &health)?;
                 let owed = publication_marker(&state.config);
                 let mut lines: Vec<String> = own
                     .get_until_ok(&owed)
@@ -557,17 +560,16 @@ impl Stream {
         ];
         let started = conn.start_logical(&slot, 0, &options);
         // Bounded like every read: a server that never answers is a dead connection.
-        let bound = source.receive_timeout.unwrap_or(Duration::MAX);
+        // Starting to decode can take a busy server a while: never less than a catalog
+        // step, or a short receive timeout would cut every start short.
+        let bound = source
+            .receive_timeout
+            .map_or(Duration::MAX, |t| t.max(CATALOG_TIMEOUT));
         match tokio::time::timeout(bound, started).await {
             Ok(started) => started?,
             Err(_) => {
-                return Err(RunError::Replication(ReplicationError::Io {
-                    target: conn.target(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("START_REPLICATION got no answer within {bound:?}"),
-                    ),
-                }));
+                let what = format!("START_REPLICATION got no answer within {bound:?}");
+                return Err(conn.timed_out(what).into());
             }
         }
         tracing::info!(slot = %source.slot, publication = %source.publication, "streaming");
@@ -702,19 +704,12 @@ impl Stream {
                         .as_ref()
                         .and_then(ReplicationConnection::backend_pid);
                     self.end_silent_walsender(pid).await;
-                    return Err(RunError::Replication(ReplicationError::Io {
-                        target: self
-                            .conn
-                            .as_ref()
-                            .map(ReplicationConnection::target)
-                            .unwrap_or_default(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!(
-                                "nothing received for {silence:?}, not even the keepalive asked for (receive_timeout_secs)"
-                            ),
-                        ),
-                    }));
+                    let conn = self.conn.as_ref().expect("connected");
+                    return Err(conn
+                        .timed_out(format!(
+                            "nothing received for {silence:?}, not even the keepalive asked for (receive_timeout_secs)"
+                        ))
+                        .into());
                 }
             }
         }
@@ -772,15 +767,8 @@ impl Stream {
         }
         let slot = self.config.source.slot.clone();
         let ended = async {
-            let client =
-                tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&self.config.source))
-                    .await
-                    .map_err(|_| format!("no connection within {CATALOG_TIMEOUT:?}"))?
-                    .map_err(|e| catalog::describe_error(&e))?;
-            tokio::time::timeout(CATALOG_TIMEOUT, catalog::end_walsender(&client, &slot, pid))
-                .await
-                .map_err(|_| format!("no answer within {CATALOG_TIMEOUT:?}"))?
-                .map_err(|e| catalog::describe_error(&e))
+            let client = bounded(catalog::connect(&self.config.source)).await?;
+            bounded(catalog::end_walsender(&client, &slot, pid)).await
         };
         match ended.await {
             Ok(true) => tracing::info!(
@@ -825,13 +813,8 @@ impl Stream {
             match tokio::time::timeout(bound, conn.send_copy_data(&msg)).await {
                 Ok(sent) => sent?,
                 Err(_) => {
-                    return Err(RunError::Replication(ReplicationError::Io {
-                        target: conn.target(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("a status update could not be sent within {bound:?}"),
-                        ),
-                    }));
+                    let what = format!("a status update could not be sent within {bound:?}");
+                    return Err(conn.timed_out(what).into());
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{CATALOG_TIMEOUT, POLL_INTERVAL};
+use super::{POLL_INTERVAL, bounded};
 use crate::config::{Config, Source};
 use crate::metrics::{Health, Metrics};
 use crate::replication::catalog;
@@ -56,17 +56,10 @@ pub(super) async fn poll_stats(
         // Every catalog step is bounded: a connection that hangs without closing is
         // dropped and the next round opens another.
         if control.is_none() {
-            control = tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&config.source))
-                .await
-                .ok()
-                .and_then(Result::ok);
+            control = bounded(catalog::connect(&config.source)).await.ok();
         }
         if let Some(client) = &control {
-            let retained = tokio::time::timeout(
-                CATALOG_TIMEOUT,
-                catalog::slot_retained_wal(client, &config.source.slot),
-            );
-            match retained.await.map_err(drop).and_then(|r| r.map_err(drop)) {
+            match bounded(catalog::slot_retained_wal(client, &config.source.slot)).await {
                 Ok(bytes) => {
                     metrics.retained_wal.set(bytes.unwrap_or(0));
                 }
@@ -75,11 +68,13 @@ pub(super) async fn poll_stats(
             if let Some(client) = &control
                 && !config.dry_run
             {
-                let missing = tokio::time::timeout(
-                    CATALOG_TIMEOUT,
-                    catalog::unpublished(client, &config.source.publication, &tables),
-                );
-                match missing.await.map_err(drop).and_then(|r| r.map_err(drop)) {
+                match bounded(catalog::unpublished(
+                    client,
+                    &config.source.publication,
+                    &tables,
+                ))
+                .await
+                {
                     Ok(missing) => {
                         unpublished.send_if_modified(|seen| {
                             let changed = *seen != missing;
@@ -111,16 +106,10 @@ pub(super) async fn heartbeat(
         tick.tick().await;
         let beat = async {
             if control.is_none() {
-                let opened = tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&source))
-                    .await
-                    .map_err(|_| format!("no connection within {CATALOG_TIMEOUT:?}"))?;
-                control = Some(opened.map_err(|e| catalog::describe_error(&e))?);
+                control = Some(bounded(catalog::connect(&source)).await?);
             }
             let client = control.as_ref().expect("connected above");
-            tokio::time::timeout(CATALOG_TIMEOUT, catalog::heartbeat(client))
-                .await
-                .map_err(|_| format!("no answer within {CATALOG_TIMEOUT:?}"))?
-                .map_err(|e| catalog::describe_error(&e))
+            bounded(catalog::heartbeat(client)).await
         };
         match beat.await {
             Ok(()) if failing => {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{
-    Batch, CATALOG_TIMEOUT, CATCH_UP_AGE_MICROS, HINT_PREFIX, MAX_COMMIT_SAMPLES, PARTITION_PREFIX,
-    RunError, Stream, TX_PART_ENTRIES, TableRules,
+    Batch, CATCH_UP_AGE_MICROS, HINT_PREFIX, MAX_COMMIT_SAMPLES, PARTITION_PREFIX, RunError,
+    Stream, TX_PART_ENTRIES, TableRules, bounded,
 };
 use crate::metrics::{OutcomeLabel, ReasonLabel, TableOp};
 use crate::replication::catalog;
@@ -311,9 +311,8 @@ impl Stream {
             columns: self.primary_keys.get(name).cloned().unwrap_or_default(),
         };
         if self.control.is_none() {
-            match tokio::time::timeout(CATALOG_TIMEOUT, catalog::connect(&self.config.source)).await
-            {
-                Ok(Ok(client)) => self.control = Some(client),
+            match bounded(catalog::connect(&self.config.source)).await {
+                Ok(client) => self.control = Some(client),
                 _ => {
                     tracing::warn!(table = %format!("{}.{}", name.0, name.1), "cannot read the partitions' replica identity from the catalog; treating old rows as carrying only the primary key");
                     return key_only;
@@ -321,13 +320,8 @@ impl Stream {
             }
         }
         let client = self.control.as_ref().expect("connected");
-        match tokio::time::timeout(
-            CATALOG_TIMEOUT,
-            catalog::table_info(client, &name.0, &name.1),
-        )
-        .await
-        {
-            Ok(Ok(Some(info))) => EffectiveIdentity {
+        match bounded(catalog::table_info(client, &name.0, &name.1)).await {
+            Ok(Some(info)) => EffectiveIdentity {
                 replica_identity: info.replica_identity,
                 columns: info.identity_columns,
             },

@@ -504,9 +504,9 @@ impl ReplicationConnection {
         self.io.flush().await.map_err(|e| self.io_err(e))
     }
 
-    /// Where the connection goes (host:port or socket), for error messages.
-    pub fn target(&self) -> String {
-        self.target.clone()
+    /// The connection counts as dead: `what` did not happen in time.
+    pub fn timed_out(&self, what: String) -> ReplicationError {
+        self.io_err(io::Error::new(io::ErrorKind::TimedOut, what))
     }
 
     fn io_err(&self, source: io::Error) -> ReplicationError {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use crate::metrics::{Health, Metrics};
 use crate::rules::invalidation::{TagAction, Work};
 
+use super::Sink;
 use super::tags::TagLayout;
 
 /// `[events]`: entity events for rules with `entity`.
@@ -232,51 +233,6 @@ impl RedisSink {
                 .unwrap_or(0)
         };
         Ok((field("keyspace_hits"), field("keyspace_misses")))
-    }
-
-    /// Sends a batch that only deletes keys and lowers TTLs (no tags, patterns or
-    /// events) on the open connection, without waiting for the batches before it:
-    /// such commands commute, so several may be in flight. `None` when there is no open
-    /// connection, in a dry run, or for any other batch: use [`Self::apply_until_ok`].
-    /// The future's error means nothing about which commands ran: retry the batch.
-    /// Returns the connection's generation with the future, for
-    /// [`Self::discard_connection`].
-    pub fn send_commuting(
-        &self,
-        inv: &Work,
-        events: &[String],
-    ) -> Option<(
-        u64,
-        impl Future<Output = Result<(), SinkError>> + Send + 'static,
-    )> {
-        let commuting = events.is_empty()
-            && inv.tags.is_empty()
-            && inv.key_patterns.is_empty()
-            && inv.tag_patterns.is_empty();
-        if !commuting || self.dry_run {
-            return None;
-        }
-        let mut conn = self.conn.clone()?;
-        let pipe = key_pipeline(inv);
-        self.metrics.redis_commands.inc_by(pipe.len() as u64);
-        let health = self.health.clone();
-        Some((self.generation, async move {
-            if !pipe.is_empty() {
-                pipe.query_async::<()>(&mut conn).await?;
-            }
-            health.set_redis_ok(true);
-            Ok(())
-        }))
-    }
-
-    /// Drops the connection of `generation` after a batch failed on it, so the retry
-    /// connects afresh; true when it was still the current one.
-    pub fn discard_connection(&mut self, generation: u64) -> bool {
-        let current = self.conn.is_some() && self.generation == generation;
-        if current {
-            self.conn = None;
-        }
-        current
     }
 
     async fn connection(&mut self) -> Result<MultiplexedConnection, SinkError> {
@@ -706,25 +662,55 @@ impl RedisSink {
 /// Suffix of the key a big tag's members are moved to while they are flushed.
 pub const SPILL_SUFFIX: &str = ":pginval-flushing";
 
-impl super::Sink for RedisSink {
+impl Sink for RedisSink {
     type Error = SinkError;
 
+    /// Sends a batch that only deletes keys and lowers TTLs (no tags, patterns or
+    /// events) on the open connection, without waiting for the batches before it:
+    /// such commands commute, so several may be in flight. `None` when there is no open
+    /// connection, in a dry run, or for any other batch: use [`Sink::deliver`].
+    /// The future's error means nothing about which commands ran: retry the batch.
+    /// Returns the connection's generation with the future, for
+    /// [`Sink::discard_connection`].
     fn send_commuting(
         &self,
-        work: &Work,
+        inv: &Work,
         events: &[String],
     ) -> Option<(
         u64,
         impl Future<Output = Result<(), SinkError>> + Send + 'static,
     )> {
-        RedisSink::send_commuting(self, work, events)
+        let commuting = events.is_empty()
+            && inv.tags.is_empty()
+            && inv.key_patterns.is_empty()
+            && inv.tag_patterns.is_empty();
+        if !commuting || self.dry_run {
+            return None;
+        }
+        let mut conn = self.conn.clone()?;
+        let pipe = key_pipeline(inv);
+        self.metrics.redis_commands.inc_by(pipe.len() as u64);
+        let health = self.health.clone();
+        Some((self.generation, async move {
+            if !pipe.is_empty() {
+                pipe.query_async::<()>(&mut conn).await?;
+            }
+            health.set_redis_ok(true);
+            Ok(())
+        }))
     }
 
     fn deliver(&mut self, work: &Work, events: &[String]) -> impl Future<Output = ()> + Send {
         self.apply_until_ok(work, events)
     }
 
+    /// Drops the connection of `generation` after a batch failed on it, so the retry
+    /// connects afresh; true when it was still the current one.
     fn discard_connection(&mut self, generation: u64) -> bool {
-        RedisSink::discard_connection(self, generation)
+        let current = self.conn.is_some() && self.generation == generation;
+        if current {
+            self.conn = None;
+        }
+        current
     }
 }

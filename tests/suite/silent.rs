@@ -24,6 +24,14 @@ table = "pposts"
 keys = ["ppost:{id}", "user_pposts:{author_id}"]
 "#;
 
+/// `sql/partitions.sql`, as a user runs it.
+fn partitions_sql() -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/partitions.sql"),
+    )
+    .unwrap()
+}
+
 fn check(db: &crate::support::TestDb, redis: &crate::support::Redis, rules: &str) -> (i32, String) {
     let path = config_file(db, &config_text(db, redis, rules));
     let out = std::process::Command::new(bin())
@@ -100,11 +108,7 @@ async fn partition_without_full_identity_is_refused_then_covered_by_wildcards() 
 async fn partition_event_trigger_gives_new_partitions_full_identity() {
     let (db, _redis) = setup("parttrigger").await;
     db.execute_batch(PARTITIONED).await;
-    let script = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/partitions.sql"),
-    )
-    .unwrap();
-    db.execute_batch(&script).await;
+    db.execute_batch(&partitions_sql()).await;
     db.execute_batch(
         "CREATE TABLE pposts_2 PARTITION OF pposts FOR VALUES FROM (1000) TO (2000);
          CREATE TABLE pposts_3 (LIKE pposts);
@@ -139,11 +143,7 @@ async fn partition_truncate_detach_and_drop_reach_pginval_through_sql_partitions
     db.execute_batch(PARTITIONED).await;
     db.execute_batch("ALTER TABLE pposts_1 REPLICA IDENTITY FULL")
         .await;
-    let script = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/partitions.sql"),
-    )
-    .unwrap();
-    db.execute_batch(&script).await;
+    db.execute_batch(&partitions_sql()).await;
     db.execute_batch(
         "CREATE TABLE pposts_2 PARTITION OF pposts FOR VALUES FROM (1000) TO (2000);
          CREATE TABLE pposts_3 PARTITION OF pposts FOR VALUES FROM (2000) TO (3000);
