@@ -18,7 +18,7 @@ pub use crate::replication::source::{SlotLost, Source};
 use crate::replication::tls::{TlsSettings, split_tls_params, tokio_postgres_mode};
 use crate::rules::compile::{self, RuleSet};
 use crate::rules::model::RuleModel;
-pub use crate::sink::redis::EventsConfig;
+pub use crate::sink::events::EventsConfig;
 use crate::sink::tags::TagLayout;
 
 /// Environment variable that overrides `[source] url`.
@@ -29,6 +29,10 @@ pub const ENV_REDIS_URL: &str = "PGINVAL_REDIS_URL";
 pub const ENV_SOURCE_PASSWORD: &str = "PGINVAL_SOURCE_PASSWORD";
 /// Environment variable holding the Redis password.
 pub const ENV_REDIS_PASSWORD: &str = "PGINVAL_REDIS_PASSWORD";
+/// Environment variable holding the AMQP broker's password (`[events.amqp]`).
+pub const ENV_AMQP_PASSWORD: &str = "PGINVAL_AMQP_PASSWORD";
+/// Environment variable holding the NATS password (`[events.nats]`).
+pub const ENV_NATS_PASSWORD: &str = "PGINVAL_NATS_PASSWORD";
 
 /// `[source]`: the PostgreSQL database to follow.
 #[derive(Debug, Clone, Deserialize)]
@@ -451,13 +455,14 @@ impl Config {
                     events_line = line;
                     let mut e = EventsConfig::default();
                     section(value, &lines, &mut problems, "[events]", &mut e);
-                    if e.channel.is_none() && e.stream.is_none() {
+                    if !e.has_destination() {
                         problems.push(Problem::new(
                             lines.line_of(&key.span()),
-                            "[events] names neither a channel nor a stream",
-                            Some("add channel = \"pginval:events\" and/or stream = \"pginval:events\"".into()),
+                            "[events] names no destination",
+                            Some("add channel = \"pginval:events\" and/or stream = \"pginval:events\" (Redis), or an [events.amqp] or [events.nats] section".into()),
                         ));
                     }
+                    broker_settings(&mut e, &env, &lines, &mut problems);
                     events = Some(e);
                 }
                 "rules" => match value.get_ref() {
@@ -850,6 +855,50 @@ fn secret(
             format!("{section} password_file {}: {e}", file.get_ref()),
             Some("point password_file at a readable file holding only the password".into()),
         )),
+    }
+}
+
+/// Checks the `[events.amqp]` and `[events.nats]` settings of `events` and sets their
+/// passwords from the environment or their `password_file`.
+fn broker_settings(
+    events: &mut EventsConfig,
+    env: &impl Fn(&str) -> Option<String>,
+    lines: &LineIndex,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(amqp) = &mut events.amqp {
+        let url_line = lines.line_of(&amqp.url.span());
+        for (span, message, fix) in amqp.problems() {
+            let line = lines.line_of(&span).or(url_line);
+            problems.push(Problem::new(line, message, Some(fix)));
+        }
+        match secret(
+            env,
+            ENV_AMQP_PASSWORD,
+            amqp.password_file.as_ref(),
+            lines,
+            "[events.amqp]",
+        ) {
+            Ok(pw) => amqp.password = pw,
+            Err(p) => problems.push(p),
+        }
+    }
+    if let Some(nats) = &mut events.nats {
+        let url_line = lines.line_of(&nats.url.span());
+        for (span, message, fix) in nats.problems() {
+            let line = lines.line_of(&span).or(url_line);
+            problems.push(Problem::new(line, message, Some(fix)));
+        }
+        match secret(
+            env,
+            ENV_NATS_PASSWORD,
+            nats.password_file.as_ref(),
+            lines,
+            "[events.nats]",
+        ) {
+            Ok(pw) => nats.password = pw,
+            Err(p) => problems.push(p),
+        }
     }
 }
 

@@ -37,6 +37,10 @@ pub const REDIS_COMMANDS: &str = "pginval_redis_commands";
 pub const REDIS_ERRORS: &str = "pginval_redis_errors";
 /// Entity events published.
 pub const EVENTS: &str = "pginval_events_published";
+/// Entity events a message broker confirmed, by sink (`amqp`, `nats`).
+pub const EVENTS_CONFIRMED: &str = "pginval_events_confirmed";
+/// Failed attempts to publish a batch's events to a broker, by sink.
+pub const EVENT_SINK_ERRORS: &str = "pginval_event_sink_errors";
 /// Second deletes performed.
 pub const SECOND_DELETES: &str = "pginval_second_deletes";
 /// Hints (`pg_logical_emit_message(.., 'pginval', ..)`), by outcome: applied or refused.
@@ -92,6 +96,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// `sink` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    /// The event sink: `amqp` or `nats`.
+    pub sink: &'static str,
+}
+
 /// `outcome` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -118,6 +129,10 @@ pub struct Metrics {
     pub redis_errors: Counter,
     /// See [`EVENTS`].
     pub events: Counter,
+    /// See [`EVENTS_CONFIRMED`].
+    pub events_confirmed: Family<SinkLabel, Counter>,
+    /// See [`EVENT_SINK_ERRORS`].
+    pub event_sink_errors: Family<SinkLabel, Counter>,
     /// See [`SECOND_DELETES`].
     pub second_deletes: Counter,
     /// See [`HINTS`].
@@ -175,6 +190,8 @@ impl Metrics {
             redis_commands: Counter::default(),
             redis_errors: Counter::default(),
             events: Counter::default(),
+            events_confirmed: Family::default(),
+            event_sink_errors: Family::default(),
             second_deletes: Counter::default(),
             hints: Family::default(),
             batch_entries: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
@@ -224,6 +241,16 @@ impl Metrics {
             m.redis_errors.clone(),
         );
         r.register(EVENTS, "Entity events published", m.events.clone());
+        r.register(
+            EVENTS_CONFIRMED,
+            "Entity events a message broker confirmed",
+            m.events_confirmed.clone(),
+        );
+        r.register(
+            EVENT_SINK_ERRORS,
+            "Failed attempts to publish events to a message broker",
+            m.event_sink_errors.clone(),
+        );
         r.register(
             SECOND_DELETES,
             "Keys deleted a second time",
@@ -311,6 +338,8 @@ impl Metrics {
 pub struct Health {
     streaming: AtomicBool,
     redis_ok: AtomicBool,
+    /// Event sinks whose last attempt failed.
+    sinks_down: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
     /// Unix micros of the oldest commit received and not yet acknowledged (0: none).
     oldest_pending: AtomicI64,
     max_lag: Duration,
@@ -322,6 +351,7 @@ impl Health {
         Health {
             streaming: AtomicBool::new(false),
             redis_ok: AtomicBool::new(false),
+            sinks_down: Default::default(),
             oldest_pending: AtomicI64::new(0),
             max_lag,
         }
@@ -335,6 +365,16 @@ impl Health {
     /// Redis answered (or failed) the last attempt.
     pub fn set_redis_ok(&self, ok: bool) {
         self.redis_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// The event sink `name` confirmed (or failed) the last attempt.
+    pub fn set_sink_ok(&self, name: &'static str, ok: bool) {
+        let mut down = self.sinks_down.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            down.remove(name);
+        } else {
+            down.insert(name);
+        }
     }
 
     /// The oldest unacknowledged commit, or `None` when nothing waits.
@@ -353,6 +393,14 @@ impl Health {
         }
         if !self.redis_ok.load(Ordering::Relaxed) {
             why.push("redis is not reachable".to_owned());
+        }
+        for name in self
+            .sinks_down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            why.push(format!("the {name} event sink is not confirming"));
         }
         let oldest = self.oldest_pending.load(Ordering::Relaxed);
         if oldest > 0 {

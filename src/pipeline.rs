@@ -26,7 +26,8 @@ use crate::replication::pgoutput::{DecodeError, Lsn};
 use crate::replication::protocol::{self, FrameError, ServerFrame, format_lsn};
 use crate::replication::relation::{RelationCache, ReplicaIdentity, Table};
 use crate::rules::compile::BoundRule;
-use crate::rules::invalidation::{Invalidation, Work};
+use crate::rules::invalidation::{Event, Invalidation, Work};
+use crate::sink::events::Fanout;
 use crate::sink::redis::{RedisSink, SinkError};
 
 mod ack;
@@ -128,7 +129,7 @@ struct Batch {
     /// The Redis work of its transactions.
     work: Work,
     /// Entity events, stamped with their commits.
-    events: Vec<String>,
+    events: Vec<Event>,
     /// End LSN of the last commit in the batch.
     end_lsn: Lsn,
     transactions: u64,
@@ -273,6 +274,13 @@ pub async fn run(
         batches: 0,
         lsn: start,
     });
+    let sink = Fanout::new(
+        sink,
+        config.events.as_ref(),
+        config.dry_run,
+        metrics.clone(),
+        health.clone(),
+    );
     let sink_task = tokio::spawn(apply_batches(sink, batch_rx, acked_tx, metrics.clone()));
 
     let mut state = Stream::new(
@@ -443,6 +451,8 @@ struct Stream {
     tx: Option<Invalidation>,
     /// The open transaction's commit position and time (from BEGIN), for its events.
     tx_commit: (Lsn, i64),
+    /// Events the open transaction has queued so far: the next one's position.
+    tx_events: u64,
     /// Committed, not yet handed to the sink.
     pending: Option<Batch>,
     /// The ack rule: what was handed to the sink, acknowledged, kept alive, and
@@ -509,6 +519,7 @@ impl Stream {
             bound: HashMap::new(),
             tx: None,
             tx_commit: (0, 0),
+            tx_events: 0,
             pending: None,
             ack,
             server_wal_end: start,

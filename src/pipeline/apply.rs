@@ -183,7 +183,7 @@ mod tests {
 
     use super::*;
     use crate::replication::pgoutput::Lsn;
-    use crate::rules::invalidation::TagAction;
+    use crate::rules::invalidation::{Event, TagAction};
 
     type Log = Arc<Mutex<Vec<String>>>;
 
@@ -205,7 +205,7 @@ mod tests {
         fn send_commuting(
             &self,
             work: &Work,
-            events: &[String],
+            events: &[Event],
         ) -> Option<(
             u64,
             impl Future<Output = Result<(), String>> + Send + 'static,
@@ -224,7 +224,7 @@ mod tests {
             }))
         }
 
-        fn deliver(&mut self, work: &Work, _events: &[String]) -> impl Future<Output = ()> + Send {
+        fn deliver(&mut self, work: &Work, _events: &[Event]) -> impl Future<Output = ()> + Send {
             let (log, name) = (self.log.clone(), name(work));
             async move { log.lock().unwrap().push(format!("deliver {name}")) }
         }

@@ -18,7 +18,7 @@ use crate::replication::pgoutput::{self, LogicalMessage, Lsn, Message};
 use crate::replication::protocol::{self, format_lsn};
 use crate::replication::relation::{EffectiveIdentity, ReplicaIdentity, Table};
 use crate::rules::compile::BoundRule;
-use crate::rules::invalidation::{FallbackReason, Invalidation, PendingEvent, Work};
+use crate::rules::invalidation::{Event, FallbackReason, Invalidation, PendingEvent, Work};
 
 impl Stream {
     /// Applies one pgoutput message to the transaction buffer.
@@ -32,6 +32,7 @@ impl Stream {
                 self.catching_up = self.frame_time - begin.commit_time > CATCH_UP_AGE_MICROS;
                 self.tx = Some(Invalidation::default());
                 self.tx_commit = (begin.final_lsn, begin.commit_time);
+                self.tx_events = 0;
             }
             Message::Commit(commit) => {
                 let mut inv = self.tx.take().unwrap_or_default();
@@ -162,13 +163,18 @@ impl Stream {
     /// Adds the open transaction's work to the pending batch, its events stamped with
     /// the transaction's commit. Moves no flush position.
     pub(super) fn queue(&mut self, work: Work, events: Vec<PendingEvent>) {
-        let events: Vec<String> = if events.is_empty() {
+        let events: Vec<Event> = if events.is_empty() {
             Vec::new()
         } else {
             let (lsn, time) = self.tx_commit;
             let at = format_lsn(lsn);
             let time = humantime::format_rfc3339_micros(protocol::pg_time(time)).to_string();
-            events.iter().map(|e| e.to_json(&at, &time)).collect()
+            let first = self.tx_events;
+            self.tx_events += events.len() as u64;
+            (first..)
+                .zip(&events)
+                .map(|(position, e)| e.stamp(&at, &time, position))
+                .collect()
         };
         let batch = self.pending.get_or_insert_with(Batch::default);
         batch.work.merge(work);

@@ -81,9 +81,10 @@ pub struct PendingEvent {
 }
 
 impl PendingEvent {
-    /// The event's JSON, stamped with its transaction's commit.
-    pub fn to_json(&self, lsn: &str, commit_time: &str) -> String {
-        serde_json::json!({
+    /// The event stamped with its transaction's commit and its place in it.
+    pub fn stamp(&self, lsn: &str, commit_time: &str, position: u64) -> Event {
+        let id = format!("{lsn}:{position}");
+        let json = serde_json::json!({
             "entity": &*self.entity,
             "op": self.op,
             "id": self.id,
@@ -91,9 +92,34 @@ impl PendingEvent {
             "table": &*self.table,
             "lsn": lsn,
             "commit_time": commit_time,
+            "event_id": id,
         })
-        .to_string()
+        .to_string();
+        Event {
+            id,
+            entity: self.entity.clone(),
+            op: self.op,
+            table: self.table.clone(),
+            json,
+        }
     }
+}
+
+/// An entity event stamped with its commit: the one model every event sink (Redis
+/// channel and stream, AMQP, NATS) sends, as the same JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// `<commit lsn>:<position in the transaction>`, the same on every redelivery of
+    /// the transaction: consumers and brokers drop duplicates by it.
+    pub id: String,
+    /// Entity name, for routing keys and subjects.
+    pub entity: Arc<str>,
+    /// insert, update, delete, truncate or overflow.
+    pub op: &'static str,
+    /// `schema.table`.
+    pub table: Arc<str>,
+    /// The event as JSON.
+    pub json: String,
 }
 
 /// What goes to the sink: the Redis work of one or more transactions, deduplicated.
@@ -1020,7 +1046,7 @@ mod tests {
         );
         let mut inv = Invalidation::default();
         inv.add_row(&bind(r), &ev, &[0]);
-        let json: Json = serde_json::from_str(&inv.events[0].to_json("0/1", "t")).unwrap();
+        let json: Json = serde_json::from_str(&inv.events[0].stamp("0/1", "t", 0).json).unwrap();
         assert_eq!(json["entity"], "post");
         assert_eq!(json["op"], "update");
         assert_eq!(json["id"], "1");

@@ -6,8 +6,11 @@
 use std::fmt::Display;
 use std::future::Future;
 
-use crate::rules::invalidation::Work;
+use crate::rules::invalidation::{Event, Work};
 
+pub mod amqp;
+pub mod events;
+pub mod nats;
 pub mod redelete;
 pub mod redis;
 pub mod tags;
@@ -31,7 +34,7 @@ pub trait Sink: Send + 'static {
     fn send_commuting(
         &self,
         work: &Work,
-        events: &[String],
+        events: &[Event],
     ) -> Option<(
         u64,
         impl Future<Output = Result<(), Self::Error>> + Send + 'static,
@@ -39,7 +42,7 @@ pub trait Sink: Send + 'static {
 
     /// Delivers a unit alone, retrying until the sink acknowledged it. Never gives up:
     /// an outage means waiting.
-    fn deliver(&mut self, work: &Work, events: &[String]) -> impl Future<Output = ()> + Send;
+    fn deliver(&mut self, work: &Work, events: &[Event]) -> impl Future<Output = ()> + Send;
 
     /// A unit sent on connection `generation` failed: drop that connection so the
     /// retry starts afresh. True when it was still the current one.

@@ -10,34 +10,15 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script};
-use serde::Deserialize;
 
 use std::sync::Arc;
 
 use crate::metrics::{Health, Metrics};
-use crate::rules::invalidation::{TagAction, Work};
+use crate::rules::invalidation::{Event, TagAction, Work};
 
 use super::Sink;
+use super::events::EventsConfig;
 use super::tags::TagLayout;
-
-/// `[events]`: entity events for rules with `entity`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventsConfig {
-    /// Redis Pub/Sub channel to PUBLISH each event to.
-    #[serde(default)]
-    pub channel: Option<String>,
-    /// Redis Stream to XADD each event to (field `event`, the JSON).
-    #[serde(default)]
-    pub stream: Option<String>,
-    /// Approximate length the stream is trimmed to (`MAXLEN ~`).
-    #[serde(default = "default_stream_maxlen")]
-    pub stream_maxlen: u64,
-}
-
-fn default_stream_maxlen() -> u64 {
-    100_000
-}
 
 /// Keys per UNLINK command inside a pipeline.
 const KEYS_PER_UNLINK: usize = 256;
@@ -386,7 +367,7 @@ impl RedisSink {
 
     /// Applies `inv` and publishes `events` once. On error the connection is dropped
     /// so the next attempt starts afresh.
-    pub async fn apply(&mut self, inv: &Work, events: &[String]) -> Result<(), SinkError> {
+    pub async fn apply(&mut self, inv: &Work, events: &[Event]) -> Result<(), SinkError> {
         if self.dry_run {
             tracing::info!(
                 keys = ?inv.keys, expire = ?inv.expire_keys, tags = ?inv.tags,
@@ -407,7 +388,7 @@ impl RedisSink {
     /// rejecting holds the flush position (Postgres keeps the WAL), `/readyz` turns
     /// unready and the error is logged, once when it starts and once more as an error
     /// if it is not about the connection. Logs again when Redis recovers.
-    pub async fn apply_until_ok(&mut self, inv: &Work, events: &[String]) {
+    pub async fn apply_until_ok(&mut self, inv: &Work, events: &[Event]) {
         let mut backoff = MIN_BACKOFF;
         let mut failing_since = None;
         let mut reported_command_error = false;
@@ -447,7 +428,7 @@ impl RedisSink {
         }
     }
 
-    async fn try_apply(&mut self, inv: &Work, events: &[String]) -> Result<(), SinkError> {
+    async fn try_apply(&mut self, inv: &Work, events: &[Event]) -> Result<(), SinkError> {
         let mut conn = self.connection().await?;
         let tags: Vec<(&String, &TagAction)> = inv.tags.iter().collect();
         if !inv.keys.is_empty() || !inv.expire_keys.is_empty() || !tags.is_empty() {
@@ -506,9 +487,11 @@ impl RedisSink {
         }
         if let Some(cfg) = &self.events
             && !events.is_empty()
+            && (cfg.channel.is_some() || cfg.stream.is_some())
         {
             let mut pipe = redis::pipe();
-            for json in events {
+            for event in events {
+                let json = &event.json;
                 if let Some(channel) = &cfg.channel {
                     pipe.cmd("PUBLISH").arg(channel).arg(json).ignore();
                 }
@@ -675,7 +658,7 @@ impl Sink for RedisSink {
     fn send_commuting(
         &self,
         inv: &Work,
-        events: &[String],
+        events: &[Event],
     ) -> Option<(
         u64,
         impl Future<Output = Result<(), SinkError>> + Send + 'static,
@@ -700,7 +683,7 @@ impl Sink for RedisSink {
         }))
     }
 
-    fn deliver(&mut self, work: &Work, events: &[String]) -> impl Future<Output = ()> + Send {
+    fn deliver(&mut self, work: &Work, events: &[Event]) -> impl Future<Output = ()> + Send {
         self.apply_until_ok(work, events)
     }
 

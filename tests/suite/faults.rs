@@ -441,6 +441,11 @@ async fn each_bad_configuration_names_its_line_and_fix() {
         ("receive timeout too short", "[source]\nurl = \"postgres://u@h/db\"\nreceive_timeout_secs = 1\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{id}\"]\n".to_owned(), "rules.toml:3: [source] receive_timeout_secs must be 0 (off) or between 2 and 3600"),
         ("no keys per transaction", format!("{head}[limits]\nmax_keys_per_transaction = 0\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\n"), "rules.toml:5: [limits] max_keys_per_transaction must be at least 1"),
         ("events without entity", format!("{head}[events]\nchannel = \"c\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\n"), "rules.toml:4: [events] is configured but no rule sets `entity`"),
+        ("bad amqp url", format!("{head}[events.amqp]\nurl = \"http://broker\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\nentity = \"user\"\n"), "rules.toml:5: [events.amqp] url is not an AMQP URL"),
+        ("bad exchange type", format!("{head}[events.amqp]\nurl = \"amqp://h\"\nexchange_type = \"queue\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\nentity = \"user\"\n"), "rules.toml:6: [events.amqp] exchange_type \"queue\" is not an exchange type"),
+        ("bad routing key", format!("{head}[events.amqp]\nurl = \"amqp://h\"\nrouting_key = \"invalidate.{{id}}\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\nentity = \"user\"\n"), "rules.toml:6: [events.amqp] routing_key: \"invalidate.{id}\" names {id}, which is not an event field"),
+        ("bad nats subject", format!("{head}[events.nats]\nurl = \"nats://h:4222\"\nsubject = \"invalidate-{{entity}}\"\nstream = \"S\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\nentity = \"user\"\n"), "rules.toml:6: [events.nats] subject \"invalidate-{entity}\" is not a NATS subject"),
+        ("events without destination", format!("{head}[events]\nstream_maxlen = 5\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\nentity = \"user\"\n"), "rules.toml:4: [events] names no destination"),
         ("no source url", "[source]\nslot = \"s\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{id}\"]\n".to_owned(), "rules.toml:1: no source database"),
         ("empty template", format!("{head}[[rules]]\ntable = \"users\"\nkeys = [\"\"]\n"), "rules.toml:6: rule #1"),
     ];

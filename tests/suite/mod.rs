@@ -1,5 +1,6 @@
 //! Feature suites of the end-to-end tests, beside the foundation tests in main.rs.
 
+mod brokers;
 mod faults;
 pub(crate) mod ops;
 mod rules;

@@ -935,3 +935,128 @@ impl Drop for StallingProxy {
         self.task.abort();
     }
 }
+
+/// A TCP proxy on 127.0.0.1 in front of `target` that a test can break in two ways:
+/// [`FaultProxy::cut`] closes every connection and refuses new ones (a broker that went
+/// away, until [`FaultProxy::restore`]); [`FaultProxy::mute_upstream`] stops forwarding
+/// what the client sends on the connections open now, while the server's data still
+/// reaches the client (pginval reads, but its replies never arrive).
+pub struct FaultProxy {
+    port: u16,
+    state: tokio::sync::watch::Sender<ProxyState>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ProxyState {
+    /// Every connection closed, new ones refused.
+    down: bool,
+    /// Connections numbered below this forward nothing upstream.
+    muted_below: u64,
+}
+
+impl FaultProxy {
+    /// Listens on a free port and forwards every connection to `127.0.0.1:target`.
+    pub async fn start(target: u16) -> FaultProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("binding the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let (state, watch) = tokio::sync::watch::channel(ProxyState::default());
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let refused_count = refused.clone();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if watch.borrow().down {
+                    refused_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    drop(client);
+                    continue;
+                }
+                let me = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let watch = watch.clone();
+                connections.spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    let down = watch.clone();
+                    let downstream = async move {
+                        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+                    };
+                    let upstream = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let Ok(n) = client_rx.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            if watch.borrow().muted_below > me {
+                                continue; // swallowed
+                            }
+                            if server_tx.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let mut down = down;
+                    tokio::select! {
+                        _ = async { tokio::join!(downstream, upstream) } => {}
+                        _ = down.wait_for(|s| s.down) => {}
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            port,
+            state,
+            refused,
+            accepted,
+            task,
+        }
+    }
+
+    /// The port to connect to instead of the target's.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Closes every connection and refuses new ones until [`FaultProxy::restore`].
+    pub fn cut(&self) {
+        self.state.send_modify(|s| s.down = true);
+    }
+
+    /// Accepts and forwards connections again.
+    pub fn restore(&self) {
+        self.state.send_modify(|s| s.down = false);
+    }
+
+    /// Connections refused while cut.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops forwarding client data on every connection open now (later ones forward).
+    pub fn mute_upstream(&self) {
+        let upto = self.accepted.load(std::sync::atomic::Ordering::SeqCst);
+        self.state.send_modify(|s| s.muted_below = upto);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

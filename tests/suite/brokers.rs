@@ -1,0 +1,566 @@
+//! Entity events on message brokers: RabbitMQ (AMQP 0-9-1, publisher confirms) and NATS
+//! JetStream, against the real servers. RabbitMQ is the machine's (127.0.0.1:5672,
+//! guest/guest), each test on an exchange and queue of its own; NATS is a server each
+//! test starts (so a test can restart it). A test whose server is not installed says
+//! so and passes; `.ci/run` starts the installed ones.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use serde_json::Value;
+
+use crate::suite::ops::{get, with_metrics};
+use crate::support::{FaultProxy, free_port, postgres, wait_until};
+use crate::{Daemon, WAIT, config_file, config_text, confirmed_lsn, current_lsn, setup, spawn_run};
+
+const RABBITMQ_PORT: u16 = 5672;
+
+/// Whether something listens on 127.0.0.1:`port`; says why the test is skipped if not.
+fn listening(port: u16, what: &str) -> bool {
+    let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    if !up {
+        eprintln!("skipped: no {what} on 127.0.0.1:{port} (.ci/run starts it when installed)");
+    }
+    up
+}
+
+/// `rules` for the users table publishing entity `user` through `[events.amqp]`.
+fn amqp_rules(url: &str, exchange: &str) -> String {
+    format!(
+        "[events.amqp]\nurl = \"{url}\"\nexchange = \"{exchange}\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{{id}}\"]\nentity = \"user\"\n"
+    )
+}
+
+fn amqp_url(port: u16) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// A subscriber of the hand-written approach: a queue of its own bound to
+/// `invalidate.*` on `exchange` (declared the way pginval declares it).
+struct Subscriber {
+    conn: Connection,
+    consumer: lapin::Consumer,
+    exchange: String,
+}
+
+/// One message as the subscriber got it.
+#[derive(Debug)]
+struct Received {
+    routing_key: String,
+    message_id: String,
+    content_type: String,
+    persistent: bool,
+    body: Value,
+}
+
+impl Subscriber {
+    async fn bind(exchange: &str) -> Subscriber {
+        let conn = Connection::connect(&amqp_url(RABBITMQ_PORT), ConnectionProperties::default())
+            .await
+            .expect("connecting to RabbitMQ");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.into(),
+                "invalidate.*".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Subscriber {
+            conn,
+            consumer,
+            exchange: exchange.to_owned(),
+        }
+    }
+
+    /// The next message, waiting at most [`WAIT`].
+    async fn next(&mut self) -> Received {
+        let delivery = tokio::time::timeout(WAIT, self.consumer.next())
+            .await
+            .expect("a message arrives in time")
+            .expect("the consumer is open")
+            .expect("a delivery");
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+        let p = &delivery.properties;
+        Received {
+            routing_key: delivery.routing_key.to_string(),
+            message_id: p
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            content_type: p
+                .content_type()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            persistent: *p.delivery_mode() == Some(2),
+            body: serde_json::from_slice(&delivery.data).expect("the body is JSON"),
+        }
+    }
+
+    /// Messages until one arrived for each of `ids` (event ids), with repeats.
+    async fn until_ids(&mut self, ids: &BTreeSet<String>) -> Vec<Received> {
+        let mut got = Vec::new();
+        let mut seen = BTreeSet::new();
+        while !ids.is_subset(&seen) {
+            let m = self.next().await;
+            seen.insert(m.message_id.clone());
+            got.push(m);
+        }
+        got
+    }
+
+    async fn delete(self) {
+        let channel = self.conn.create_channel().await.unwrap();
+        let _ = channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_topic_subscriber_gets_each_change_confirmed_before_the_slot_moves() {
+    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+        return;
+    }
+    let (db, redis) = setup("amqp").await;
+    let exchange = format!("pginval_test_{}", db.name);
+    let mut sub = Subscriber::bind(&exchange).await;
+    // The password comes from PGINVAL_AMQP_PASSWORD, not from the URL.
+    let url = amqp_url(RABBITMQ_PORT).replace("guest:guest", "guest:wrong");
+    let text = config_text(&db, &redis, &amqp_rules(&url, &exchange));
+    let config = pginval::config::Config::parse(Path::new("t.toml"), &text, |var| {
+        (var == "PGINVAL_AMQP_PASSWORD").then(|| "guest".to_owned())
+    })
+    .unwrap();
+    let daemon = Daemon::start(&db, config).await;
+
+    db.execute_batch("INSERT INTO users VALUES (1000, 'new', 'member')")
+        .await;
+    db.execute_batch("UPDATE users SET role = 'admin' WHERE id = 1000")
+        .await;
+    db.execute_batch("DELETE FROM users WHERE id = 1000").await;
+    db.execute_batch("TRUNCATE users").await;
+    let end = current_lsn(&db).await;
+
+    let mut ops = Vec::new();
+    for _ in 0..4 {
+        let m = sub.next().await;
+        assert_eq!(m.routing_key, "invalidate.user", "{m:?}");
+        assert_eq!(m.content_type, "application/json");
+        assert!(m.persistent, "{m:?}");
+        assert_eq!(m.body["entity"], "user");
+        assert_eq!(m.body["event_id"], m.message_id.as_str());
+        let op = m.body["op"].as_str().unwrap().to_owned();
+        // The message id is the commit position and the place in the transaction.
+        let lsn = m.body["lsn"].as_str().unwrap();
+        assert_eq!(m.message_id, format!("{lsn}:0"));
+        match op.as_str() {
+            "insert" => {
+                assert_eq!(m.body["id"], "1000");
+                assert_eq!(m.body["fields"]["role"], "member");
+            }
+            // The subscriber's test: `'role' in event['fields']`.
+            "update" => assert_eq!(m.body["fields"]["role"], "admin", "{m:?}"),
+            "delete" => assert_eq!(m.body["id"], "1000"),
+            "truncate" => assert_eq!(m.body["fields"], Value::Null),
+            other => panic!("unexpected op {other}"),
+        }
+        ops.push(op);
+    }
+    assert_eq!(ops, ["insert", "update", "delete", "truncate"]);
+    wait_until("the slot passes the confirmed events", WAIT, || async {
+        confirmed_lsn(&db).await >= end
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    sub.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_broker_outage_holds_the_slot_and_loses_no_event() {
+    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+        return;
+    }
+    let (db, redis) = setup("amqpdown").await;
+    let exchange = format!("pginval_test_{}", db.name);
+    let mut sub = Subscriber::bind(&exchange).await;
+    let broker = FaultProxy::start(RABBITMQ_PORT).await;
+    let metrics_port = free_port();
+    let text = with_metrics(
+        &config_text(
+            &db,
+            &redis,
+            &amqp_rules(&amqp_url(broker.port()), &exchange),
+        ),
+        metrics_port,
+    );
+    let config = pginval::config::Config::parse(Path::new("t.toml"), &text, |_| None).unwrap();
+    let daemon = Daemon::start(&db, config).await;
+    db.execute_batch("UPDATE users SET name = 'first' WHERE id = 1")
+        .await;
+    assert_eq!(sub.next().await.body["id"], "1");
+    wait_until("the first event is confirmed", WAIT, || async {
+        confirmed_lsn(&db).await >= current_lsn(&db).await
+    })
+    .await;
+
+    // The broker goes away: its connection is closed and new ones are refused.
+    broker.cut();
+    let before = confirmed_lsn(&db).await;
+    let client = db.client().await;
+    for id in 2..=21i64 {
+        client
+            .execute("UPDATE users SET name = 'down' WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+    }
+    wait_until("pginval retried the broker", WAIT, || async {
+        broker.refused() >= 3
+    })
+    .await;
+    wait_until("/readyz names the event sink", WAIT, || async {
+        matches!(get(metrics_port, "/readyz").await,
+            Some((503, body)) if body.contains("amqp event sink"))
+    })
+    .await;
+    assert_eq!(
+        confirmed_lsn(&db).await,
+        before,
+        "the slot moved past events the broker never confirmed"
+    );
+
+    broker.restore();
+    let mut ids = BTreeSet::new();
+    let mut seen = Vec::new();
+    while ids.len() < 20 {
+        let m = sub.next().await;
+        assert_eq!(m.body["fields"]["name"], "down");
+        ids.insert(m.body["id"].as_str().unwrap().to_owned());
+        seen.push(m);
+    }
+    assert_eq!(ids, (2..=21).map(|i| i.to_string()).collect());
+    let end = current_lsn(&db).await;
+    wait_until("the slot passes the republished events", WAIT, || async {
+        confirmed_lsn(&db).await >= end
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    sub.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_redelivery_after_sigkill_keeps_the_message_ids() {
+    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+        return;
+    }
+    let (db, redis) = setup("amqpkill").await;
+    let exchange = format!("pginval_test_{}", db.name);
+    let mut sub = Subscriber::bind(&exchange).await;
+    // PostgreSQL behind a proxy: pginval's replies (its flush position) can be muted
+    // while the WAL still reaches it.
+    let pg = FaultProxy::start(postgres().port()).await;
+    let url = db.url.replace(
+        &format!(":{}/", postgres().port()),
+        &format!(":{}/", pg.port()),
+    );
+    assert_ne!(url, db.url, "the proxy is in the URL");
+    let text = config_text(
+        &db,
+        &redis,
+        &amqp_rules(&amqp_url(RABBITMQ_PORT), &exchange),
+    )
+    .replace(&db.url, &url);
+    let path = config_file(&db, &text);
+    let log = path.with_extension("log");
+    let mut child = spawn_run(&path, &log);
+    crate::wait_streaming(&db).await;
+
+    pg.mute_upstream();
+    let before = confirmed_lsn(&db).await;
+    db.execute_batch(
+        "BEGIN;
+         UPDATE users SET role = 'x' WHERE id = 1;
+         UPDATE users SET role = 'x' WHERE id = 2;
+         UPDATE users SET role = 'x' WHERE id = 3;
+         COMMIT;",
+    )
+    .await;
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(sub.next().await);
+    }
+    let first_ids: BTreeSet<String> = first.iter().map(|m| m.message_id.clone()).collect();
+    let lsn = first[0].body["lsn"].as_str().unwrap().to_owned();
+    assert_eq!(
+        first_ids,
+        (0..3).map(|i| format!("{lsn}:{i}")).collect(),
+        "one commit, three places"
+    );
+    // Confirmed by the broker (the subscriber has them), not yet by PostgreSQL.
+    assert_eq!(confirmed_lsn(&db).await, before);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(confirmed_lsn(&db).await, before);
+
+    // Restarted, pginval replays the transaction: the same events, the same ids.
+    let mut child = spawn_run(&path, &log.with_extension("2.log"));
+    let again = sub.until_ids(&first_ids).await;
+    let again_ids: BTreeSet<String> = again.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(again_ids, first_ids);
+    for (a, b) in first.iter().zip(&again) {
+        assert_eq!(a.body, b.body, "a redelivery is the same event");
+    }
+    let end = current_lsn(&db).await;
+    wait_until("the slot passes the redelivered commit", WAIT, || async {
+        confirmed_lsn(&db).await >= end
+    })
+    .await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    sub.delete().await;
+}
+
+// ---- NATS JetStream ------------------------------------------------------------
+
+/// The password of the NATS test user `pginval`.
+const NATS_PASSWORD: &str = "nats-pw";
+
+/// A nats-server with JetStream of one test, on its own port and store; restartable.
+struct Nats {
+    port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl Nats {
+    fn binary() -> Option<PathBuf> {
+        [
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+            "/usr/local/bin/nats-server",
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    }
+
+    fn start() -> Option<Nats> {
+        let Some(_) = Self::binary() else {
+            eprintln!("skipped: nats-server is not installed");
+            return None;
+        };
+        let port = free_port();
+        let store =
+            std::env::temp_dir().join(format!("pginval-test-nats-{port}-{}", std::process::id()));
+        let mut nats = Nats {
+            port,
+            store,
+            child: None,
+        };
+        nats.restart();
+        Some(nats)
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(Self::binary().unwrap())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nats-server");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The URL with the user and its password.
+    fn url(&self) -> String {
+        format!("nats://pginval:{NATS_PASSWORD}@127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// The stream's messages as (subject, Nats-Msg-Id, body), in stream order.
+async fn stream_messages(url: &str, stream: &str) -> Vec<(String, String, Value)> {
+    let client = async_nats::connect(url).await.expect("connecting to NATS");
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream(stream).await else {
+        return Vec::new();
+    };
+    let last = stream
+        .info()
+        .await
+        .map(|i| i.state.last_sequence)
+        .unwrap_or(0);
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        let id = m
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        out.push((
+            m.subject.to_string(),
+            id,
+            serde_json::from_slice(&m.payload).unwrap(),
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jetstream_gets_each_change_and_a_restart_loses_nothing() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let (db, redis) = setup("nats").await;
+    let stream = "PGINVAL_TEST";
+    let metrics_port = free_port();
+    // The URL names the user; the password is in a file.
+    let password_file = std::env::temp_dir().join(format!("pginval-test-{}.natspw", db.name));
+    std::fs::write(&password_file, format!("{NATS_PASSWORD}\n")).unwrap();
+    let rules = format!(
+        "[events.nats]\nurl = \"nats://pginval@127.0.0.1:{}\"\npassword_file = \"{}\"\nstream = \"{stream}\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{{id}}\"]\nentity = \"user\"\n",
+        nats.port,
+        password_file.display()
+    );
+    let text = with_metrics(&config_text(&db, &redis, &rules), metrics_port);
+    let config = pginval::config::Config::parse(Path::new("t.toml"), &text, |_| None).unwrap();
+    let daemon = Daemon::start(&db, config).await;
+
+    db.execute_batch("INSERT INTO users VALUES (1000, 'new', 'member')")
+        .await;
+    db.execute_batch("UPDATE users SET role = 'admin' WHERE id = 1000")
+        .await;
+    db.execute_batch("DELETE FROM users WHERE id = 1000").await;
+    db.execute_batch("TRUNCATE users").await;
+    let end = current_lsn(&db).await;
+    wait_until("the slot passes the acknowledged events", WAIT, || async {
+        confirmed_lsn(&db).await >= end
+    })
+    .await;
+    let got = stream_messages(&nats.url(), stream).await;
+    let ops: Vec<&str> = got
+        .iter()
+        .map(|(_, _, b)| b["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["insert", "update", "delete", "truncate"]);
+    for (subject, id, body) in &got {
+        assert_eq!(subject, "invalidate.user");
+        assert_eq!(body["event_id"], id.as_str());
+        assert!(id.ends_with(":0"), "{id}");
+    }
+    assert_eq!(got[1].2["fields"]["role"], "admin");
+
+    // The server goes down: the slot waits; it comes back: everything arrives once.
+    nats.stop();
+    let before = confirmed_lsn(&db).await;
+    db.execute_batch("INSERT INTO users SELECT g, 'again', 'member' FROM generate_series(1, 10) g")
+        .await;
+    wait_until("/readyz names the event sink", WAIT, || async {
+        matches!(get(metrics_port, "/readyz").await,
+            Some((503, body)) if body.contains("nats event sink"))
+    })
+    .await;
+    assert_eq!(
+        confirmed_lsn(&db).await,
+        before,
+        "the slot moved past unacknowledged events"
+    );
+    nats.restart();
+    let end = current_lsn(&db).await;
+    wait_until("the slot passes the republished events", WAIT, || async {
+        confirmed_lsn(&db).await >= end
+    })
+    .await;
+    let got = stream_messages(&nats.url(), stream).await;
+    let inserted: BTreeSet<String> = got[4..]
+        .iter()
+        .map(|(_, _, b)| b["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(inserted, (1..=10).map(|i| i.to_string()).collect());
+    let ids: BTreeSet<&String> = got.iter().map(|(_, id, _)| id).collect();
+    assert_eq!(ids.len(), got.len(), "the stream dropped redelivered ids");
+    daemon.stop().await.unwrap();
+}
