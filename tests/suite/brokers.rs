@@ -564,3 +564,66 @@ async fn nats_jetstream_gets_each_change_and_a_restart_loses_nothing() {
     assert_eq!(ids.len(), got.len(), "the stream dropped redelivered ids");
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sink_gets_the_same_event_and_the_slot_waits_for_the_last() {
+    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+        return;
+    }
+    let Some(nats) = Nats::start() else { return };
+    let (db, redis) = setup("allsinks").await;
+    let exchange = format!("pginval_test_{}", db.name);
+    let mut sub = Subscriber::bind(&exchange).await;
+    let broker = FaultProxy::start(RABBITMQ_PORT).await;
+    let stream = "PGINVAL_ALL";
+    let rules = format!(
+        "[events]\nstream = \"pginval:events\"\n\n[events.amqp]\nurl = \"{}\"\nexchange = \"{exchange}\"\n\n[events.nats]\nurl = \"{}\"\nstream = \"{stream}\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{{id}}\"]\nentity = \"user\"\n",
+        amqp_url(broker.port()),
+        nats.url()
+    );
+    let daemon = Daemon::start(&db, crate::config(&db, &redis, &rules)).await;
+    // RabbitMQ is away; Redis and NATS are not.
+    broker.cut();
+    let before = confirmed_lsn(&db).await;
+    db.execute_batch("UPDATE users SET role = 'admin' WHERE id = 7")
+        .await;
+    let mut conn = redis.connection().await;
+    wait_until("the Redis stream has the event", WAIT, || async {
+        let n: usize = redis::cmd("XLEN")
+            .arg("pginval:events")
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        n == 1
+    })
+    .await;
+    wait_until("pginval retried RabbitMQ", WAIT, || async { broker.refused() >= 3 }).await;
+    assert_eq!(
+        confirmed_lsn(&db).await,
+        before,
+        "the slot moved while RabbitMQ had not confirmed"
+    );
+    assert!(
+        stream_messages(&nats.url(), stream).await.is_empty(),
+        "the brokers get a unit in turn: NATS after RabbitMQ"
+    );
+
+    broker.restore();
+    let from_amqp = sub.next().await;
+    let end = current_lsn(&db).await;
+    wait_until("the slot passes the event", WAIT, || async {
+        confirmed_lsn(&db).await >= end
+    })
+    .await;
+    let entries: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(&mut conn, "pginval:events").await.unwrap();
+    let from_redis: String = entries.ids[0].get("event").unwrap();
+    let from_nats = stream_messages(&nats.url(), stream).await;
+    assert_eq!(from_nats.len(), 1);
+    let from_redis: Value = serde_json::from_str(&from_redis).unwrap();
+    assert_eq!(from_amqp.body, from_redis, "one event model");
+    assert_eq!(from_nats[0].2, from_redis, "one event model");
+    assert_eq!(from_nats[0].1, from_amqp.message_id);
+    daemon.stop().await.unwrap();
+    sub.delete().await;
+}
