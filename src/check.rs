@@ -14,6 +14,8 @@ use crate::diagnostics::{Problem, write_problem};
 use crate::replication::catalog::{self, quote_ident, quote_table};
 use crate::replication::relation::ReplicaIdentity;
 use crate::rules::template::ImageSelector;
+use crate::sink::amqp::{AmqpSink, Failure};
+use crate::sink::nats::NatsSink;
 use crate::sink::redis::RedisSink;
 
 /// What `check` found.
@@ -227,6 +229,7 @@ pub async fn check_with(
 
     check_row_filters(client, config, &mut report).await?;
     check_redis(config, &mut report).await;
+    check_brokers(config, &mut report).await;
     let problems = &mut report.problems;
 
     let pub_name = &config.source.publication;
@@ -393,6 +396,41 @@ pub async fn check_with(
         }
     }
     Ok(report)
+}
+
+/// The event brokers, connected to as the first publish would (the AMQP exchange is
+/// declared, a NATS stream created when configured): a broker that refuses is a
+/// problem (run could never publish), one that cannot be reached a warning (run waits).
+async fn check_brokers(config: &Config, report: &mut CheckReport) {
+    let Some(events) = &config.events else { return };
+    let mut outcomes = Vec::new();
+    if let Some(amqp) = &events.amqp {
+        let result = AmqpSink::new(amqp.clone()).verify().await;
+        outcomes.push(("amqp", format!("exchange {:?}", amqp.exchange), result));
+    }
+    if let Some(nats) = &events.nats {
+        let result = NatsSink::new(nats.clone()).verify().await;
+        let what = match &nats.stream {
+            Some(stream) => format!("stream {stream:?}"),
+            None => format!("subjects {:?}", nats.subject.get_ref()),
+        };
+        outcomes.push(("nats", what, result));
+    }
+    for (sink, what, result) in outcomes {
+        match result {
+            Ok(()) => report.notes.push(format!("{sink} broker answers; {what} ready")),
+            Err(Failure { refused: true, message }) => report.problems.push(Problem::new(
+                None,
+                format!("the {sink} broker refuses pginval: {message}"),
+                Some(format!("fix the [events.{sink}] settings (credentials, permissions, the exchange's or stream's declaration) or the broker's")),
+            )),
+            Err(Failure { refused: false, message }) => report.warnings.push(Problem::new(
+                None,
+                format!("cannot reach the {sink} broker ({message}); run waits for it and holds the slot meanwhile"),
+                Some(format!("start the broker, or correct [events.{sink}] url")),
+            )),
+        }
+    }
 }
 
 /// pginval's state database (reachable, not evictable) and, for framework tag

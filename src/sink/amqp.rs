@@ -107,6 +107,29 @@ fn kind(name: &str) -> Option<ExchangeKind> {
     })
 }
 
+/// Why the broker could not be used.
+#[derive(Debug)]
+pub struct Failure {
+    /// The broker answered and refused (credentials, permissions, a declaration that
+    /// conflicts with the existing exchange), rather than being unreachable.
+    pub refused: bool,
+    /// What happened.
+    pub message: String,
+}
+
+impl From<lapin::Error> for Failure {
+    fn from(e: lapin::Error) -> Failure {
+        let refused = matches!(
+            e.kind(),
+            lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::AuthProviderError(_)
+        );
+        Failure {
+            refused,
+            message: e.to_string(),
+        }
+    }
+}
+
 /// Longest wait for a connection, a declaration or the confirms of one unit.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -141,7 +164,7 @@ impl AmqpSink {
     }
 
     async fn try_publish(&mut self, events: &[Event]) -> Result<(), String> {
-        let channel = self.channel().await?;
+        let channel = self.channel().await.map_err(|f| f.message)?;
         let exchange = ShortString::from(self.config.exchange.as_str());
         let mut confirms = Vec::with_capacity(events.len());
         for event in events {
@@ -176,7 +199,24 @@ impl AmqpSink {
         Ok(())
     }
 
-    async fn channel(&mut self) -> Result<Channel, String> {
+    /// Connects and declares the exchange, as the first publish does, then closes:
+    /// for `check`.
+    pub async fn verify(&mut self) -> Result<(), Failure> {
+        let result = match tokio::time::timeout(Duration::from_secs(5), self.channel()).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(Failure {
+                refused: false,
+                message: "no answer within 5 s".into(),
+            }),
+        };
+        if let Some((conn, _)) = self.open.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "checked".into()))
+                .await;
+        }
+        result
+    }
+
+    async fn channel(&mut self) -> Result<Channel, Failure> {
         if let Some((conn, channel)) = &self.open
             && conn.status().connected()
             && channel.status().connected()
@@ -184,7 +224,15 @@ impl AmqpSink {
             return Ok(channel.clone());
         }
         self.open = None;
-        let mut uri: AMQPUri = self.config.url.get_ref().parse()?;
+        let mut uri: AMQPUri = self
+            .config
+            .url
+            .get_ref()
+            .parse()
+            .map_err(|message| Failure {
+                refused: true,
+                message,
+            })?;
         if let Some(pw) = &self.config.password {
             uri.authority.userinfo.password = pw.clone();
         }
@@ -192,12 +240,12 @@ impl AmqpSink {
             ConnectionProperties::default().with_connection_name(LongString::from("pginval"));
         let conn = Connection::connect_uri(uri, properties)
             .await
-            .map_err(|e| e.to_string())?;
-        let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+            .map_err(Failure::from)?;
+        let channel = conn.create_channel().await.map_err(Failure::from)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(Failure::from)?;
         let mut arguments = FieldTable::default();
         if let Some(alternate) = &self.config.alternate_exchange {
             arguments.insert(
@@ -216,7 +264,14 @@ impl AmqpSink {
                 arguments,
             )
             .await
-            .map_err(|e| format!("declaring exchange {:?}: {e}", self.config.exchange))?;
+            .map_err(|e| {
+                let mut f = Failure::from(e);
+                f.message = format!(
+                    "declaring exchange {:?}: {}",
+                    self.config.exchange, f.message
+                );
+                f
+            })?;
         self.open = Some((conn, channel.clone()));
         Ok(channel)
     }

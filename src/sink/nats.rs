@@ -13,7 +13,7 @@ use toml::Spanned;
 
 use crate::rules::invalidation::Event;
 
-use super::amqp::ROUTE_FIX;
+use super::amqp::{Failure, ROUTE_FIX};
 use super::events::render_route;
 
 /// `[events.nats]`.
@@ -128,7 +128,7 @@ impl NatsSink {
     }
 
     async fn try_publish(&mut self, events: &[Event]) -> Result<(), String> {
-        let context = self.context().await?;
+        let context = self.context().await.map_err(|f| f.message)?;
         for chunk in events.chunks(IN_FLIGHT) {
             let mut acks = Vec::with_capacity(chunk.len());
             for event in chunk {
@@ -149,7 +149,29 @@ impl NatsSink {
         Ok(())
     }
 
-    async fn context(&mut self) -> Result<jetstream::Context, String> {
+    /// Connects, and creates the stream or finds one over the subjects: for `check`.
+    pub async fn verify(&mut self) -> Result<(), Failure> {
+        let step = async {
+            let context = self.context().await?;
+            if self.config.stream.is_none() {
+                let subjects = self.config.wildcard();
+                context.stream_by_subject(subjects.as_str()).await.map_err(|e| Failure {
+                    refused: true,
+                    message: format!("no JetStream stream covers subjects {subjects:?} ({e}): set [events.nats] stream = \"CACHE_INVALIDATION\" for pginval to create one, or create it"),
+                })?;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), step).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure {
+                refused: false,
+                message: "no answer within 5 s".into(),
+            }),
+        }
+    }
+
+    async fn context(&mut self) -> Result<jetstream::Context, Failure> {
         if let Some(context) = &self.context
             && context.client().connection_state() == async_nats::connection::State::Connected
         {
@@ -160,19 +182,24 @@ impl NatsSink {
             .name("pginval")
             .connection_timeout(Duration::from_secs(10));
         if let Some(pw) = &self.config.password {
-            let addr: async_nats::ServerAddr = self
-                .config
-                .url
-                .get_ref()
-                .parse()
-                .map_err(|e| format!("{e}"))?;
+            let addr: async_nats::ServerAddr =
+                self.config.url.get_ref().parse().map_err(|e| Failure {
+                    refused: true,
+                    message: format!("{e}"),
+                })?;
             let user = addr.username().unwrap_or_default().to_owned();
             options = options.user_and_password(user, pw.clone());
         }
         let client = options
             .connect(self.config.url.get_ref().as_str())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                use async_nats::ConnectErrorKind as K;
+                Failure {
+                    refused: matches!(e.kind(), K::Authentication | K::AuthorizationViolation),
+                    message: e.to_string(),
+                }
+            })?;
         let context = jetstream::new(client);
         if let Some(name) = &self.config.stream {
             context
@@ -182,7 +209,10 @@ impl NatsSink {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| format!("stream {name:?}: {e}"))?;
+                .map_err(|e| Failure {
+                    refused: true,
+                    message: format!("stream {name:?}: {e}"),
+                })?;
         }
         self.context = Some(context.clone());
         Ok(context)

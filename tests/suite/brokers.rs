@@ -597,7 +597,10 @@ async fn every_sink_gets_the_same_event_and_the_slot_waits_for_the_last() {
         n == 1
     })
     .await;
-    wait_until("pginval retried RabbitMQ", WAIT, || async { broker.refused() >= 3 }).await;
+    wait_until("pginval retried RabbitMQ", WAIT, || async {
+        broker.refused() >= 3
+    })
+    .await;
     assert_eq!(
         confirmed_lsn(&db).await,
         before,
@@ -616,7 +619,9 @@ async fn every_sink_gets_the_same_event_and_the_slot_waits_for_the_last() {
     })
     .await;
     let entries: redis::streams::StreamRangeReply =
-        redis::AsyncCommands::xrange_all(&mut conn, "pginval:events").await.unwrap();
+        redis::AsyncCommands::xrange_all(&mut conn, "pginval:events")
+            .await
+            .unwrap();
     let from_redis: String = entries.ids[0].get("event").unwrap();
     let from_nats = stream_messages(&nats.url(), stream).await;
     assert_eq!(from_nats.len(), 1);
@@ -626,4 +631,77 @@ async fn every_sink_gets_the_same_event_and_the_slot_waits_for_the_last() {
     assert_eq!(from_nats[0].1, from_amqp.message_id);
     daemon.stop().await.unwrap();
     sub.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_what_a_broker_would_refuse_and_warns_when_it_is_away() {
+    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+        return;
+    }
+    let Some(nats) = Nats::start() else { return };
+    let (db, redis) = setup("brokercheck").await;
+    let exchange = format!("pginval_test_{}", db.name);
+    let check = |rules: String| {
+        let path = config_file(&db, &config_text(&db, &redis, &rules));
+        let out = crate::pginval(&["check"], &path);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), all)
+    };
+
+    // Everything right: the exchange is declared, the stream created.
+    let (code, out) = check(format!(
+        "{}\n[events.nats]\nurl = \"{}\"\nstream = \"PGINVAL_CHECK\"\n",
+        amqp_rules(&amqp_url(RABBITMQ_PORT), &exchange).replace("\n[[rules]]", "[[rules]]"),
+        nats.url()
+    ));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!(
+            "amqp broker answers; exchange \"{exchange}\" ready"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("nats broker answers; stream \"PGINVAL_CHECK\" ready"),
+        "{out}"
+    );
+
+    // The exchange exists with another type: every publish would fail.
+    let (code, out) = check(
+        amqp_rules(&amqp_url(RABBITMQ_PORT), &exchange)
+            .replace("[[rules]]", "exchange_type = \"fanout\"\n\n[[rules]]"),
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("the amqp broker refuses pginval"), "{out}");
+    assert!(out.contains("PRECONDITION_FAILED"), "{out}");
+
+    // Wrong credentials.
+    let (code, out) = check(amqp_rules(
+        &amqp_url(RABBITMQ_PORT).replace("guest:guest", "guest:wrong"),
+        &exchange,
+    ));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("the amqp broker refuses pginval"), "{out}");
+
+    // No stream covers the subjects.
+    let (code, out) = check(format!(
+        "[events.nats]\nurl = \"{}\"\nsubject = \"nowhere.{{entity}}\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{{id}}\"]\nentity = \"user\"\n",
+        nats.url()
+    ));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("no JetStream stream covers subjects \"nowhere.*\""),
+        "{out}"
+    );
+
+    // A broker that is away is a warning: run waits for it.
+    let away = free_port();
+    let (code, out) = check(amqp_rules(&amqp_url(away), &exchange));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("cannot reach the amqp broker"), "{out}");
+    Subscriber::bind(&exchange).await.delete().await;
 }
