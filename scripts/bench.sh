@@ -12,7 +12,8 @@
 #   --rates LIST      fixed pgbench rates for the latency test (default 2000,5000)
 #   --big-scale S     pgbench scale of the big-transaction database (default 10: 1,000,000 rows)
 #   --big-runs N      big-transaction runs (default: --runs)
-#   --only LIST       phases to run, of catchup,latency,big (default all)
+#   --only LIST       phases to run, of catchup,events,latency,big (default all; events
+#                     needs RabbitMQ, --amqp-url, default amqp://guest:guest@127.0.0.1:5672/%2f)
 #   --confirm-wait S  after the last key is deleted, how long to watch the slot's
 #                     confirmed_flush_lsn reach the end (diagnostic; default 1)
 #   --perf            profile pginval's catch-up and big-transaction runs (perf record
@@ -51,7 +52,7 @@ BACKLOG=40000
 LATENCY_SECS=15
 RATES=2000,5000
 BIG_SCALE=10
-ONLY=catchup,latency,big
+ONLY=catchup,events,latency,big
 JSON=''
 CONFIRM_WAIT=1
 KEEP_FILES=false
@@ -70,7 +71,7 @@ while (($#)); do
     --latency-secs) number "$1" "${2:-}"; LATENCY_SECS=$2; shift ;;
     --rates) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--rates needs a list like 2000,5000"; RATES=$2; shift ;;
     --big-scale) number "$1" "${2:-}"; BIG_SCALE=$2; shift ;;
-    --only) [[ ${2:-} =~ ^(catchup|latency|big)(,(catchup|latency|big))*$ ]] || die "--only needs a list of catchup,latency,big"; ONLY=$2; shift ;;
+    --only) [[ ${2:-} =~ ^(catchup|events|latency|big)(,(catchup|events|latency|big))*$ ]] || die "--only needs a list of catchup,events,latency,big"; ONLY=$2; shift ;;
     --confirm-wait) number "$1" "${2:-}"; CONFIRM_WAIT=$2; shift ;;
     --json) [[ -n ${2:-} ]] || die "--json needs a file name"; JSON=$(realpath -m -- "$2"); shift ;;
     --quick) RUNS=1 BACKLOG=4000 LATENCY_SECS=5 BIG_SCALE=1 ;;
@@ -104,12 +105,12 @@ command -v python3 >/dev/null || die "python3 not found"
 [[ -x /usr/bin/time ]] || die "GNU time (/usr/bin/time) not found: apt-get install time"
 
 PYTHON=python3
-if ! python3 -c 'import psycopg2' 2>/dev/null; then
+if ! python3 -c 'import psycopg2, pika' 2>/dev/null; then
   VENV=${PGINVAL_BENCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/pginval-bench/venv}
-  if ! "$VENV/bin/python" -c 'import psycopg2' 2>/dev/null; then
-    info "python3 lacks psycopg2: installing psycopg2-binary into $VENV"
+  if ! "$VENV/bin/python" -c 'import psycopg2, pika' 2>/dev/null; then
+    info "python3 lacks psycopg2 or pika: installing psycopg2-binary and pika into $VENV"
     python3 -m venv "$VENV" || die "could not create a virtualenv in $VENV"
-    "$VENV/bin/pip" install -q psycopg2-binary || die "pip install psycopg2-binary failed"
+    "$VENV/bin/pip" install -q psycopg2-binary pika || die "pip install psycopg2-binary pika failed"
   fi
   PYTHON=$VENV/bin/python
 fi

@@ -520,16 +520,20 @@ class Bench:
         server = self.server_cpu_end(begin, conn, slot)
         return {"wall_s": wall, **p.usage(), "walsender_cpu_s": server, **self.other_cpu(meter)}
 
-    def pginval_config(self, name, slot, publication, max_keys=None, metrics_port=None):
+    def pginval_config(self, name, slot, publication, max_keys=None, metrics_port=None, amqp_exchange=None):
         path = os.path.join(self.a.work, f"{name}.toml")
         limits = f"[limits]\nmax_keys_per_transaction = {max_keys}\n\n" if max_keys else ""
         if metrics_port:
             limits += f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n\n'
+        entity = ""
+        if amqp_exchange:
+            limits += f'[events.amqp]\nurl = "{self.a.amqp_url}"\nexchange = "{amqp_exchange}"\n\n'
+            entity = 'entity = "account"\n'
         with open(path, "w") as f:
             f.write(
                 # column_lists: the publication pginval creates carries only the rules' columns.
                 f'[source]\nslot = "{slot}"\npublication = "{publication}"\ncolumn_lists = true\n\n{limits}'
-                '[[rules]]\ntable = "pgbench_accounts"\nkeys = ["acct:{aid}"]\n\n'
+                f'[[rules]]\ntable = "pgbench_accounts"\nkeys = ["acct:{{aid}}"]\n{entity}\n'
                 '[[rules]]\ntable = "pgbench_tellers"\nkeys = ["teller:{tid}"]\n\n'
                 '[[rules]]\ntable = "pgbench_branches"\nkeys = ["branch:{bid}"]\n'
             )
@@ -556,12 +560,15 @@ class Bench:
             self.warnings.append(f"{what}: {line}")
         return len(bad)
 
-    def pginval_catchup(self, db, conn, slot, publication, end_lsn, marker_key, populate, name, max_keys=None):
-        """Times pginval from process start to the deletion of marker_key."""
+    def pginval_catchup(self, db, conn, slot, publication, end_lsn, marker_key, populate, name, max_keys=None,
+                        amqp_exchange=None, last_effect=None):
+        """Times pginval from process start to the deletion of marker_key, or, with
+        last_effect (a function that waits for the run's last effect and returns its
+        time), to that."""
         self.redis.cmd("FLUSHALL")
         populate()
         sub = Subscriber("127.0.0.1", self.a.redis_port, f"__keyspace@0__:{marker_key}")
-        config = self.pginval_config(name, slot, publication, max_keys)
+        config = self.pginval_config(name, slot, publication, max_keys, amqp_exchange=amqp_exchange)
         meter = self.cpu_sample()
         begin = self.server_cpu_begin()
         p = self.start_pginval(db, config, name)
@@ -578,6 +585,10 @@ class Bench:
                     f"pginval ({name}) did not delete {marker_key} within {self.a.timeout} s "
                     f"(exit status {p.status}; log: {p.logfile})"
                 )
+            if last_effect is not None:
+                t_gone = last_effect(p)
+                if t_gone is None:
+                    raise RuntimeError(f"pginval ({name}) did not finish within {self.a.timeout} s (log: {p.logfile})")
             wall = t_gone - p.t0
             # Diagnostic: how long until the slot's confirmed_flush_lsn shows the end.
             confirm_lag = None
@@ -740,6 +751,85 @@ class Bench:
         conn.close()
         self.results["catchup"] = {"transactions": txns, "row_changes": changes, "runs": runs,
                                    "bench_all": bench_all, "pginval_own": self.publication(self.connect(db), "pginval_own")}
+
+    # -- 1b. events on RabbitMQ
+
+    def events(self):
+        """The catch-up backlog with the accounts rule publishing an entity event per row
+        to RabbitMQ (publisher confirms), next to the same rules without events, in the
+        same runs. With events, the time is to the last event in the queue."""
+        import pika
+        a = self.a
+        db = "bench"
+        conn = self.connect(db)
+        naccounts, nbranches, ntellers, _, marker = self.prepare_db(conn, db)
+        self.ensure_own_publication(db, conn)
+        marker_key = f"teller:{marker}"
+        per_client = a.backlog // 4
+        txns = per_client * 4
+
+        def populate():
+            self.redis.populate("acct:", 1, naccounts)
+            self.redis.populate("teller:", 1, marker)
+            self.redis.populate("branch:", 1, nbranches)
+
+        self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Kg")
+        amqp = pika.BlockingConnection(pika.URLParameters(a.amqp_url))
+        channel = amqp.channel()
+        exchange = f"pginval_bench_{os.getpid()}"
+        channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        queue = channel.queue_declare(f"{exchange}_q", durable=True).method.queue
+        channel.queue_bind(queue, exchange, routing_key="invalidate.*")
+
+        def queued():
+            return channel.queue_declare(queue, passive=True).method.message_count
+
+        slots = {"off": "bench_ev_off", "amqp": "bench_ev_amqp"}
+        order = ["off", "amqp"]
+        runs = []
+        try:
+            for i in range(a.runs):
+                self.reset_slots(conn, slots.values())
+                self.q(conn, "TRUNCATE pgbench_history")
+                self.q(conn, "VACUUM pgbench_accounts, pgbench_tellers, pgbench_branches")
+                self.q(conn, "CHECKPOINT")
+                for s_ in slots.values():
+                    self.q(conn, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s_,))
+                self.pgbench(db, ["-n", "-t", str(per_client), "-c", "4", "-j", "2", "-M", "prepared"])
+                self.q(conn, "UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = %s", (marker,))
+                end_lsn = self.q1(conn, "SELECT pg_current_wal_lsn()::text")
+                run = {"end_lsn": end_lsn}
+                rot = order[i % 2:] + order[: i % 2]
+                for who in rot:
+                    last = None
+                    if who == "amqp":
+                        channel.queue_purge(queue)
+
+                        def last(p):
+                            deadline = time.perf_counter() + a.timeout
+                            while time.perf_counter() < deadline and p.alive():
+                                if queued() >= txns:
+                                    return time.perf_counter()
+                                time.sleep(0.002)
+                            return None
+                    r = self.pginval_catchup(db, conn, slots[who], "pginval_own", end_lsn, marker_key, populate,
+                                             f"events-{who}", amqp_exchange=exchange if who == "amqp" else None,
+                                             last_effect=last)
+                    if who == "amqp":
+                        r["events_queued"] = queued()
+                    run[who] = r
+                    log(f"events run {i + 1}/{a.runs} {who:>4}: {r['wall_s']:.3f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB"
+                        + (f", {r['events_queued']} events in the queue" if who == "amqp" else "")
+                        + f", steal {r['steal_s']:.2f} s, {r['log_warnings']} log warnings")
+                run["order"] = rot
+                runs.append(run)
+        finally:
+            channel.queue_delete(queue)
+            channel.exchange_delete(exchange)
+            amqp.close()
+        self.reset_slots(conn, slots.values())
+        conn.close()
+        self.results["events"] = {"transactions": txns, "events": txns, "runs": runs}
 
     # -- 2. latency
 
@@ -985,6 +1075,20 @@ class Bench:
                 return ""
             return "ok" if value <= target else "MISSED"
 
+        e = self.results.get("events")
+        if e:
+            runs = e["runs"]
+            off = median([r["off"]["wall_s"] for r in runs])
+            on = median([r["amqp"]["wall_s"] for r in runs])
+            ratio = median([r["amqp"]["wall_s"] / r["off"]["wall_s"] for r in runs])
+            per_run = ", ".join("%.2f" % (r["amqp"]["wall_s"] / r["off"]["wall_s"]) for r in runs)
+            out(f"1b. Events: the {e['transactions']:,}-transaction catch-up, accounts rule with entity events to RabbitMQ "
+                f"(publisher confirms; timed to the last event in the queue) vs the same rules without events, median of {len(runs)}")
+            out(f"   without events {off:.3f} s, CPU {median([r['off']['cpu_s'] for r in runs]):.2f} s; "
+                f"with AMQP events {on:.3f} s, CPU {median([r['amqp']['cpu_s'] for r in runs]):.2f} s, "
+                f"RSS {median([r['amqp']['rss_mb'] for r in runs]):.1f} MB; ratio {ratio:.2f} (target <= 2.00 {verdict(ratio, 2.0)}); "
+                f"per-run ratios {per_run}")
+            out("")
         c = self.results.get("catchup")
         if c:
             runs = c["runs"]
@@ -1120,6 +1224,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=300, help="longest wait for pginval to finish a backlog")
     ap.add_argument("--confirm-wait", type=float, default=1.0, help="how long to watch for the confirmed flush position")
     ap.add_argument("--json")
+    ap.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2f", help="RabbitMQ for the events phase")
     ap.add_argument("--perf", action="store_true", help="profile pginval's catch-up runs with perf record")
     a = ap.parse_args()
     a.rates = [int(x) for x in a.rates.split(",") if x]
@@ -1130,7 +1235,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     b = Bench(a)
     try:
-        for phase in ("catchup", "latency", "big"):
+        for phase in ("catchup", "events", "latency", "big"):
             if phase in a.only:
                 getattr(b, phase)()
     finally:

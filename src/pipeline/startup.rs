@@ -7,7 +7,9 @@ use crate::replication::catalog;
 use crate::replication::conn::ReplicationError;
 use crate::replication::pgoutput::Lsn;
 use crate::replication::protocol::parse_lsn;
-use crate::rules::invalidation::{FallbackReason, Invalidation, Work};
+use crate::rules::invalidation::{Event, FallbackReason, Invalidation, PendingEvent, Work};
+use crate::sink::Sink;
+use crate::sink::events::Fanout;
 use crate::sink::redis::RedisSink;
 
 /// Value of the slot-state marker while the slot is in use.
@@ -70,9 +72,21 @@ pub(super) async fn sync_publication(
     .await?;
     tracing::info!(publication = %source.publication, "updated the managed publication to the rules' tables, columns and row filters");
     if !tables.is_empty() {
-        apply_table_fallbacks(sink, own, config, &tables, &owed).await;
+        let lsn = slot_position(control, config).await?;
+        apply_table_fallbacks(sink, own, config, &tables, &owed, &lsn).await;
     }
     Ok(())
+}
+
+/// The slot's confirmed position as text (`0/0` when there is no slot yet).
+async fn slot_position(
+    control: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<String, RunError> {
+    Ok(catalog::slot(control, &config.source.slot)
+        .await?
+        .and_then(|s| s.confirmed_flush_lsn)
+        .unwrap_or_else(|| "0/0".into()))
 }
 
 /// Applies the fallbacks of every rule of `tables` (`schema.table` lines), then
@@ -83,6 +97,7 @@ pub(super) async fn apply_table_fallbacks(
     config: &Config,
     tables: &str,
     marker: &str,
+    lsn: &str,
 ) {
     let tables: Vec<&str> = tables.lines().collect();
     let mut inv = Invalidation::default();
@@ -99,9 +114,68 @@ pub(super) async fn apply_table_fallbacks(
         "the publication now sends these tables' changes differently; changes before that were filtered by the old definition: applying their rules' fallbacks (over-invalidation)"
     );
     sink.apply_until_ok(&inv.work, &[]).await;
+    let affected = config
+        .rules
+        .rules
+        .iter()
+        .filter(|r| tables.contains(&r.qualified_table().as_str()));
+    tell_event_consumers(sink, config, affected, lsn, "publication-changed").await;
     let mut done = Work::default();
     done.keys.insert(marker.to_owned());
     own.apply_until_ok(&done, &[]).await;
+}
+
+/// After a fallback at start-up (a lost slot, a changed publication), consumers of
+/// entity events are told too: an `overflow` event per entity of `rules` ("refresh
+/// everything of it"), to every event destination, before the marker that owes the
+/// fallback is cleared (a crash in between repeats them). Their id is
+/// `<lsn>:<why>-<n>`, `lsn` the slot's position.
+async fn tell_event_consumers<'a>(
+    sink: &RedisSink,
+    config: &Config,
+    rules: impl Iterator<Item = &'a crate::rules::compile::Rule>,
+    lsn: &str,
+    why: &str,
+) {
+    let Some(events_config) = &config.events else {
+        return;
+    };
+    let time = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    let mut entities = std::collections::BTreeSet::new();
+    let events: Vec<Event> = rules
+        .filter_map(|r| Some((r.entity.as_deref()?, r)))
+        .filter(|(entity, _)| entities.insert(entity.to_owned()))
+        .enumerate()
+        .map(|(n, (entity, rule))| {
+            PendingEvent::overflow(entity, rule).stamp_as(format!("{lsn}:{why}-{n}"), lsn, &time)
+        })
+        .collect();
+    if events.is_empty() {
+        return;
+    }
+    let (metrics, health) = sink.reporting();
+    let redis = match RedisSink::new(
+        config.redis.clone(),
+        config.redis_ca.as_deref(),
+        config.tags.clone(),
+        Some(events_config.clone()),
+        false,
+        metrics.clone(),
+        health.clone(),
+    ) {
+        Ok(redis) => redis,
+        Err(e) => {
+            // The same settings opened `sink`: not expected; say so rather than skip silently.
+            tracing::error!(error = %e, "cannot open a sink for the entity events of the fallback");
+            return;
+        }
+    };
+    tracing::warn!(
+        events = events.len(),
+        "telling entity event consumers to refresh everything of the affected entities (overflow events)"
+    );
+    let mut fanout = Fanout::new(redis, Some(events_config), false, metrics, health);
+    fanout.deliver(&Work::default(), &events).await;
 }
 
 /// Creates the publication and the slot when they are missing, and recovers from a
@@ -175,7 +249,8 @@ pub(super) async fn prepare(
     // A change of the managed publication that a crash interrupted: its fallbacks.
     let owed = publication_marker(config);
     if let Some(tables) = state_get(sink, own, &owed).await {
-        apply_table_fallbacks(sink, own, config, &tables, &owed).await;
+        let lsn = slot_position(control, config).await?;
+        apply_table_fallbacks(sink, own, config, &tables, &owed, &lsn).await;
     }
     let slot = catalog::slot(control, &source.slot).await?;
     {
@@ -248,6 +323,8 @@ pub(super) async fn recover_lost_slot(
         inv.add_rule_fallback(&rule.effective_fallback(), FallbackReason::SlotLost);
     }
     sink.apply_until_ok(&inv.work, &[]).await;
+    let lsn = slot_position(control, config).await?;
+    tell_event_consumers(sink, config, config.rules.rules.iter(), &lsn, "slot-lost").await;
     own.set_until_ok(&marker_key, MARK_ACTIVE).await;
     tracing::warn!(
         patterns = inv.work.key_patterns.len(),

@@ -81,9 +81,24 @@ pub struct PendingEvent {
 }
 
 impl PendingEvent {
+    /// "Refresh everything of this entity": what is known of its rows is not enough.
+    pub fn overflow(entity: &str, rule: &crate::rules::compile::Rule) -> PendingEvent {
+        PendingEvent {
+            entity: entity.into(),
+            op: "overflow",
+            id: Json::Null,
+            fields: Json::Null,
+            table: rule.qualified_table().into(),
+        }
+    }
+
     /// The event stamped with its transaction's commit and its place in it.
     pub fn stamp(&self, lsn: &str, commit_time: &str, position: u64) -> Event {
-        let id = format!("{lsn}:{position}");
+        self.stamp_as(format!("{lsn}:{position}"), lsn, commit_time)
+    }
+
+    /// The event with its own id, for events of no transaction (`<lsn>:<what>`).
+    pub fn stamp_as(&self, id: String, lsn: &str, commit_time: &str) -> Event {
         let json = serde_json::json!({
             "entity": &*self.entity,
             "op": self.op,
@@ -258,13 +273,7 @@ impl Invalidation {
                 if rows == rule.rule.max_keys_per_transaction + 1 {
                     self.add_fallback(rule, FallbackReason::TooManyRows);
                     if let Some(entity) = &rule.rule.entity {
-                        self.events.push(PendingEvent {
-                            entity: entity.as_str().into(),
-                            op: "overflow",
-                            id: Json::Null,
-                            fields: Json::Null,
-                            table: rule.rule.qualified_table().into(),
-                        });
+                        self.events.push(PendingEvent::overflow(entity, &rule.rule));
                     }
                 }
                 continue;

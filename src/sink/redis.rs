@@ -356,6 +356,11 @@ impl RedisSink {
     }
 
     /// Checks that Redis answers (PING).
+    /// The metrics and health this sink reports to.
+    pub fn reporting(&self) -> (Arc<Metrics>, Arc<Health>) {
+        (self.metrics.clone(), self.health.clone())
+    }
+
     pub async fn ping(&mut self) -> Result<(), SinkError> {
         let mut conn = self.connection().await?;
         let r: Result<(), _> = redis::cmd("PING").query_async(&mut conn).await;

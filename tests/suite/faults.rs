@@ -204,6 +204,54 @@ async fn dropped_slot_is_recreated_and_everything_flushed() {
     daemon.stop().await.unwrap();
 }
 
+/// Entity event consumers keep caches of their own: after a lost slot they are told to
+/// refresh everything of each entity, not left with what they had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_slot_tells_event_consumers_to_refresh_every_entity() {
+    let (db, redis) = setup("slotlostev").await;
+    let rules = "[events]\nstream = \"pginval:events\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\nentity = \"user\"\n\n[[rules]]\ntable = \"posts\"\nkeys = [\"post:{id}\"]\nentity = \"post\"\n\n[[rules]]\ntable = \"posts\"\nkeys = [\"posts_by:{author_id}\"]\nentity = \"post\"\n";
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    daemon.stop().await.unwrap();
+    let client = db.client().await;
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.name])
+        .await
+        .unwrap();
+    db.execute_batch("UPDATE users SET name = 'gap' WHERE id = 7")
+        .await;
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    let mut conn = redis.connection().await;
+    let entries: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(&mut conn, "pginval:events")
+            .await
+            .unwrap();
+    let events: Vec<serde_json::Value> = entries
+        .ids
+        .iter()
+        .map(|e| serde_json::from_str(&e.get::<String>("event").unwrap()).unwrap())
+        .collect();
+    // Streaming starts after recovery: the events are there once the slot streams.
+    let mut entities: Vec<&str> = events
+        .iter()
+        .map(|e| e["entity"].as_str().unwrap())
+        .collect();
+    entities.sort();
+    assert_eq!(
+        entities,
+        ["post", "user"],
+        "one overflow event per entity: {events:?}"
+    );
+    for e in &events {
+        assert_eq!(e["op"], "overflow");
+        assert_eq!(e["fields"], serde_json::Value::Null);
+        assert!(
+            e["event_id"].as_str().unwrap().contains(":slot-lost-"),
+            "{e}"
+        );
+    }
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_slot_with_fail_policy_stops_with_the_reason() {
     let (db, redis) = setup("slotfail").await;
