@@ -705,3 +705,79 @@ async fn check_refuses_what_a_broker_would_refuse_and_warns_when_it_is_away() {
     assert!(out.contains("cannot reach the amqp broker"), "{out}");
     Subscriber::bind(&exchange).await.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_unroutable_events_go_to_the_alternate_exchange() {
+    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+        return;
+    }
+    let (db, redis) = setup("amqpalt").await;
+    let exchange = format!("pginval_test_{}", db.name);
+    let alternate = format!("{exchange}_unrouted");
+    // The operator's alternate exchange, with a queue catching everything; no queue is
+    // bound to pginval's exchange itself.
+    let conn = Connection::connect(&amqp_url(RABBITMQ_PORT), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .exchange_declare(
+            alternate.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            alternate.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "alt".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let rules = amqp_rules(&amqp_url(RABBITMQ_PORT), &exchange).replace(
+        "[[rules]]",
+        &format!("alternate_exchange = \"{alternate}\"\n\n[[rules]]"),
+    );
+    let daemon = Daemon::start(&db, crate::config(&db, &redis, &rules)).await;
+    db.execute_batch("UPDATE users SET role = 'admin' WHERE id = 5")
+        .await;
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("the unroutable event reaches the alternate exchange")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.routing_key.as_str(), "invalidate.user");
+    let body: Value = serde_json::from_slice(&delivery.data).unwrap();
+    assert_eq!(body["id"], "5");
+    daemon.stop().await.unwrap();
+    for name in [&exchange, &alternate] {
+        let _ = channel
+            .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
