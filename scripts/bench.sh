@@ -232,7 +232,7 @@ pgbench_init() { # DB SCALE
     || { cat "$WORK/pgbench-init-$1.log" >&2; die "pgbench -i failed"; }
   psql_ -d "$1" -c "CREATE PUBLICATION $3 FOR TABLE pgbench_accounts, pgbench_tellers, pgbench_branches" >/dev/null
 }
-if [[ $ONLY == *catchup* || $ONLY == *latency* ]]; then pgbench_init bench 1 bench_all; fi
+if [[ $ONLY == *catchup* || $ONLY == *events* || $ONLY == *latency* ]]; then pgbench_init bench 1 bench_all; fi
 if [[ $ONLY == *big* ]]; then pgbench_init bigtx "$BIG_SCALE" bench_big; fi
 
 # ------------------------------------------------------------------------------ run

@@ -774,6 +774,33 @@ impl Config {
             ));
         }
 
+        if let Some(amqp) = events.as_ref().and_then(|e| e.amqp.as_ref()) {
+            for rule in &rules.rules {
+                let Some(entity) = &rule.entity else { continue };
+                // The longest key this rule's events can get: op "truncate"/"overflow".
+                let longest = crate::rules::invalidation::Event {
+                    id: String::new(),
+                    entity: entity.as_str().into(),
+                    op: "overflow",
+                    table: rule.qualified_table().into(),
+                    json: String::new(),
+                };
+                if let Ok(key) =
+                    crate::sink::events::render_route(amqp.routing_key.get_ref(), Some(&longest))
+                    && key.len() > 255
+                {
+                    problems.push(Problem::new(
+                        Some(rule.line),
+                        format!(
+                            "rule #{}: its events' AMQP routing key would be {} bytes, over AMQP's 255",
+                            rule.number,
+                            key.len()
+                        ),
+                        Some("use a shorter entity name or [events.amqp] routing_key".into()),
+                    ));
+                }
+            }
+        }
         problems.sort_by_key(|p| p.line.unwrap_or(0));
         match (problems.is_empty(), pg, redis_info, state_redis) {
             (true, Some(pg), Some(redis), Some(state_redis)) => Ok(Config {

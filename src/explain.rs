@@ -220,7 +220,7 @@ pub fn explain(config: &Config, change: &Change) -> Result<String, ExplainError>
         let _ = writeln!(
             out,
             "event           {}",
-            e.stamp("<commit lsn>", "<commit time>", 0).json
+            e.stamp("<slot>", "<commit lsn>", "<commit time>", 0).json
         );
     }
     for (reason, n) in &inv.fallbacks {

@@ -173,7 +173,7 @@ impl Stream {
             self.tx_events += events.len() as u64;
             (first..)
                 .zip(&events)
-                .map(|(position, e)| e.stamp(&at, &time, position))
+                .map(|(position, e)| e.stamp(&self.config.source.slot, &at, &time, position))
                 .collect()
         };
         let batch = self.pending.get_or_insert_with(Batch::default);

@@ -129,7 +129,7 @@ pub(super) async fn apply_table_fallbacks(
 /// entity events are told too: an `overflow` event per entity of `rules` ("refresh
 /// everything of it"), to every event destination, before the marker that owes the
 /// fallback is cleared (a crash in between repeats them). Their id is
-/// `<lsn>:<why>-<n>`, `lsn` the slot's position.
+/// `<slot>:<lsn>:<why>-<entity>-<unix micros>`, `lsn` the slot's position.
 async fn tell_event_consumers<'a>(
     sink: &RedisSink,
     config: &Config,
@@ -140,14 +140,23 @@ async fn tell_event_consumers<'a>(
     let Some(events_config) = &config.events else {
         return;
     };
-    let time = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    let now = std::time::SystemTime::now();
+    let time = humantime::format_rfc3339_micros(now).to_string();
+    // Unique per occasion: two fallbacks at the same slot position are two events.
+    let nonce = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let slot = &config.source.slot;
     let mut entities = std::collections::BTreeSet::new();
     let events: Vec<Event> = rules
         .filter_map(|r| Some((r.entity.as_deref()?, r)))
         .filter(|(entity, _)| entities.insert(entity.to_owned()))
-        .enumerate()
-        .map(|(n, (entity, rule))| {
-            PendingEvent::overflow(entity, rule).stamp_as(format!("{lsn}:{why}-{n}"), lsn, &time)
+        .map(|(entity, rule)| {
+            PendingEvent::overflow(entity, rule).stamp_as(
+                format!("{slot}:{lsn}:{why}-{entity}-{nonce}"),
+                lsn,
+                &time,
+            )
         })
         .collect();
     if events.is_empty() {

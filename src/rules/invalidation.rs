@@ -92,12 +92,13 @@ impl PendingEvent {
         }
     }
 
-    /// The event stamped with its transaction's commit and its place in it.
-    pub fn stamp(&self, lsn: &str, commit_time: &str, position: u64) -> Event {
-        self.stamp_as(format!("{lsn}:{position}"), lsn, commit_time)
+    /// The event stamped with its transaction's commit and its place in it; its id is
+    /// `<slot>:<commit lsn>:<place>` (the slot keeps pginvals on one database apart).
+    pub fn stamp(&self, slot: &str, lsn: &str, commit_time: &str, position: u64) -> Event {
+        self.stamp_as(format!("{slot}:{lsn}:{position}"), lsn, commit_time)
     }
 
-    /// The event with its own id, for events of no transaction (`<lsn>:<what>`).
+    /// The event with an id of its own, for events of no transaction.
     pub fn stamp_as(&self, id: String, lsn: &str, commit_time: &str) -> Event {
         let json = serde_json::json!({
             "entity": &*self.entity,
@@ -124,8 +125,8 @@ impl PendingEvent {
 /// channel and stream, AMQP, NATS) sends, as the same JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    /// `<commit lsn>:<position in the transaction>`, the same on every redelivery of
-    /// the transaction: consumers and brokers drop duplicates by it.
+    /// `<slot>:<commit lsn>:<position in the transaction>`, the same on every
+    /// redelivery of the transaction: consumers and brokers drop duplicates by it.
     pub id: String,
     /// Entity name, for routing keys and subjects.
     pub entity: Arc<str>,
@@ -1055,7 +1056,8 @@ mod tests {
         );
         let mut inv = Invalidation::default();
         inv.add_row(&bind(r), &ev, &[0]);
-        let json: Json = serde_json::from_str(&inv.events[0].stamp("0/1", "t", 0).json).unwrap();
+        let json: Json =
+            serde_json::from_str(&inv.events[0].stamp("s", "0/1", "t", 0).json).unwrap();
         assert_eq!(json["entity"], "post");
         assert_eq!(json["op"], "update");
         assert_eq!(json["id"], "1");

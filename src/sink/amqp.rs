@@ -66,10 +66,19 @@ impl AmqpConfig {
     pub fn problems(&self) -> Vec<(Range<usize>, String, String)> {
         let mut out = Vec::new();
         if let Err(e) = self.url.get_ref().parse::<AMQPUri>() {
+            // The parser's message quotes the URL, password and all.
+            let e = e.replace(self.url.get_ref().as_str(), "<the url>");
             out.push((
                 self.url.span(),
                 format!("[events.amqp] url is not an AMQP URL: {e}"),
                 "use amqp://user:password@host:5672/vhost (amqps:// for TLS)".into(),
+            ));
+        }
+        if self.exchange.len() > 255 {
+            out.push((
+                self.url.span(),
+                "[events.amqp] exchange is longer than AMQP's 255 bytes".into(),
+                "use a shorter exchange name".into(),
             ));
         }
         if kind(self.exchange_type.get_ref()).is_none() {
@@ -130,8 +139,20 @@ impl From<lapin::Error> for Failure {
     }
 }
 
-/// Longest wait for a connection, a declaration or the confirms of one unit.
-const TIMEOUT: Duration = Duration::from_secs(30);
+/// Events published before their writes are awaited together.
+const PUBLISH_WINDOW: usize = 1000;
+
+/// Longest wait for a connection, the declaration and the confirms of a unit of
+/// `events`: 30 s, and 1 ms more per event, so a big unit after an outage is not cut
+/// short (and republished whole) by a broker that is merely busy confirming it.
+pub fn unit_timeout(events: usize) -> Duration {
+    Duration::from_secs(30) + Duration::from_millis(events as u64)
+}
+
+/// An AMQP short string (at most 255 bytes), or why `what` cannot be one.
+fn short(s: &str, what: &str) -> Result<ShortString, String> {
+    ShortString::try_new(s).map_err(|_| format!("the {what} {s:?} is longer than AMQP's 255 bytes"))
+}
 
 /// An AMQP connection with a confirming channel, opened on first use.
 pub struct AmqpSink {
@@ -148,9 +169,13 @@ impl AmqpSink {
     /// Publishes `events` and waits until the broker confirmed every one. On error the
     /// connection is dropped, so a retry starts afresh.
     pub async fn publish(&mut self, events: &[Event]) -> Result<(), String> {
-        let result = match tokio::time::timeout(TIMEOUT, self.try_publish(events)).await {
+        let limit = unit_timeout(events.len());
+        let result = match tokio::time::timeout(limit, self.try_publish(events)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no confirms within {TIMEOUT:?}")),
+            Err(_) => Err(format!(
+                "no confirms for {} events within {limit:?}",
+                events.len()
+            )),
         };
         if result.is_err()
             && let Some((conn, _)) = self.open.take()
@@ -165,27 +190,35 @@ impl AmqpSink {
 
     async fn try_publish(&mut self, events: &[Event]) -> Result<(), String> {
         let channel = self.channel().await.map_err(|f| f.message)?;
-        let exchange = ShortString::from(self.config.exchange.as_str());
+        let exchange = short(&self.config.exchange, "exchange")?;
         let mut confirms = Vec::with_capacity(events.len());
-        for event in events {
-            let key = render_route(self.config.routing_key.get_ref(), Some(event))?;
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(event.id.as_str().into())
-                .with_app_id("pginval".into())
-                .with_type(event.op.into());
-            let confirm = channel
-                .basic_publish(
+        // lapin's publish future ends once its I/O loop took the frames: publishing a
+        // window at a time (polled in order, so the frames keep the events' order)
+        // instead of one by one saves a round trip to that loop per event.
+        for window in events.chunks(PUBLISH_WINDOW) {
+            let mut sends = Vec::with_capacity(window.len());
+            for event in window {
+                let key = short(
+                    &render_route(self.config.routing_key.get_ref(), Some(event))?,
+                    "routing key",
+                )?;
+                let properties = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(short(&event.id, "message id")?)
+                    .with_app_id("pginval".into())
+                    .with_type(event.op.into());
+                sends.push(channel.basic_publish(
                     exchange.clone(),
-                    key.into(),
+                    key,
                     BasicPublishOptions::default(),
                     event.json.as_bytes(),
                     properties,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            confirms.push(confirm);
+                ));
+            }
+            for sent in futures_util::future::join_all(sends).await {
+                confirms.push(sent.map_err(|e| e.to_string())?);
+            }
         }
         for confirm in confirms {
             match confirm.await.map_err(|e| e.to_string())? {
@@ -224,15 +257,10 @@ impl AmqpSink {
             return Ok(channel.clone());
         }
         self.open = None;
-        let mut uri: AMQPUri = self
-            .config
-            .url
-            .get_ref()
-            .parse()
-            .map_err(|message| Failure {
-                refused: true,
-                message,
-            })?;
+        let mut uri: AMQPUri = self.config.url.get_ref().parse().map_err(|_| Failure {
+            refused: true,
+            message: "the url is not an AMQP URL".into(),
+        })?;
         if let Some(pw) = &self.config.password {
             uri.authority.userinfo.password = pw.clone();
         }
@@ -253,9 +281,13 @@ impl AmqpSink {
                 AMQPValue::LongString(alternate.as_str().into()),
             );
         }
+        let exchange = short(&self.config.exchange, "exchange").map_err(|message| Failure {
+            refused: true,
+            message,
+        })?;
         channel
             .exchange_declare(
-                self.config.exchange.as_str().into(),
+                exchange,
                 kind(self.config.exchange_type.get_ref()).unwrap_or(ExchangeKind::Topic),
                 ExchangeDeclareOptions {
                     durable: true,

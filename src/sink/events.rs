@@ -168,6 +168,7 @@ impl Fanout {
         let label = SinkLabel { sink: name };
         let mut backoff = MIN_BACKOFF;
         let mut failing_since = None;
+        let mut attempts = 0u64;
         loop {
             match broker.publish(events).await {
                 Ok(()) => {
@@ -189,14 +190,25 @@ impl Fanout {
                 Err(e) => {
                     metrics.event_sink_errors.get_or_create(&label).inc();
                     health.set_sink_ok(name, false);
-                    if failing_since.is_none() {
-                        tracing::warn!(
+                    attempts += 1;
+                    match failing_since {
+                        None => {
+                            tracing::warn!(
+                                sink = name, error = %e, events = events.len(),
+                                "the event sink failed; holding the flush position and republishing with backoff"
+                            );
+                            failing_since = Some(tokio::time::Instant::now());
+                        }
+                        // A refusal that lasts (a bad subject, a missing stream) is said
+                        // again about once a minute, not only at debug level.
+                        Some(since) if attempts % 12 == 0 => tracing::warn!(
                             sink = name, error = %e, events = events.len(),
-                            "the event sink failed; holding the flush position and republishing with backoff"
-                        );
-                        failing_since = Some(tokio::time::Instant::now());
-                    } else {
-                        tracing::debug!(sink = name, error = %e, ?backoff, "the event sink still fails");
+                            failing_secs = (tokio::time::Instant::now() - since).as_secs(),
+                            "the event sink still fails; the flush position still holds"
+                        ),
+                        Some(_) => {
+                            tracing::debug!(sink = name, error = %e, ?backoff, "the event sink still fails")
+                        }
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);

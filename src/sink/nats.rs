@@ -13,7 +13,7 @@ use toml::Spanned;
 
 use crate::rules::invalidation::Event;
 
-use super::amqp::{Failure, ROUTE_FIX};
+use super::amqp::{Failure, ROUTE_FIX, unit_timeout};
 use super::events::render_route;
 
 /// `[events.nats]`.
@@ -94,8 +94,6 @@ impl NatsConfig {
     }
 }
 
-/// Longest wait for a connection, the stream, or the acknowledgements of one unit.
-const TIMEOUT: Duration = Duration::from_secs(30);
 /// Most publishes waiting for their acknowledgement at once (async-nats allows 5,000).
 const IN_FLIGHT: usize = 1000;
 
@@ -117,9 +115,13 @@ impl NatsSink {
     /// Publishes `events` and waits until the stream acknowledged every one. On error
     /// the connection is dropped, so a retry starts afresh.
     pub async fn publish(&mut self, events: &[Event]) -> Result<(), String> {
-        let result = match tokio::time::timeout(TIMEOUT, self.try_publish(events)).await {
+        let limit = unit_timeout(events.len());
+        let result = match tokio::time::timeout(limit, self.try_publish(events)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no acknowledgements within {TIMEOUT:?}")),
+            Err(_) => Err(format!(
+                "no acknowledgements for {} events within {limit:?}",
+                events.len()
+            )),
         };
         if result.is_err() {
             self.context = None;
@@ -181,25 +183,35 @@ impl NatsSink {
         let mut options = async_nats::ConnectOptions::new()
             .name("pginval")
             .connection_timeout(Duration::from_secs(10));
-        if let Some(pw) = &self.config.password {
-            let addr: async_nats::ServerAddr =
-                self.config.url.get_ref().parse().map_err(|e| Failure {
-                    refused: true,
-                    message: format!("{e}"),
-                })?;
-            let user = addr.username().unwrap_or_default().to_owned();
-            options = options.user_and_password(user, pw.clone());
-        }
-        let client = options
-            .connect(self.config.url.get_ref().as_str())
-            .await
-            .map_err(|e| {
-                use async_nats::ConnectErrorKind as K;
-                Failure {
-                    refused: matches!(e.kind(), K::Authentication | K::AuthorizationViolation),
-                    message: e.to_string(),
-                }
+        // async-nats does not read credentials from the URL: they are taken from it
+        // (the password from the environment or password_file wins), and the server
+        // address goes without them, so no log line of the client can show them.
+        let addr: async_nats::ServerAddr =
+            self.config.url.get_ref().parse().map_err(|_| Failure {
+                refused: true,
+                message: "the url is not a NATS URL".into(),
             })?;
+        let user = addr.username().map(str::to_owned);
+        let password = self
+            .config
+            .password
+            .clone()
+            .or_else(|| addr.password().map(str::to_owned));
+        if let Some(user) = user.filter(|u| !u.is_empty()) {
+            options = options.user_and_password(user, password.unwrap_or_default());
+        }
+        let host = match addr.host() {
+            h if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
+            h => h.to_owned(),
+        };
+        let bare = format!("{}://{host}:{}", addr.scheme(), addr.port());
+        let client = options.connect(bare.as_str()).await.map_err(|e| {
+            use async_nats::ConnectErrorKind as K;
+            Failure {
+                refused: matches!(e.kind(), K::Authentication | K::AuthorizationViolation),
+                message: e.to_string(),
+            }
+        })?;
         let context = jetstream::new(client);
         if let Some(name) = &self.config.stream {
             context
@@ -221,7 +233,10 @@ impl NatsSink {
 
 /// The subject of `event`: the template with each value made one subject token.
 fn subject(template: &str, event: &Event) -> Result<String, String> {
-    let token = |v: &str| v.replace(['.', '*', '>', ' ', '\t'], "_");
+    let token = |v: &str| {
+        let t = v.replace(['.', '*', '>', ' ', '\t', '\r', '\n'], "_");
+        if t.is_empty() { "_".to_owned() } else { t }
+    };
     let safe = Event {
         id: String::new(),
         entity: token(&event.entity).into(),

@@ -203,7 +203,7 @@ async fn amqp_topic_subscriber_gets_each_change_confirmed_before_the_slot_moves(
         let op = m.body["op"].as_str().unwrap().to_owned();
         // The message id is the commit position and the place in the transaction.
         let lsn = m.body["lsn"].as_str().unwrap();
-        assert_eq!(m.message_id, format!("{lsn}:0"));
+        assert_eq!(m.message_id, format!("{}:{lsn}:0", db.name));
         match op.as_str() {
             "insert" => {
                 assert_eq!(m.body["id"], "1000");
@@ -343,7 +343,7 @@ async fn amqp_redelivery_after_sigkill_keeps_the_message_ids() {
     let lsn = first[0].body["lsn"].as_str().unwrap().to_owned();
     assert_eq!(
         first_ids,
-        (0..3).map(|i| format!("{lsn}:{i}")).collect(),
+        (0..3).map(|i| format!("{}:{lsn}:{i}", db.name)).collect(),
         "one commit, three places"
     );
     // Confirmed by the broker (the subscriber has them), not yet by PostgreSQL.
