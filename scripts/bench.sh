@@ -124,6 +124,13 @@ else
   (cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
   BIN=$ROOT/target/release/pginval
 fi
+CEILING=
+if [[ $ONLY == *events* ]]; then
+  command -v cargo >/dev/null || die "the events phase builds examples/amqp_ceiling.rs: cargo not found"
+  info "building the RabbitMQ reference client: cargo build --release --example amqp_ceiling"
+  (cd "$ROOT" && cargo build --release --example amqp_ceiling) || die "building examples/amqp_ceiling.rs failed"
+  CEILING=$ROOT/target/release/examples/amqp_ceiling
+fi
 
 # ---------------------------------------------------------------------- state, cleanup
 
@@ -268,6 +275,7 @@ args=(--pg-bindir "$PG_BINDIR" --pg-data "$PG_DIR/data" --pg-port "$PG_PORT" --r
   --pginval "$BIN" --work "$WORK" --runs "$RUNS" --big-runs "$BIG_RUNS" --backlog "$BACKLOG"
   --latency-secs "$LATENCY_SECS" --rates "$RATES" --only "$ONLY" --confirm-wait "$CONFIRM_WAIT")
 [[ -n $JSON ]] && args+=(--json "$JSON")
+[[ -n $CEILING ]] && args+=(--amqp-ceiling "$CEILING")
 if $PERF; then
   command -v perf >/dev/null || die "--perf needs perf (apt-get install linux-perf)"
   args+=(--perf)

@@ -784,6 +784,8 @@ class Bench:
         def queued():
             return channel.queue_declare(queue, passive=True).method.message_count
 
+        pgrep = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True)
+        broker_pids = [int(x) for x in pgrep.stdout.split()]
         slots = {"off": "bench_ev_off", "amqp": "bench_ev_amqp"}
         order = ["off", "amqp"]
         runs = []
@@ -812,15 +814,24 @@ class Bench:
                                     return time.perf_counter()
                                 time.sleep(0.002)
                             return None
+                    broker_before = sum(self.ticks(pid) for pid in broker_pids)
                     r = self.pginval_catchup(db, conn, slots[who], "pginval_own", end_lsn, marker_key, populate,
                                              f"events-{who}", amqp_exchange=exchange if who == "amqp" else None,
                                              last_effect=last)
+                    # RabbitMQ's own CPU over the run (the Erlang VM), to see what bounds it.
+                    r["broker_cpu_s"] = (sum(self.ticks(pid) for pid in broker_pids) - broker_before) / CLK_TCK
                     if who == "amqp":
                         r["events_queued"] = queued()
                     run[who] = r
                     log(f"events run {i + 1}/{a.runs} {who:>4}: {r['wall_s']:.3f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB"
                         + (f", {r['events_queued']} events in the queue" if who == "amqp" else "")
+                        + f", RabbitMQ CPU {r['broker_cpu_s']:.2f} s"
                         + f", steal {r['steal_s']:.2f} s, {r['log_warnings']} log warnings")
+                if a.amqp_ceiling:
+                    # The broker alone: as many persistent, confirmed messages, same size.
+                    out = subprocess.run([a.amqp_ceiling, str(txns), a.amqp_url], capture_output=True, text=True, check=True)
+                    run["ceiling_s"] = float(out.stdout.split(" in ")[1].split()[0])
+                    log(f"events run {i + 1}/{a.runs} RabbitMQ alone (examples/amqp_ceiling): {run['ceiling_s']:.3f} s for {txns} messages")
                 run["order"] = rot
                 runs.append(run)
         finally:
@@ -1085,9 +1096,15 @@ class Bench:
             out(f"1b. Events: the {e['transactions']:,}-transaction catch-up, accounts rule with entity events to RabbitMQ "
                 f"(publisher confirms; timed to the last event in the queue) vs the same rules without events, median of {len(runs)}")
             out(f"   without events {off:.3f} s, CPU {median([r['off']['cpu_s'] for r in runs]):.2f} s; "
-                f"with AMQP events {on:.3f} s, CPU {median([r['amqp']['cpu_s'] for r in runs]):.2f} s, "
+                f"with AMQP events {on:.3f} s, CPU {median([r['amqp']['cpu_s'] for r in runs]):.2f} s "
+                f"(RabbitMQ {median([r['amqp']['broker_cpu_s'] for r in runs]):.2f} s), "
                 f"RSS {median([r['amqp']['rss_mb'] for r in runs]):.1f} MB; ratio {ratio:.2f} (target <= 2.00 {verdict(ratio, 2.0)}); "
                 f"per-run ratios {per_run}")
+            if all("ceiling_s" in r for r in runs):
+                ceiling = median([r["ceiling_s"] for r in runs])
+                vs = median([r["amqp"]["wall_s"] / r["ceiling_s"] for r in runs])
+                out(f"   RabbitMQ alone (examples/amqp_ceiling, {e['events']:,} persistent confirmed messages): {ceiling:.3f} s; "
+                    f"pginval with events / RabbitMQ alone = {vs:.2f}")
             out("")
         c = self.results.get("catchup")
         if c:
@@ -1225,6 +1242,7 @@ def main():
     ap.add_argument("--confirm-wait", type=float, default=1.0, help="how long to watch for the confirmed flush position")
     ap.add_argument("--json")
     ap.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2f", help="RabbitMQ for the events phase")
+    ap.add_argument("--amqp-ceiling", help="examples/amqp_ceiling binary: RabbitMQ's own rate, the events phase's reference")
     ap.add_argument("--perf", action="store_true", help="profile pginval's catch-up runs with perf record")
     a = ap.parse_args()
     a.rates = [int(x) for x in a.rates.split(",") if x]
