@@ -8,7 +8,7 @@
 set -euo pipefail
 
 root=${PGINVAL_VALKEY_DIR:-/var/tmp/pginval-valkey}
-find_binary() { find "$root/venv" -type f -name valkey-server -perm -u+x 2>/dev/null | head -1; }
+find_binary() { find "$root/venv" -type f -name valkey-server -perm -u+x 2>/dev/null | head -1 || true; }
 bin=$(find_binary)
 if [[ -z $bin ]]; then
   command -v python3 >/dev/null || { echo "python3 not found" >&2; exit 1; }

@@ -41,5 +41,6 @@ if [[ -n ${PGINVAL_TEST_VALKEY:-} ]]; then
 fi
 passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -Eo '; [0-9]+ failed' "$log" | awk '{s += $2} END {print s + 0}')
-echo "tests: ${passed} passed, ${failed} failed"
+skipped=$(grep -c '^skipped: ' "$log" || true)
+echo "tests: ${passed} passed, ${failed} failed; ${skipped} skipped their checks (their 'skipped:' lines say why)"
 exit "$status"

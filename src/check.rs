@@ -278,7 +278,6 @@ pub async fn check_with(
             // tables by run (and setup) before streaming.
             let synced = !missing.is_empty()
                 && catalog::publication_is_managed(client, pub_name).await?
-                && catalog::server_version(client).await? >= 150000
                 && !catalog::in_recovery(client).await?;
             if synced {
                 report.notes.push(format!(

@@ -138,7 +138,11 @@ pub async fn publication_drift(
                 .ok()
                 .map(|probed| probed.canonical),
         };
-        if sorted(now.columns.clone()) != sorted(want_columns) || now.row_filter != want_filter {
+        // Before PostgreSQL 15 a table is published whole, unfiltered: only the set of
+        // tables can differ.
+        let columns_differ =
+            now.columns.is_some() && sorted(now.columns.clone()) != sorted(want_columns);
+        if columns_differ || now.row_filter != want_filter {
             drift.differs = true;
             drift
                 .widened

@@ -245,9 +245,7 @@ pub(super) async fn prepare(
             column_lists = desired.iter().filter(|t| t.columns.is_some()).count(),
             "created publication"
         );
-    } else if catalog::publication_is_managed(control, &source.publication).await?
-        && catalog::server_version(control).await? >= 150000
-    {
+    } else if catalog::publication_is_managed(control, &source.publication).await? {
         if catalog::in_recovery(control).await? {
             // A standby's catalog is the primary's: the publication changes there.
             tracing::info!(publication = %source.publication, "standby: the managed publication is kept up to date by a pginval on the primary");

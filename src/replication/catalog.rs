@@ -523,18 +523,21 @@ pub async fn publication_is_managed(
         .is_some_and(|c| c == crate::publication::MANAGED_COMMENT))
 }
 
-/// The published columns and row filter of each table of a publication
-/// (PostgreSQL 15+).
+/// The published columns and row filter of each table of a publication; before
+/// PostgreSQL 15 (no column lists, no row filters) both are `None`.
 pub async fn publication_tables(
     client: &Client,
     name: &str,
 ) -> Result<Vec<PublishedTable>, tokio_postgres::Error> {
+    let query = if server_version(client).await? >= 150000 {
+        "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter
+           FROM pg_publication_tables WHERE pubname = $1"
+    } else {
+        "SELECT schemaname::text, tablename::text, NULL::text[], NULL::text
+           FROM pg_publication_tables WHERE pubname = $1"
+    };
     Ok(client
-        .query(
-            "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter
-               FROM pg_publication_tables WHERE pubname = $1",
-            &[&name],
-        )
+        .query(query, &[&name])
         .await?
         .iter()
         .map(|r| PublishedTable {

@@ -28,7 +28,9 @@ const RABBITMQ_PORT: u16 = 5672;
 fn listening(port: u16, what: &str) -> bool {
     let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
     if !up {
-        eprintln!("skipped: no {what} on 127.0.0.1:{port} (.ci/run starts it when installed)");
+        crate::support::skipped(&format!(
+            "no {what} on 127.0.0.1:{port} (scripts/install-deps.sh installs and starts it)"
+        ));
     }
     up
 }
@@ -396,7 +398,9 @@ impl Nats {
 
     fn start() -> Option<Nats> {
         let Some(_) = Self::binary() else {
-            eprintln!("skipped: nats-server is not installed");
+            crate::support::skipped(
+                "nats-server is not installed (scripts/install-deps.sh installs it)",
+            );
             return None;
         };
         let port = free_port();

@@ -621,10 +621,11 @@ impl Redis {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::create_dir_all(&dir).expect("creating the Redis directory");
         let mut last_error = String::new();
-        // The port can be taken between `free_port` and Redis' bind; try a few.
+        // The port can be taken between `free_port` and Redis' bind; try a few. (A
+        // failed attempt's handle removes the directory when dropped: make it anew.)
         for _ in 0..3 {
+            std::fs::create_dir_all(&dir).expect("creating the Redis directory");
             let mut redis = Redis {
                 port: free_port(),
                 dir: dir.clone(),
@@ -865,10 +866,20 @@ fn percent_encode(s: &str) -> String {
 pub fn requires_pg(major: u32, feature: &str) -> bool {
     let running = postgres().major_version();
     if running < major {
-        eprintln!("skipped: {feature} need PostgreSQL {major}+, this server is {running}");
+        skipped(&format!(
+            "{feature} need PostgreSQL {major}+, this server is {running}"
+        ));
         return false;
     }
     true
+}
+
+/// Says on the real standard error (not the test harness' captured output, which a
+/// passing test never shows) that the calling test skipped its checks, and why.
+pub fn skipped(why: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    let _ = writeln!(std::io::stderr(), "skipped: {test}: {why}");
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `target`, able to stop forwarding on the
