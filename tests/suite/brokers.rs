@@ -35,6 +35,16 @@ fn listening(port: u16, what: &str) -> bool {
     up
 }
 
+/// The machine's RabbitMQ is shared by the tests of this process: most use it side by
+/// side (read), the one that restarts it has it alone (write).
+static RABBITMQ: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// RabbitMQ for a test that uses it beside others, or `None` (said) when it is absent.
+async fn rabbitmq() -> Option<tokio::sync::RwLockReadGuard<'static, ()>> {
+    let guard = RABBITMQ.read().await;
+    listening(RABBITMQ_PORT, "RabbitMQ").then_some(guard)
+}
+
 /// `rules` for the users table publishing entity `user` through `[events.amqp]`.
 fn amqp_rules(url: &str, exchange: &str) -> String {
     format!(
@@ -171,9 +181,9 @@ impl Subscriber {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_topic_subscriber_gets_each_change_confirmed_before_the_slot_moves() {
-    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+    let Some(_rabbitmq) = rabbitmq().await else {
         return;
-    }
+    };
     let (db, redis) = setup("amqp").await;
     let exchange = format!("pginval_test_{}", db.name);
     let mut sub = Subscriber::bind(&exchange).await;
@@ -230,9 +240,9 @@ async fn amqp_topic_subscriber_gets_each_change_confirmed_before_the_slot_moves(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_broker_outage_holds_the_slot_and_loses_no_event() {
-    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+    let Some(_rabbitmq) = rabbitmq().await else {
         return;
-    }
+    };
     let (db, redis) = setup("amqpdown").await;
     let exchange = format!("pginval_test_{}", db.name);
     let mut sub = Subscriber::bind(&exchange).await;
@@ -302,9 +312,9 @@ async fn amqp_broker_outage_holds_the_slot_and_loses_no_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_redelivery_after_sigkill_keeps_the_message_ids() {
-    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+    let Some(_rabbitmq) = rabbitmq().await else {
         return;
-    }
+    };
     let (db, redis) = setup("amqpkill").await;
     let exchange = format!("pginval_test_{}", db.name);
     let mut sub = Subscriber::bind(&exchange).await;
@@ -571,9 +581,9 @@ async fn nats_jetstream_gets_each_change_and_a_restart_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sink_gets_the_same_event_and_the_slot_waits_for_the_last() {
-    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+    let Some(_rabbitmq) = rabbitmq().await else {
         return;
-    }
+    };
     let Some(nats) = Nats::start() else { return };
     let (db, redis) = setup("allsinks").await;
     let exchange = format!("pginval_test_{}", db.name);
@@ -639,9 +649,9 @@ async fn every_sink_gets_the_same_event_and_the_slot_waits_for_the_last() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_refuses_what_a_broker_would_refuse_and_warns_when_it_is_away() {
-    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+    let Some(_rabbitmq) = rabbitmq().await else {
         return;
-    }
+    };
     let Some(nats) = Nats::start() else { return };
     let (db, redis) = setup("brokercheck").await;
     let exchange = format!("pginval_test_{}", db.name);
@@ -712,9 +722,9 @@ async fn check_refuses_what_a_broker_would_refuse_and_warns_when_it_is_away() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_unroutable_events_go_to_the_alternate_exchange() {
-    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+    let Some(_rabbitmq) = rabbitmq().await else {
         return;
-    }
+    };
     let (db, redis) = setup("amqpalt").await;
     let exchange = format!("pginval_test_{}", db.name);
     let alternate = format!("{exchange}_unrouted");
@@ -784,4 +794,161 @@ async fn amqp_unroutable_events_go_to_the_alternate_exchange() {
             .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
             .await;
     }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let program = ["/usr/sbin/rabbitmqctl", "/usr/lib/rabbitmq/bin/rabbitmqctl"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("rabbitmqctl");
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .expect("running rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The broker itself stops (`rabbitmqctl stop_app`: every connection closed, new ones
+/// refused) while changes stream, and starts again: every event arrives at least once,
+/// pginval reconnecting by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_broker_restart_mid_stream_loses_no_event() {
+    let _alone = RABBITMQ.write().await;
+    if !listening(RABBITMQ_PORT, "RabbitMQ") {
+        return;
+    }
+    let (db, redis) = setup("amqprestart").await;
+    let exchange = format!("pginval_test_{}", db.name);
+    let queue = format!("{exchange}_q");
+    // A durable queue: what it holds outlives the restart, as a real subscriber's would.
+    let bind = || async {
+        let conn = Connection::connect(&amqp_url(RABBITMQ_PORT), ConnectionProperties::default())
+            .await
+            .expect("connecting to RabbitMQ");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "invalidate.*".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (conn, channel, consumer)
+    };
+    let (conn, _channel, mut consumer) = bind().await;
+    let rules = amqp_rules(&amqp_url(RABBITMQ_PORT), &exchange);
+    let daemon = Daemon::start(&db, crate::config(&db, &redis, &rules)).await;
+    let writer = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            let client = db.client().await;
+            for id in 1..=200i64 {
+                client
+                    .execute("UPDATE users SET name = 'restart' WHERE id = $1", &[&id])
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut ids = BTreeSet::new();
+    let take = |delivery: lapin::message::Delivery, ids: &mut BTreeSet<String>| {
+        let body: Value = serde_json::from_slice(&delivery.data).unwrap();
+        ids.insert(body["id"].as_str().unwrap().to_owned());
+        delivery
+    };
+    while ids.len() < 20 {
+        let d = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("events before the restart")
+            .unwrap()
+            .unwrap();
+        take(d, &mut ids)
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    // Mid-stream: the writer is still going.
+    assert!(!writer.is_finished(), "the restart did not land mid-stream");
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+        .await
+        .unwrap();
+    drop(conn);
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["start_app"]))
+        .await
+        .unwrap();
+    wait_until("RabbitMQ listens again", WAIT, || async {
+        std::net::TcpStream::connect(("127.0.0.1", RABBITMQ_PORT)).is_ok()
+    })
+    .await;
+    writer.await.unwrap();
+    let (conn, channel, mut consumer) = bind().await;
+    while ids.len() < 200 {
+        let d = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("every event arrives after the restart")
+            .unwrap()
+            .unwrap();
+        take(d, &mut ids)
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(ids, (1..=200).map(|i| i.to_string()).collect());
+    let end = current_lsn(&db).await;
+    wait_until("the slot passes the last event", WAIT, || async {
+        confirmed_lsn(&db).await >= end
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    let _ = channel
+        .queue_delete(
+            queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await;
+    let _ = channel
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
 }
