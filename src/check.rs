@@ -91,6 +91,11 @@ pub async fn check_with(
             Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into()),
         ));
     }
+    let standby = catalog::in_recovery(client).await?;
+    if standby {
+        check_standby(client, &mut report).await?;
+    }
+    let problems = &mut report.problems;
     if !catalog::can_replicate(client).await? {
         problems.push(Problem::new(
             None,
@@ -241,7 +246,25 @@ pub async fn check_with(
                 .into_iter()
                 .filter(|t| !unpublishable.contains(t))
                 .collect();
-            if catalog::can_publish(client, &tables).await? {
+            let create = crate::publication::create_publication_sql(
+                pub_name,
+                &tables
+                    .iter()
+                    .map(|(s, t)| catalog::PublishedTable::whole(s, t))
+                    .collect::<Vec<_>>(),
+            );
+            if standby {
+                // A standby's catalog is the primary's, and read-only.
+                problems.push(Problem::new(
+                    None,
+                    format!(
+                        "publication {pub_name} does not exist, and this server is a standby: it can only be created on the primary"
+                    ),
+                    Some(format!(
+                        "on the primary, as the tables' owner: {create}\n(or `pginval setup --apply` against the primary)"
+                    )),
+                ));
+            } else if catalog::can_publish(client, &tables).await? {
                 report.notes.push(format!(
                     "publication {pub_name} does not exist yet; run creates it for the rules' tables"
                 ));
@@ -395,6 +418,38 @@ pub async fn check_with(
         }
     }
     Ok(report)
+}
+
+/// What a standby needs as a source: PostgreSQL 16+ (logical decoding in recovery) and
+/// `hot_standby_feedback`, without which the primary removes catalog rows the slot
+/// still needs and the standby invalidates the slot (a lost slot: every fallback).
+async fn check_standby(
+    client: &Client,
+    report: &mut CheckReport,
+) -> Result<(), tokio_postgres::Error> {
+    let version = catalog::server_version(client).await?;
+    if version < 160000 {
+        report.problems.push(Problem::new(
+            None,
+            format!(
+                "this server is a standby (in recovery) running PostgreSQL {}: logical decoding on a standby needs PostgreSQL 16 or newer",
+                version / 10000
+            ),
+            Some("point [source] url at the primary, or upgrade the primary and the standby to 16+".into()),
+        ));
+        return Ok(());
+    }
+    report.notes.push(
+        "standby: pginval invalidates once this standby replayed each commit (its readers never refill from an older state); the primary needs wal_level = logical, which a standby cannot read: the slot's creation fails with PostgreSQL's message if it is not".into(),
+    );
+    if catalog::setting(client, "hot_standby_feedback").await? != "on" {
+        report.problems.push(Problem::new(
+            None,
+            "this standby runs with hot_standby_feedback = off: the primary may remove catalog rows pginval's slot still needs, and the standby then invalidates the slot (changes lost until every rule's fallback)",
+            Some("on the standby: ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf();".into()),
+        ));
+    }
+    Ok(())
 }
 
 /// The event brokers, connected to as the first publish would (the AMQP exchange is

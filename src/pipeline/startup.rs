@@ -78,6 +78,27 @@ pub(super) async fn sync_publication(
     Ok(())
 }
 
+/// Creates the slot. On a standby PostgreSQL waits for the primary to log its running
+/// transactions, which an idle primary may not do for minutes: pginval says so, with
+/// the statement that ends the wait, at once and every 15 s while it lasts.
+async fn create_slot(control: &tokio_postgres::Client, slot: &str) -> Result<(), RunError> {
+    if !catalog::in_recovery(control).await? {
+        return Ok(catalog::create_slot(control, slot).await?);
+    }
+    let create = catalog::create_slot(control, slot);
+    tokio::pin!(create);
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(15));
+    loop {
+        tokio::select! {
+            done = &mut create => return Ok(done?),
+            _ = ticks.tick() => tracing::warn!(
+                slot,
+                "creating the slot on a standby: PostgreSQL waits for the primary to log its running transactions; to end the wait now, run on the primary: SELECT pg_log_standby_snapshot();"
+            ),
+        }
+    }
+}
+
 /// The slot's confirmed position as text (`0/0` when there is no slot yet).
 async fn slot_position(
     control: &tokio_postgres::Client,
@@ -272,7 +293,7 @@ pub(super) async fn prepare(
             recover_lost_slot(control, config, sink, own, slot.is_some()).await?;
         } else {
             if slot.is_none() {
-                catalog::create_slot(control, &source.slot).await?;
+                create_slot(control, &source.slot).await?;
                 tracing::info!(slot = %source.slot, "created replication slot (pgoutput)");
             }
             if marker.is_none() {
@@ -322,7 +343,7 @@ pub(super) async fn recover_lost_slot(
         catalog::drop_slot(control, &source.slot).await?;
     }
     if catalog::slot(control, &source.slot).await?.is_none() {
-        catalog::create_slot(control, &source.slot).await?;
+        create_slot(control, &source.slot).await?;
         tracing::info!(slot = %source.slot, "recreated replication slot (pgoutput)");
     }
     let mut inv = Invalidation::default();

@@ -164,6 +164,14 @@ pub async fn wal_level(client: &Client) -> Result<String, tokio_postgres::Error>
         .get(0))
 }
 
+/// A server setting's current value (`current_setting`).
+pub async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT current_setting($1)", &[&name])
+        .await?
+        .get(0))
+}
+
 /// Whether the current role may start replication (REPLICATION or superuser).
 pub async fn can_replicate(client: &Client) -> Result<bool, tokio_postgres::Error> {
     Ok(client

@@ -5,4 +5,5 @@ mod faults;
 pub(crate) mod ops;
 mod rules;
 mod silent;
+mod standby;
 mod tls;

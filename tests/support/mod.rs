@@ -368,6 +368,98 @@ impl PrivatePostgres {
     }
 }
 
+impl Postgres {
+    /// Starts a hot standby of this server, streaming from it through a physical slot,
+    /// with `settings` (postgresql.conf lines) on top of the test settings. Made without
+    /// pg_basebackup (Debian's refuses newer servers): `pg_backup_start`, a copy of the
+    /// data directory, `pg_backup_stop`'s label.
+    pub async fn start_standby(&self, settings: &str) -> PrivatePostgres {
+        static STANDBYS: AtomicU32 = AtomicU32::new(0);
+        let n = STANDBYS.fetch_add(1, Ordering::Relaxed);
+        let root =
+            std::env::temp_dir().join(format!("{PG_DIR_PREFIX}{}-standby{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        give_to_postgres_user(&root).unwrap();
+        let data_dir = root.join("data");
+        let slot = format!("standby_{}_{n}", std::process::id());
+        let client = connect(&self.url("postgres")).await;
+        client
+            .execute(
+                "SELECT pg_create_physical_replication_slot($1, true)",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        let (start, stop) = if self.major_version() >= 15 {
+            (
+                "SELECT pg_backup_start('pginval-test', true)::text",
+                "SELECT labelfile FROM pg_backup_stop(false)",
+            )
+        } else {
+            (
+                "SELECT pg_start_backup('pginval-test', true, false)::text",
+                "SELECT labelfile FROM pg_stop_backup(false, false)",
+            )
+        };
+        client.query_one(start, &[]).await.unwrap();
+        let copy = pg_command(Path::new("/bin/sh"))
+            .arg("-c")
+            .arg(format!(
+                "cp -a '{}' '{}' && rm -f '{}'/postmaster.pid '{}'/postmaster.opts && find '{}'/pg_wal -maxdepth 1 -type f -delete",
+                self.data_dir.display(),
+                data_dir.display(),
+                data_dir.display(),
+                data_dir.display(),
+                data_dir.display()
+            ))
+            .output()
+            .expect("copying the data directory");
+        assert!(
+            copy.status.success(),
+            "copying the data directory: {}",
+            String::from_utf8_lossy(&copy.stderr)
+        );
+        let label: String = client.query_one(stop, &[]).await.unwrap().get(0);
+        write_as_postgres(&data_dir.join("backup_label"), &label).unwrap();
+        write_as_postgres(&data_dir.join("standby.signal"), "").unwrap();
+        let log_file = root.join("server.log");
+        let port = free_port();
+        write_as_postgres(
+            &data_dir.join("pginval_test.conf"),
+            &format!(
+                "{}hot_standby = on\nprimary_conninfo = 'host=127.0.0.1 port={} user=postgres'\nprimary_slot_name = '{slot}'\n{settings}\n",
+                server_settings(port, &root),
+                self.port
+            ),
+        )
+        .unwrap();
+        let started = pg_command(&self.bin_dir.join("pg_ctl"))
+            .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-D"])
+            .arg(&data_dir)
+            .arg("-l")
+            .arg(&log_file)
+            .arg("start")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running pg_ctl start");
+        assert!(
+            started.status.success(),
+            "the standby did not start: {}\n{}",
+            String::from_utf8_lossy(&started.stderr),
+            tail(&log_file, 40)
+        );
+        PrivatePostgres(Postgres {
+            port,
+            bin_dir: self.bin_dir.clone(),
+            root,
+            data_dir,
+            log_file,
+            server_version_num: self.server_version_num,
+        })
+    }
+}
+
 impl std::ops::Deref for PrivatePostgres {
     type Target = Postgres;
     fn deref(&self) -> &Postgres {
