@@ -95,6 +95,7 @@ pub async fn check_with(
     if standby {
         check_standby(client, &mut report).await?;
     }
+    check_synchronized_standby_slots(client, &mut report).await?;
     let problems = &mut report.problems;
     if !catalog::can_replicate(client).await? {
         problems.push(Problem::new(
@@ -448,6 +449,44 @@ async fn check_standby(
             "this standby runs with hot_standby_feedback = off: the primary may remove catalog rows pginval's slot still needs, and the standby then invalidates the slot (changes lost until every rule's fallback)",
             Some("on the standby: ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf();".into()),
         ));
+    }
+    Ok(())
+}
+
+/// PostgreSQL 17+ holds logical changes back until every physical slot named in
+/// `synchronized_standby_slots` confirmed them: a name this server has no physical slot
+/// for (a setting copied from another server, a dropped standby) makes pginval stream
+/// and receive nothing, with no error from PostgreSQL.
+async fn check_synchronized_standby_slots(
+    client: &Client,
+    report: &mut CheckReport,
+) -> Result<(), tokio_postgres::Error> {
+    if catalog::server_version(client).await? < 170000 {
+        return Ok(());
+    }
+    let value = catalog::setting(client, "synchronized_standby_slots").await?;
+    let names: Vec<&str> = value
+        .split(',')
+        .map(|n| n.trim().trim_matches('"'))
+        .filter(|n| !n.is_empty() && *n != "*")
+        .collect();
+    for name in names {
+        match catalog::slot(client, name).await? {
+            Some(slot) if slot.slot_type == "physical" => {
+                if !slot.active {
+                    report.warnings.push(Problem::new(
+                        None,
+                        format!("synchronized_standby_slots names the physical slot {name}, which no standby is using now: pginval receives nothing until a standby confirms through it"),
+                        Some(format!("start the standby that uses {name}, or remove it from synchronized_standby_slots")),
+                    ));
+                }
+            }
+            _ => report.problems.push(Problem::new(
+                None,
+                format!("synchronized_standby_slots names {name}, which is not a physical slot of this server: PostgreSQL holds every logical change back for it, so pginval would stream and receive nothing"),
+                Some(format!("ALTER SYSTEM RESET synchronized_standby_slots; SELECT pg_reload_conf(); (or name the standbys' physical slots; {value:?} was probably copied from another server)")),
+            )),
+        }
     }
     Ok(())
 }

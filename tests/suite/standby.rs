@@ -40,7 +40,15 @@ async fn standby_source_is_checked_for_what_run_needs_then_streams() {
     )
     .await
     .unwrap();
-    let standby = primary.start_standby("hot_standby_feedback = off").await;
+    // As found in the field: feedback off, and (17+) a synchronized_standby_slots copied
+    // from a server that had that slot.
+    let pg17 = primary.major_version() >= 17;
+    let settings = if pg17 {
+        "hot_standby_feedback = off\nsynchronized_standby_slots = 'copied_slot'"
+    } else {
+        "hot_standby_feedback = off"
+    };
+    let standby = primary.start_standby(settings).await;
     let on_standby = connect(&standby.url("app")).await;
     wait_until("the standby has the table", WAIT, || async {
         on_standby
@@ -63,16 +71,23 @@ async fn standby_source_is_checked_for_what_run_needs_then_streams() {
         return;
     }
     assert!(out.contains("hot_standby_feedback = off"), "{out}");
+    assert_eq!(
+        out.contains("synchronized_standby_slots names copied_slot, which is not a physical slot of this server"),
+        pg17,
+        "{out}"
+    );
     assert!(
         out.contains("it can only be created on the primary") && out.contains("CREATE PUBLICATION"),
         "{out}"
     );
 
     // Both fixed as check says: feedback on the standby, the publication on the primary.
-    for sql in [
-        "ALTER SYSTEM SET hot_standby_feedback = on",
-        "SELECT pg_reload_conf()",
-    ] {
+    let mut fixes = vec!["ALTER SYSTEM SET hot_standby_feedback = on"];
+    if pg17 {
+        fixes.push("ALTER SYSTEM SET synchronized_standby_slots = ''");
+    }
+    fixes.push("SELECT pg_reload_conf()");
+    for sql in fixes {
         on_standby.batch_execute(sql).await.unwrap();
     }
     app.batch_execute("CREATE PUBLICATION pginval FOR TABLE users")
@@ -95,7 +110,16 @@ async fn standby_source_is_checked_for_what_run_needs_then_streams() {
                 .await
                 .unwrap()
                 .get(0);
-            publication && feedback == "on"
+            let copied: Option<String> = if pg17 {
+                on_standby
+                    .query_one("SELECT current_setting('synchronized_standby_slots')", &[])
+                    .await
+                    .ok()
+                    .map(|r| r.get(0))
+            } else {
+                Some(String::new())
+            };
+            publication && feedback == "on" && copied.as_deref() == Some("")
         },
     )
     .await;
