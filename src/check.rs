@@ -107,6 +107,10 @@ pub async fn check_with(
 
     let mut unpublishable = BTreeSet::new();
     let mut partitioned = Vec::new();
+    let server_version = catalog::server_version(client).await?;
+    // A rule reads a stored generated column (PostgreSQL 18+): the publication must
+    // publish those.
+    let mut publish_generated = false;
     for rule in &config.rules.rules {
         let line = Some(rule.line);
         let qualified = quote_table(&rule.schema, &rule.table);
@@ -138,6 +142,27 @@ pub async fn check_with(
                     ),
                     Some(format!("use one of: {}", info.columns.join(", "))),
                 ));
+            }
+        }
+        let generated = catalog::generated_columns(client, info.oid).await?;
+        for column in rule.columns() {
+            let Some((_, kind)) = generated.iter().find(|(g, _)| g == column) else {
+                continue;
+            };
+            if kind == "v" {
+                problems.push(Problem::new(
+                    line,
+                    format!("{rule}: column `{column}` is a virtual generated column: PostgreSQL cannot publish it, so its value never reaches pginval"),
+                    Some(format!("build the template from the columns `{column}` is computed from, or make it STORED (ALTER TABLE {qualified} DROP COLUMN {column}, ADD COLUMN {column} ... GENERATED ALWAYS AS (...) STORED)")),
+                ));
+            } else if server_version < 180000 {
+                problems.push(Problem::new(
+                    line,
+                    format!("{rule}: column `{column}` is a generated column: PostgreSQL before 18 does not publish generated columns, so its value never reaches pginval"),
+                    Some(format!("build the template from the columns `{column}` is computed from (PostgreSQL 18 can publish stored generated columns)")),
+                ));
+            } else {
+                publish_generated = true;
             }
         }
         if !info.replicates_updates {
@@ -290,6 +315,19 @@ pub async fn check_with(
             }
         }
         Some(publ) => {
+            if publish_generated && !catalog::publishes_generated_columns(client, pub_name).await? {
+                if catalog::publication_is_managed(client, pub_name).await? && !standby {
+                    report.notes.push(format!(
+                        "publication {pub_name} (managed by pginval) does not publish generated columns yet; run sets publish_generated_columns = stored"
+                    ));
+                } else {
+                    problems.push(Problem::new(
+                        None,
+                        format!("rules read stored generated columns, but publication {pub_name} does not publish them: their values would never reach pginval"),
+                        Some(crate::publication::publish_generated_columns_sql(pub_name)),
+                    ));
+                }
+            }
             let missing: Vec<String> = config
                 .rules
                 .tables()

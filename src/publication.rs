@@ -27,6 +27,39 @@ pub fn create_publication_sql(name: &str, tables: &[PublishedTable]) -> String {
     )
 }
 
+/// Whether the rules read a stored generated column on PostgreSQL 18+, which the
+/// publication then has to publish (`publish_generated_columns = stored`).
+pub async fn needs_generated_columns(
+    client: &Client,
+    config: &Config,
+) -> Result<bool, tokio_postgres::Error> {
+    if catalog::server_version(client).await? < 180000 {
+        return Ok(false);
+    }
+    for rule in &config.rules.rules {
+        let Some(info) = catalog::table_info(client, &rule.schema, &rule.table).await? else {
+            continue;
+        };
+        let generated = catalog::generated_columns(client, info.oid).await?;
+        if rule
+            .columns()
+            .into_iter()
+            .any(|c| generated.iter().any(|(g, kind)| g == c && kind == "s"))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The SQL that makes a publication publish stored generated columns (PostgreSQL 18+).
+pub fn publish_generated_columns_sql(name: &str) -> String {
+    format!(
+        "ALTER PUBLICATION {} SET (publish_generated_columns = stored);",
+        quote_ident(name)
+    )
+}
+
 /// The SQL that brings a managed publication to exactly `tables`.
 pub fn set_publication_tables_sql(name: &str, tables: &[PublishedTable]) -> String {
     let list = tables

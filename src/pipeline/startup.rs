@@ -274,6 +274,20 @@ pub(super) async fn prepare(
             sync_publication(control, config, sink, own, &desired).await?;
         }
     }
+    // Rules reading stored generated columns (PostgreSQL 18+): the managed publication
+    // publishes them.
+    if catalog::publication_is_managed(control, &source.publication).await?
+        && !catalog::in_recovery(control).await?
+        && crate::publication::needs_generated_columns(control, config).await?
+        && !catalog::publishes_generated_columns(control, &source.publication).await?
+    {
+        catalog::execute(
+            control,
+            &crate::publication::publish_generated_columns_sql(&source.publication),
+        )
+        .await?;
+        tracing::info!(publication = %source.publication, "the managed publication now publishes stored generated columns (rules read them)");
+    }
     // A change of the managed publication that a crash interrupted: its fallbacks.
     let owed = publication_marker(config);
     if let Some(tables) = state_get(sink, own, &owed).await {

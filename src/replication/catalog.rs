@@ -164,6 +164,43 @@ pub async fn wal_level(client: &Client) -> Result<String, tokio_postgres::Error>
         .get(0))
 }
 
+/// The generated columns of table `oid`, with their kind: `s` stored, `v` virtual
+/// (PostgreSQL 18+).
+pub async fn generated_columns(
+    client: &Client,
+    oid: u32,
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT attname::text, attgenerated::text FROM pg_attribute
+              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated <> ''",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Whether publication `name` publishes stored generated columns
+/// (`publish_generated_columns = stored`, PostgreSQL 18+; false before).
+pub async fn publishes_generated_columns(
+    client: &Client,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    if server_version(client).await? < 180000 {
+        return Ok(false);
+    }
+    Ok(client
+        .query_opt(
+            "SELECT pubgencols::text FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+        .map(|r| r.get::<_, String>(0))
+        .is_some_and(|v| matches!(v.as_str(), "s" | "t" | "true")))
+}
+
 /// A server setting's current value (`current_setting`).
 pub async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
     Ok(client

@@ -507,3 +507,57 @@ async fn heartbeat_reconnects_after_a_postgres_restart() {
     assert!(!daemon.finished());
     daemon.stop().await.unwrap();
 }
+
+/// A generated column's value reaches pginval only where PostgreSQL publishes it:
+/// stored ones from PostgreSQL 18 with `publish_generated_columns = stored` (run sets it
+/// on its managed publication), virtual ones never. `check` says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_columns_are_refused_where_unpublishable_and_published_on_18() {
+    let (db, redis) = setup("gencols").await;
+    db.execute_batch(
+        "CREATE TABLE items (id bigint PRIMARY KEY, price int,
+                             band int GENERATED ALWAYS AS (price / 100) STORED);
+         ALTER TABLE items REPLICA IDENTITY FULL",
+    )
+    .await;
+    // (users: for the barrier.)
+    let rules = "[[rules]]\ntable = \"items\"\nkeys = [\"item:{id}\", \"band:{band}\"]\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\n";
+    let path = config_file(&db, &config_text(&db, &redis, rules));
+    let out = crate::pginval(&["check"], &path);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if crate::support::postgres().major_version() < 18 {
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            text.contains("column `band` is a generated column: PostgreSQL before 18 does not publish generated columns"),
+            "{text}"
+        );
+        return;
+    }
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    cache(&redis, &["band:7", "band:8", "item:1"]).await;
+    db.execute_batch("INSERT INTO items (id, price) VALUES (1, 750)")
+        .await;
+    // Exact: the band pginval received is the one PostgreSQL computed, not `band:*`.
+    wait_gone(&redis, &["band:7", "item:1"]).await;
+    barrier(&db, &redis).await;
+    assert!(crate::exists(&redis, "band:8").await, "exact, no wildcard");
+    daemon.stop().await.unwrap();
+
+    // A virtual generated column (18's default kind) is never published.
+    db.execute_batch(
+        "ALTER TABLE items ADD COLUMN half int GENERATED ALWAYS AS (price / 2) VIRTUAL",
+    )
+    .await;
+    let rules = "[[rules]]\ntable = \"items\"\nkeys = [\"half:{half}\"]\n";
+    let path = config_file(&db, &config_text(&db, &redis, rules));
+    let out = crate::pginval(&["check"], &path);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("column `half` is a virtual generated column"),
+        "{text}"
+    );
+}
