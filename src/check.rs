@@ -96,6 +96,16 @@ pub async fn check_with(
         check_standby(client, &mut report).await?;
     }
     check_synchronized_standby_slots(client, &mut report).await?;
+    if catalog::server_version(client).await? >= 180000 {
+        let idle = catalog::setting(client, "idle_replication_slot_timeout").await?;
+        if idle != "0" {
+            report.warnings.push(Problem::new(
+                None,
+                format!("idle_replication_slot_timeout = {idle}: PostgreSQL invalidates a slot nobody streamed from for that long, so a pginval outage longer than {idle} loses its slot (every rule's fallback when it is back)"),
+                Some("ALTER SYSTEM SET idle_replication_slot_timeout = 0; SELECT pg_reload_conf(); or keep it well above the longest outage you plan for".into()),
+            ));
+        }
+    }
     let problems = &mut report.problems;
     if !catalog::can_replicate(client).await? {
         problems.push(Problem::new(

@@ -570,3 +570,41 @@ async fn memory_of_a_huge_row_is_released_once_applied() {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+/// PostgreSQL 18 can invalidate a slot that was idle for `idle_replication_slot_timeout`:
+/// `check` warns that a pginval outage that long loses the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_of_an_idle_slot_timeout() {
+    if !crate::support::requires_pg(18, "idle_replication_slot_timeout") {
+        return;
+    }
+    let pg = crate::support::PrivatePostgres::start();
+    let admin = crate::support::connect(&pg.url("postgres")).await;
+    for sql in [
+        "ALTER SYSTEM SET idle_replication_slot_timeout = '1h'",
+        "SELECT pg_reload_conf()",
+        "CREATE TABLE users (id bigint PRIMARY KEY)",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let redis = Redis::start();
+    let text = format!(
+        "[source]\nurl = \"{}\"\nslot = \"idle\"\n\n[redis]\nurl = \"{}\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{{id}}\"]\n",
+        pg.url("postgres"),
+        redis.url()
+    );
+    let path = std::env::temp_dir().join(format!("pginval-test-idle-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let out = crate::pginval(&["check"], &path);
+    let all =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a warning, not a problem: {all}"
+    );
+    assert!(
+        all.contains("idle_replication_slot_timeout = 1h: PostgreSQL invalidates a slot"),
+        "{all}"
+    );
+}
