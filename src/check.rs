@@ -93,9 +93,8 @@ pub async fn check_with(
     }
     let standby = catalog::in_recovery(client).await?;
     if standby {
-        check_standby(client, &mut report).await?;
+        check_standby(client, config, &mut report).await?;
     }
-    check_synchronized_standby_slots(client, &mut report).await?;
     if catalog::server_version(client).await? >= 180000 {
         let idle = catalog::setting(client, "idle_replication_slot_timeout").await?;
         if idle != "0" {
@@ -297,7 +296,7 @@ pub async fn check_with(
                         "publication {pub_name} does not exist, and this server is a standby: it can only be created on the primary"
                     ),
                     Some(format!(
-                        "on the primary, as the tables' owner: {create}\n(or `pginval setup --apply` against the primary)"
+                        "on the primary, as the tables' owner: {create}"
                     )),
                 ));
             } else if catalog::can_publish(client, &tables).await? {
@@ -474,8 +473,16 @@ pub async fn check_with(
 /// still needs and the standby invalidates the slot (a lost slot: every fallback).
 async fn check_standby(
     client: &Client,
+    config: &Config,
     report: &mut CheckReport,
 ) -> Result<(), tokio_postgres::Error> {
+    if config.source.heartbeat.is_some() {
+        report.problems.push(Problem::new(
+            None,
+            "[source] heartbeat_secs is set, but a heartbeat writes a WAL message, which a standby cannot: every heartbeat would fail",
+            Some("remove heartbeat_secs (or set 0): on a standby the primary's WAL moves the slot".into()),
+        ));
+    }
     let version = catalog::server_version(client).await?;
     if version < 160000 {
         report.problems.push(Problem::new(
@@ -491,50 +498,22 @@ async fn check_standby(
     report.notes.push(
         "standby: pginval invalidates once this standby replayed each commit (its readers never refill from an older state); the primary needs wal_level = logical, which a standby cannot read: the slot's creation fails with PostgreSQL's message if it is not".into(),
     );
+    if catalog::setting(client, "primary_slot_name")
+        .await?
+        .is_empty()
+    {
+        report.warnings.push(Problem::new(
+            None,
+            "this standby streams from the primary without a physical slot (primary_slot_name is empty): hot_standby_feedback protects pginval's slot only while the standby is connected",
+            Some("on the primary: SELECT pg_create_physical_replication_slot('<name>'); on the standby: ALTER SYSTEM SET primary_slot_name = '<name>'; SELECT pg_reload_conf();".into()),
+        ));
+    }
     if catalog::setting(client, "hot_standby_feedback").await? != "on" {
         report.problems.push(Problem::new(
             None,
             "this standby runs with hot_standby_feedback = off: the primary may remove catalog rows pginval's slot still needs, and the standby then invalidates the slot (changes lost until every rule's fallback)",
             Some("on the standby: ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf();".into()),
         ));
-    }
-    Ok(())
-}
-
-/// PostgreSQL 17+ holds logical changes back until every physical slot named in
-/// `synchronized_standby_slots` confirmed them: a name this server has no physical slot
-/// for (a setting copied from another server, a dropped standby) makes pginval stream
-/// and receive nothing, with no error from PostgreSQL.
-async fn check_synchronized_standby_slots(
-    client: &Client,
-    report: &mut CheckReport,
-) -> Result<(), tokio_postgres::Error> {
-    if catalog::server_version(client).await? < 170000 {
-        return Ok(());
-    }
-    let value = catalog::setting(client, "synchronized_standby_slots").await?;
-    let names: Vec<&str> = value
-        .split(',')
-        .map(|n| n.trim().trim_matches('"'))
-        .filter(|n| !n.is_empty() && *n != "*")
-        .collect();
-    for name in names {
-        match catalog::slot(client, name).await? {
-            Some(slot) if slot.slot_type == "physical" => {
-                if !slot.active {
-                    report.warnings.push(Problem::new(
-                        None,
-                        format!("synchronized_standby_slots names the physical slot {name}, which no standby is using now: pginval receives nothing until a standby confirms through it"),
-                        Some(format!("start the standby that uses {name}, or remove it from synchronized_standby_slots")),
-                    ));
-                }
-            }
-            _ => report.problems.push(Problem::new(
-                None,
-                format!("synchronized_standby_slots names {name}, which is not a physical slot of this server: PostgreSQL holds every logical change back for it, so pginval would stream and receive nothing"),
-                Some(format!("ALTER SYSTEM RESET synchronized_standby_slots; SELECT pg_reload_conf(); (or name the standbys' physical slots; {value:?} was probably copied from another server)")),
-            )),
-        }
     }
     Ok(())
 }

@@ -140,6 +140,7 @@ pub async fn publication_drift(
         differs: current.len() != desired.len(),
         widened: Vec::new(),
     };
+    let mut publishes_generated = None;
     let sorted = |v: Option<Vec<String>>| {
         v.map(|mut v| {
             v.sort();
@@ -159,9 +160,35 @@ pub async fn publication_drift(
         };
         let want_columns = match &want.columns {
             Some(cols) => Some(cols.clone()),
-            None => catalog::table_info(client, &want.schema, &want.table)
-                .await?
-                .map(|i| i.columns),
+            // A whole table: the columns pg_publication_tables lists for it, which leave
+            // out virtual generated columns, and on 18 stored ones unless the
+            // publication publishes them.
+            None => match catalog::table_info(client, &want.schema, &want.table).await? {
+                None => None,
+                Some(info) => {
+                    let generated = catalog::generated_columns(client, info.oid).await?;
+                    if publishes_generated.is_none() {
+                        // Before 18, pg_publication_tables lists stored generated
+                        // columns (though it sends none); 18 lists them only when it
+                        // publishes them.
+                        publishes_generated = Some(
+                            catalog::server_version(client).await? < 180000
+                                || catalog::publishes_generated_columns(client, name).await?,
+                        );
+                    }
+                    let stored_published = publishes_generated == Some(true);
+                    Some(
+                        info.columns
+                            .into_iter()
+                            .filter(|c| {
+                                !generated
+                                    .iter()
+                                    .any(|(g, kind)| g == c && (kind == "v" || !stored_published))
+                            })
+                            .collect(),
+                    )
+                }
+            },
         };
         // PostgreSQL keeps a filter in its own words: compare in those.
         let want_filter = match &want.row_filter {

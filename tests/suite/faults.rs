@@ -587,6 +587,20 @@ async fn check_warns_of_an_idle_slot_timeout() {
     ] {
         admin.batch_execute(sql).await.unwrap();
     }
+    // pg_reload_conf() only signals: wait until new sessions see the setting.
+    wait_until("the server applied the setting", crate::WAIT, || async {
+        let c = crate::support::connect(&pg.url("postgres")).await;
+        let v: String = c
+            .query_one(
+                "SELECT current_setting('idle_replication_slot_timeout')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        v == "1h"
+    })
+    .await;
     let redis = Redis::start();
     let text = format!(
         "[source]\nurl = \"{}\"\nslot = \"idle\"\n\n[redis]\nurl = \"{}\"\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{{id}}\"]\n",

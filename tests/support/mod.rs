@@ -406,12 +406,12 @@ impl Postgres {
         let copy = pg_command(Path::new("/bin/sh"))
             .arg("-c")
             .arg(format!(
-                "cp -a '{}' '{}' && rm -f '{}'/postmaster.pid '{}'/postmaster.opts && find '{}'/pg_wal -maxdepth 1 -type f -delete",
-                self.data_dir.display(),
-                data_dir.display(),
-                data_dir.display(),
-                data_dir.display(),
-                data_dir.display()
+                // A running server's files come and go while they are copied (temporary
+                // stats, recycled WAL): cp's complaints about vanished files are ignored,
+                // and what pg_basebackup leaves out is removed from the copy.
+                "cp -a '{src}' '{dst}' 2>/dev/null; test -f '{dst}'/global/pg_control && rm -rf '{dst}'/postmaster.pid '{dst}'/postmaster.opts '{dst}'/pg_replslot/* '{dst}'/pg_stat_tmp/* && find '{dst}'/pg_wal -maxdepth 1 -type f -delete",
+                src = self.data_dir.display(),
+                dst = data_dir.display()
             ))
             .output()
             .expect("copying the data directory");
