@@ -161,18 +161,18 @@ pub async fn publication_drift(
         let want_columns = match &want.columns {
             Some(cols) => Some(cols.clone()),
             // A whole table: the columns pg_publication_tables lists for it, which leave
-            // out virtual generated columns, and on 18 stored ones unless the
+            // out virtual generated columns, and from 16 on stored ones unless the
             // publication publishes them.
             None => match catalog::table_info(client, &want.schema, &want.table).await? {
                 None => None,
                 Some(info) => {
                     let generated = catalog::generated_columns(client, info.oid).await?;
                     if publishes_generated.is_none() {
-                        // Before 18, pg_publication_tables lists stored generated
-                        // columns (though it sends none); 18 lists them only when it
-                        // publishes them.
+                        // pg_publication_tables lists stored generated columns on 15
+                        // (though it sends none), not on 16 and 17, and on 18 only when
+                        // the publication publishes them.
                         publishes_generated = Some(
-                            catalog::server_version(client).await? < 180000
+                            catalog::server_version(client).await? < 160000
                                 || catalog::publishes_generated_columns(client, name).await?,
                         );
                     }

@@ -559,6 +559,17 @@ fn pginval(args: &[&str], config: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// `pginval check` of the configuration at `path`: its exit code and all it printed.
+fn check_file(path: &Path) -> (Option<i32>, String) {
+    let out = pginval(&["check"], path);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), all)
+}
+
 fn spawn_run(config: &Path, log: &Path) -> Child {
     let log = std::fs::File::create(log).unwrap();
     Command::new(bin())

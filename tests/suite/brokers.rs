@@ -68,6 +68,8 @@ struct Subscriber {
     conn: Connection,
     consumer: lapin::Consumer,
     exchange: String,
+    /// The durable queue's name, deleted with the exchange.
+    queue: Option<String>,
 }
 
 /// One message as the subscriber got it.
@@ -81,7 +83,14 @@ struct Received {
 }
 
 impl Subscriber {
+    /// An exclusive queue of its own, gone with the connection.
     async fn bind(exchange: &str) -> Subscriber {
+        Subscriber::bind_queue(exchange, None).await
+    }
+
+    /// `durable`: a named durable queue instead, whose messages outlive a broker
+    /// restart, as a real subscriber's would.
+    async fn bind_queue(exchange: &str, durable: Option<&str>) -> Subscriber {
         let conn = Connection::connect(&amqp_url(RABBITMQ_PORT), ConnectionProperties::default())
             .await
             .expect("connecting to RabbitMQ");
@@ -100,9 +109,10 @@ impl Subscriber {
             .unwrap();
         let queue = channel
             .queue_declare(
-                "".into(),
+                durable.unwrap_or("").into(),
                 QueueDeclareOptions {
-                    exclusive: true,
+                    exclusive: durable.is_none(),
+                    durable: durable.is_some(),
                     ..Default::default()
                 },
                 FieldTable::default(),
@@ -132,6 +142,7 @@ impl Subscriber {
             conn,
             consumer,
             exchange: exchange.to_owned(),
+            queue: durable.map(str::to_owned),
         }
     }
 
@@ -175,6 +186,14 @@ impl Subscriber {
 
     async fn delete(self) {
         let channel = self.conn.create_channel().await.unwrap();
+        if let Some(queue) = &self.queue {
+            let _ = channel
+                .queue_delete(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
         let _ = channel
             .exchange_delete(
                 self.exchange.as_str().into(),
@@ -667,16 +686,8 @@ async fn check_refuses_what_a_broker_would_refuse_and_warns_when_it_is_away() {
     let Some(nats) = Nats::start() else { return };
     let (db, redis) = setup("brokercheck").await;
     let exchange = format!("pginval_test_{}", db.name);
-    let check = |rules: String| {
-        let path = config_file(&db, &config_text(&db, &redis, &rules));
-        let out = crate::pginval(&["check"], &path);
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), all)
-    };
+    let check =
+        |rules: String| crate::check_file(&config_file(&db, &config_text(&db, &redis, &rules)));
 
     // Everything right: the exchange is declared, the stream created.
     let (code, out) = check(format!(
@@ -837,57 +848,7 @@ async fn amqp_broker_restart_mid_stream_loses_no_event() {
     let (db, redis) = setup("amqprestart").await;
     let exchange = format!("pginval_test_{}", db.name);
     let queue = format!("{exchange}_q");
-    // A durable queue: what it holds outlives the restart, as a real subscriber's would.
-    let bind = || async {
-        let conn = Connection::connect(&amqp_url(RABBITMQ_PORT), ConnectionProperties::default())
-            .await
-            .expect("connecting to RabbitMQ");
-        let channel = conn.create_channel().await.unwrap();
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "invalidate.*".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "test".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        (conn, channel, consumer)
-    };
-    let (conn, _channel, mut consumer) = bind().await;
+    let mut sub = Subscriber::bind_queue(&exchange, Some(&queue)).await;
     let rules = amqp_rules(&amqp_url(RABBITMQ_PORT), &exchange);
     let daemon = Daemon::start(&db, crate::config(&db, &redis, &rules)).await;
     let writer = {
@@ -904,28 +865,15 @@ async fn amqp_broker_restart_mid_stream_loses_no_event() {
         })
     };
     let mut ids = BTreeSet::new();
-    let take = |delivery: lapin::message::Delivery, ids: &mut BTreeSet<String>| {
-        let body: Value = serde_json::from_slice(&delivery.data).unwrap();
-        ids.insert(body["id"].as_str().unwrap().to_owned());
-        delivery
-    };
     while ids.len() < 20 {
-        let d = tokio::time::timeout(WAIT, consumer.next())
-            .await
-            .expect("events before the restart")
-            .unwrap()
-            .unwrap();
-        take(d, &mut ids)
-            .ack(BasicAckOptions::default())
-            .await
-            .unwrap();
+        ids.insert(sub.next().await.body["id"].as_str().unwrap().to_owned());
     }
     // Mid-stream: the writer is still going.
     assert!(!writer.is_finished(), "the restart did not land mid-stream");
     tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
         .await
         .unwrap();
-    drop(conn);
+    drop(sub);
     tokio::task::spawn_blocking(|| rabbitmqctl(&["start_app"]))
         .await
         .unwrap();
@@ -934,17 +882,10 @@ async fn amqp_broker_restart_mid_stream_loses_no_event() {
     })
     .await;
     writer.await.unwrap();
-    let (conn, channel, mut consumer) = bind().await;
+    // The durable queue kept what was not yet taken; the rest pginval republishes.
+    let mut sub = Subscriber::bind_queue(&exchange, Some(&queue)).await;
     while ids.len() < 200 {
-        let d = tokio::time::timeout(WAIT, consumer.next())
-            .await
-            .expect("every event arrives after the restart")
-            .unwrap()
-            .unwrap();
-        take(d, &mut ids)
-            .ack(BasicAckOptions::default())
-            .await
-            .unwrap();
+        ids.insert(sub.next().await.body["id"].as_str().unwrap().to_owned());
     }
     assert_eq!(ids, (1..=200).map(|i| i.to_string()).collect());
     let end = current_lsn(&db).await;
@@ -953,14 +894,5 @@ async fn amqp_broker_restart_mid_stream_loses_no_event() {
     })
     .await;
     daemon.stop().await.unwrap();
-    let _ = channel
-        .queue_delete(
-            queue.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await;
-    let _ = channel
-        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-        .await;
-    let _ = conn.close(200, "done".into()).await;
+    sub.delete().await;
 }

@@ -523,18 +523,16 @@ async fn generated_columns_are_refused_where_unpublishable_and_published_on_18()
     // (users: for the barrier.)
     let rules = "[[rules]]\ntable = \"items\"\nkeys = [\"item:{id}\", \"band:{band}\"]\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\n";
     let path = config_file(&db, &config_text(&db, &redis, rules));
-    let out = crate::pginval(&["check"], &path);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let (code, text) = crate::check_file(&path);
     if crate::support::postgres().major_version() < 18 {
-        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert_eq!(code, Some(2), "{text}");
         assert!(
             text.contains("column `band` is a generated column: PostgreSQL before 18 does not publish generated columns"),
             "{text}"
         );
         return;
     }
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(code, Some(0), "{text}");
     let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
     cache(&redis, &["band:7", "band:8", "item:1"]).await;
     db.execute_batch("INSERT INTO items (id, price) VALUES (1, 750)")
@@ -552,10 +550,8 @@ async fn generated_columns_are_refused_where_unpublishable_and_published_on_18()
     .await;
     let rules = "[[rules]]\ntable = \"items\"\nkeys = [\"half:{half}\"]\n";
     let path = config_file(&db, &config_text(&db, &redis, rules));
-    let out = crate::pginval(&["check"], &path);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{text}");
+    let (code, text) = crate::check_file(&path);
+    assert_eq!(code, Some(2), "{text}");
     assert!(
         text.contains("column `half` is a virtual generated column"),
         "{text}"

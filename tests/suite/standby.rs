@@ -16,13 +16,7 @@ fn check(text: &str) -> (Option<i32>, String) {
     let path =
         std::env::temp_dir().join(format!("pginval-test-standby-{}.toml", std::process::id()));
     std::fs::write(&path, text).unwrap();
-    let out = crate::pginval(&["check"], &path);
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), all)
+    crate::check_file(&path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
