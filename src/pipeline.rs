@@ -579,8 +579,13 @@ impl Stream {
         match tokio::time::timeout(bound, started).await {
             Ok(started) => started?,
             Err(_) => {
-                let what = format!("START_REPLICATION got no answer within {bound:?}");
-                return Err(conn.timed_out(what).into());
+                // Its walsender may have the slot already: end it, as for a silent
+                // connection, or the next start waits out wal_sender_timeout.
+                let pid = conn.backend_pid();
+                let error =
+                    conn.timed_out(format!("START_REPLICATION got no answer within {bound:?}"));
+                self.end_silent_walsender(pid).await;
+                return Err(error.into());
             }
         }
         tracing::info!(slot = %source.slot, publication = %source.publication, "streaming");

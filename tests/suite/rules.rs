@@ -518,7 +518,10 @@ async fn dry_run_touches_neither_redis_nor_the_slot() {
     wait_until("the dry run streams from a temporary slot", WAIT, || async {
         client
             .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE temporary AND active AND slot_name LIKE $1",
+                // A slot being created is active too, before its consistent point (its
+                // walsender is still in `startup`): wait for START_REPLICATION.
+                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+                  WHERE s.temporary AND s.slot_name LIKE $1 AND r.state <> 'startup'",
                 &[&format!("{}_dry_run_%", db.name)],
             )
             .await

@@ -441,6 +441,8 @@ async fn replication_connection_that_goes_silent_is_reopened() {
         proxy.accepted() > 0,
         "pginval does not go through the proxy"
     );
+    // Streaming for sure (not still starting) before the connection goes silent.
+    barrier(&db, &redis).await;
     cache(&redis, &["user:1", "user:2"]).await;
     proxy.stall_open_connections();
     db.execute_batch("UPDATE users SET name = 'during the stall' WHERE id = 1")
@@ -455,6 +457,41 @@ async fn replication_connection_that_goes_silent_is_reopened() {
     db.execute_batch("UPDATE users SET name = 'after' WHERE id = 2")
         .await;
     wait_gone(&redis, &["user:2"]).await;
+    assert!(!daemon.finished());
+    daemon.stop().await.unwrap();
+}
+
+/// START_REPLICATION that never gets its answer (a connection that dies at that very
+/// moment) is given up after its bound; its walsender, which already holds the slot, is
+/// ended, so the next start gets the slot at once instead of after the server's
+/// wal_sender_timeout (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_replication_without_an_answer_frees_the_slot_for_the_retry() {
+    let (db, redis) = setup("silentstart").await;
+    let pg_port = crate::support::postgres().port();
+    let proxy = crate::support::FaultProxy::start(pg_port).await;
+    proxy.hold_replies_once(b"START_REPLICATION");
+    let text = config_text(&db, &redis, crate::RULES)
+        .replace(
+            &format!("127.0.0.1:{pg_port}/"),
+            &format!("127.0.0.1:{}/", proxy.port()),
+        )
+        .replace(
+            "status_interval_secs = 1",
+            "status_interval_secs = 1\nreceive_timeout_secs = 2",
+        );
+    let cfg = pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let daemon = Daemon::spawn(cfg);
+    crate::support::wait_until("START_REPLICATION is held", crate::WAIT, || async {
+        proxy.held() == 1
+    })
+    .await;
+    cache(&redis, &["user:1"]).await;
+    db.execute_batch("UPDATE users SET name = 'after a lost start' WHERE id = 1")
+        .await;
+    // 10 s for the start to count as failed, then a new session on the freed slot.
+    wait_gone(&redis, &["user:1"]).await;
     assert!(!daemon.finished());
     daemon.stop().await.unwrap();
 }

@@ -1061,6 +1061,9 @@ pub struct FaultProxy {
     state: tokio::sync::watch::Sender<ProxyState>,
     refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
     accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// See [`FaultProxy::hold_replies_once`]: the pattern, and connections held so far.
+    hold: std::sync::Arc<Mutex<Option<Vec<u8>>>>,
+    held: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -1085,6 +1088,9 @@ impl FaultProxy {
         let refused_count = refused.clone();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = accepted.clone();
+        let hold: std::sync::Arc<Mutex<Option<Vec<u8>>>> = Default::default();
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (hold_pattern, held_count) = (hold.clone(), held.clone());
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
@@ -1098,6 +1104,10 @@ impl FaultProxy {
                 }
                 let me = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let watch = watch.clone();
+                let (hold_pattern, held_count) = (hold_pattern.clone(), held_count.clone());
+                // Set once this connection's replies are held back.
+                let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let holding_down = holding.clone();
                 connections.spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                     else {
@@ -1107,19 +1117,48 @@ impl FaultProxy {
                     let (mut server_rx, mut server_tx) = server.into_split();
                     let down = watch.clone();
                     let downstream = async move {
-                        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
-                    };
-                    let upstream = async move {
                         let mut buf = vec![0u8; 16 * 1024];
                         loop {
-                            let Ok(n) = client_rx.read(&mut buf).await else {
+                            let Ok(n) = server_rx.read(&mut buf).await else {
                                 return;
                             };
                             if n == 0 {
                                 return;
                             }
+                            if holding_down.load(std::sync::atomic::Ordering::SeqCst) {
+                                continue; // held back: read, never delivered
+                            }
+                            if client_tx.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let upstream = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = client_rx.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                if holding.load(std::sync::atomic::Ordering::SeqCst) {
+                                    // A connection that died without a word: the server
+                                    // is not told the client went away.
+                                    std::future::pending::<()>().await;
+                                }
+                                drop(server_tx);
+                                return;
+                            }
                             if watch.borrow().muted_below > me {
                                 continue; // swallowed
+                            }
+                            {
+                                // Before the request goes on, so no reply to it slips by.
+                                let mut pattern = hold_pattern.lock().unwrap();
+                                if pattern.as_ref().is_some_and(|p| {
+                                    buf[..n].windows(p.len()).any(|w| w == p.as_slice())
+                                }) {
+                                    *pattern = None;
+                                    holding.store(true, std::sync::atomic::Ordering::SeqCst);
+                                    held_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                }
                             }
                             if server_tx.write_all(&buf[..n]).await.is_err() {
                                 return;
@@ -1139,6 +1178,8 @@ impl FaultProxy {
             state,
             refused,
             accepted,
+            hold,
+            held,
             task,
         }
     }
@@ -1161,6 +1202,18 @@ impl FaultProxy {
     /// Connections refused while cut.
     pub fn refused(&self) -> u64 {
         self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The next connection whose client sends `pattern` gets nothing more from the
+    /// server from then on (the request goes through, its answer never comes back),
+    /// the connection staying open; later connections forward normally.
+    pub fn hold_replies_once(&self, pattern: &[u8]) {
+        *self.hold.lock().unwrap() = Some(pattern.to_vec());
+    }
+
+    /// Connections whose replies were held back so far.
+    pub fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stops forwarding client data on every connection open now (later ones forward).
