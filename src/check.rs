@@ -91,11 +91,12 @@ pub async fn check_with(
             Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into()),
         ));
     }
+    let server_version = catalog::server_version(client).await?;
     let standby = catalog::in_recovery(client).await?;
     if standby {
-        check_standby(client, config, &mut report).await?;
+        check_standby(client, config, server_version, &mut report).await?;
     }
-    if catalog::server_version(client).await? >= 180000 {
+    if server_version >= 180000 {
         let idle = catalog::setting(client, "idle_replication_slot_timeout").await?;
         if idle != "0" {
             report.warnings.push(Problem::new(
@@ -116,7 +117,6 @@ pub async fn check_with(
 
     let mut unpublishable = BTreeSet::new();
     let mut partitioned = Vec::new();
-    let server_version = catalog::server_version(client).await?;
     // A rule reads a stored generated column (PostgreSQL 18+): the publication must
     // publish those.
     let mut publish_generated = false;
@@ -474,6 +474,7 @@ pub async fn check_with(
 async fn check_standby(
     client: &Client,
     config: &Config,
+    version: u32,
     report: &mut CheckReport,
 ) -> Result<(), tokio_postgres::Error> {
     if config.source.heartbeat.is_some() {
@@ -483,7 +484,6 @@ async fn check_standby(
             Some("remove heartbeat_secs (or set 0): on a standby the primary's WAL moves the slot".into()),
         ));
     }
-    let version = catalog::server_version(client).await?;
     if version < 160000 {
         report.problems.push(Problem::new(
             None,

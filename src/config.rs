@@ -894,39 +894,59 @@ fn broker_settings(
     problems: &mut Vec<Problem>,
 ) {
     if let Some(amqp) = &mut events.amqp {
-        let url_line = lines.line_of(&amqp.url.span());
-        for (span, message, fix) in amqp.problems() {
-            let line = lines.line_of(&span).or(url_line);
-            problems.push(Problem::new(line, message, Some(fix)));
-        }
-        match secret(
-            env,
+        let found = amqp.problems();
+        let line = lines.line_of(&amqp.url.span());
+        amqp.password = broker_secret(
+            found,
+            line,
             ENV_AMQP_PASSWORD,
             amqp.password_file.as_ref(),
-            lines,
             "[events.amqp]",
-        ) {
-            Ok(pw) => amqp.password = pw,
-            Err(p) => problems.push(p),
-        }
+            env,
+            lines,
+            problems,
+        );
     }
     if let Some(nats) = &mut events.nats {
-        let url_line = lines.line_of(&nats.url.span());
-        for (span, message, fix) in nats.problems() {
-            let line = lines.line_of(&span).or(url_line);
-            problems.push(Problem::new(line, message, Some(fix)));
-        }
-        match secret(
-            env,
+        let found = nats.problems();
+        let line = lines.line_of(&nats.url.span());
+        nats.password = broker_secret(
+            found,
+            line,
             ENV_NATS_PASSWORD,
             nats.password_file.as_ref(),
-            lines,
             "[events.nats]",
-        ) {
-            Ok(pw) => nats.password = pw,
-            Err(p) => problems.push(p),
-        }
+            env,
+            lines,
+            problems,
+        );
     }
+}
+
+/// Records a broker section's `found` problems (at their setting's line, else at
+/// `url_line`) and returns its password from `var` or `file`.
+#[allow(clippy::too_many_arguments)]
+fn broker_secret(
+    found: Vec<(std::ops::Range<usize>, String, String)>,
+    url_line: Option<usize>,
+    var: &str,
+    file: Option<&Spanned<String>>,
+    section: &str,
+    env: &impl Fn(&str) -> Option<String>,
+    lines: &LineIndex,
+    problems: &mut Vec<Problem>,
+) -> Option<String> {
+    for (span, message, fix) in found {
+        problems.push(Problem::new(
+            lines.line_of(&span).or(url_line),
+            message,
+            Some(fix),
+        ));
+    }
+    secret(env, var, file, lines, section).unwrap_or_else(|p| {
+        problems.push(p);
+        None
+    })
 }
 
 /// A Redis URL error message with the URL's password removed.
