@@ -135,7 +135,8 @@ async fn main() {
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut sink = RedisSink::new(
-        redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap(),
+        vec![redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap()],
+        false,
         None,
         TagLayout::Set {
             key: "cache_tag:{tag}".into(),

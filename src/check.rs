@@ -559,9 +559,10 @@ async fn check_brokers(config: &Config, report: &mut CheckReport) {
 async fn check_redis(config: &Config, report: &mut CheckReport) {
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     let health = std::sync::Arc::new(crate::metrics::Health::new(config.max_lag));
-    let open = |info: &redis::ConnectionInfo| {
+    let open = |seeds: Vec<redis::ConnectionInfo>| {
         RedisSink::new(
-            info.clone(),
+            seeds,
+            config.redis_cluster,
             config.redis_ca.as_deref(),
             config.tags.clone(),
             None,
@@ -570,12 +571,36 @@ async fn check_redis(config: &Config, report: &mut CheckReport) {
             health.clone(),
         )
     };
-    let (Ok(mut own), Ok(mut cache)) = (open(&config.state_redis), open(&config.redis)) else {
+    let (Ok(mut own), Ok(mut cache)) = (open(config.state_seeds()), open(config.redis_seeds()))
+    else {
         return;
     };
+    let five_secs = std::time::Duration::from_secs(5);
+    if let Ok(Ok(is_cluster)) = tokio::time::timeout(five_secs, cache.server_is_cluster()).await
+        && is_cluster != config.redis_cluster
+    {
+        let addr = config.redis.addr();
+        report.problems.push(if is_cluster {
+            Problem::new(
+                None,
+                format!("redis at {addr} is a node of a Redis Cluster: sent to one node, most keys would be answered MOVED and never deleted"),
+                Some("set cluster = true in [redis] (url and nodes are then the cluster's seed nodes)".into()),
+            )
+        } else {
+            Problem::new(
+                None,
+                format!("[redis] cluster = true, but redis at {addr} is not a cluster node (cluster_enabled:0)"),
+                Some("remove cluster = true from [redis], or point url at a node of the cluster".into()),
+            )
+        });
+        return;
+    }
     let state_db = config.state_redis.redis_settings().db();
     let checked = tokio::time::timeout(std::time::Duration::from_secs(5), own.ping()).await;
     match checked {
+        Ok(Ok(())) if config.redis_cluster => report.notes.push(
+            "the redis cluster answers; pginval's state lives in its database 0, under pginval: keys".into(),
+        ),
         Ok(Ok(())) => report.notes.push(format!(
             "redis answers; pginval's state lives in database {state_db}"
         )),
@@ -596,8 +621,15 @@ async fn check_redis(config: &Config, report: &mut CheckReport) {
             return;
         }
     }
-    match own.config_get("maxmemory-policy").await {
-        Ok(Some(policy)) if policy.starts_with("allkeys-") => report.problems.push(Problem::new(
+    let policies = own.config_get("maxmemory-policy").await;
+    let evicting = policies.as_ref().map(|p| {
+        p.iter()
+            .flatten()
+            .find(|policy| policy.starts_with("allkeys-"))
+            .cloned()
+    });
+    match evicting {
+        Ok(Some(policy)) => report.problems.push(Problem::new(
             None,
             format!("redis runs with maxmemory-policy {policy}: it may evict pginval's state (database {state_db}), after which a lost slot would be taken for a first start and its gap never invalidated"),
             Some("CONFIG SET maxmemory-policy volatile-lru (and in redis.conf); cache entries with a TTL are still evicted, pginval's state (no TTL) is not".into()),

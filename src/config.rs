@@ -100,6 +100,14 @@ pub struct RedisConfig {
     /// public web PKI roots).
     #[serde(default)]
     pub ca_file: Option<Spanned<String>>,
+    /// The server is a Redis Cluster (`url` and `nodes` are seed nodes): keys are
+    /// routed by hash slot, patterns scan every primary. `check` refuses a mismatch.
+    #[serde(default = "default_false")]
+    pub cluster: Spanned<bool>,
+    /// More cluster seed nodes besides `url`, as URLs or `host:port` (the password and
+    /// TLS of `url` apply to them).
+    #[serde(default)]
+    pub nodes: Vec<Spanned<String>>,
 }
 
 /// `[tags]`: how cache tags are stored.
@@ -182,12 +190,22 @@ impl HintsConfig {
         if let Some(k) = keys.iter().find(|k| !allowed(k, &self.key_prefixes)) {
             return Some(format!("key {k:?} has none of the [hints] key_prefixes"));
         }
+        // On a Redis Cluster pginval's markers share the cache's database: whatever
+        // the prefixes allow, a hint never deletes them.
+        if let Some(k) = keys.iter().find(|k| k.starts_with(STATE_KEY_PREFIX)) {
+            return Some(format!(
+                "key {k:?} is in pginval's own state ({STATE_KEY_PREFIX}*)"
+            ));
+        }
         if let Some(t) = tags.iter().find(|t| !allowed(t, &self.tag_prefixes)) {
             return Some(format!("tag {t:?} has none of the [hints] tag_prefixes"));
         }
         None
     }
 }
+
+/// What every key of pginval's own state starts with.
+pub const STATE_KEY_PREFIX: &str = "pginval:";
 
 /// `[state]`: where pginval keeps its own state — the markers that tell a lost slot
 /// from a first start and that owe fallbacks across a crash. Apart from the cache, so
@@ -201,6 +219,10 @@ pub struct StateConfig {
     /// could evict it (allkeys-*).
     #[serde(default = "default_state_db")]
     pub redis_db: Spanned<i64>,
+}
+
+fn default_false() -> Spanned<bool> {
+    Spanned::new(0..0, false)
 }
 
 fn default_state_db() -> Spanned<i64> {
@@ -303,6 +325,8 @@ impl Default for RedisConfig {
             url: default_redis_url(),
             password_file: None,
             ca_file: None,
+            cluster: default_false(),
+            nodes: Vec::new(),
         }
     }
 }
@@ -314,6 +338,25 @@ impl Default for TagsConfig {
             prefix: String::new(),
             namespace: String::new(),
         }
+    }
+}
+
+impl Config {
+    /// The addresses the cache's sink starts from: `[redis] url`, then the cluster's
+    /// further seed nodes.
+    pub fn redis_seeds(&self) -> Vec<redis::ConnectionInfo> {
+        std::iter::once(self.redis.clone())
+            .chain(self.redis_nodes.iter().cloned())
+            .collect()
+    }
+
+    /// The addresses of pginval's own state: its database of the cache's server, or on
+    /// a cluster the cluster itself.
+    pub fn state_seeds(&self) -> Vec<redis::ConnectionInfo> {
+        if self.redis_cluster {
+            return self.redis_seeds();
+        }
+        vec![self.state_redis.clone()]
     }
 }
 
@@ -334,8 +377,13 @@ pub struct Config {
     pub events: Option<EventsConfig>,
     /// Which hints are applied.
     pub hints: HintsConfig,
-    /// Where pginval's own state lives: the cache's server, another database.
+    /// Where pginval's own state lives: the cache's server, another database (on a
+    /// cluster, which has one database: the cache's, under `pginval:` keys).
     pub state_redis: redis::ConnectionInfo,
+    /// The Redis server is a cluster (`[redis] cluster`).
+    pub redis_cluster: bool,
+    /// Cluster seed nodes besides `redis` (`[redis] nodes`).
+    pub redis_nodes: Vec<redis::ConnectionInfo>,
     /// The compiled rules.
     pub rules: RuleSet,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`.
@@ -736,11 +784,36 @@ impl Config {
             ));
         }
         let state_db = *state.redis_db.get_ref();
+        let cluster = *redis.cluster.get_ref();
+        let redis_nodes = cluster_seeds(&redis, redis_info.as_ref(), &lines, &mut problems);
         let state_redis = redis_info.as_ref().map(|info| {
+            if cluster {
+                return info.clone();
+            }
             let settings = info.redis_settings().clone().set_db(state_db);
             info.clone().set_redis_settings(settings)
         });
-        if let Some(info) = &redis_info
+        if cluster {
+            if let Some(info) = &redis_info
+                && info.redis_settings().db() != 0
+            {
+                problems.push(Problem::new(
+                    lines.line_of(&redis.url.span()),
+                    format!(
+                        "[redis] url names database {}, but a Redis Cluster has database 0 only",
+                        info.redis_settings().db()
+                    ),
+                    Some("drop the database from the URL (redis://host:port)".into()),
+                ));
+            }
+            if !state.redis_db.span().is_empty() {
+                problems.push(Problem::new(
+                    lines.line_of(&state.redis_db.span()),
+                    "[state] redis_db does not apply to a Redis Cluster (it has database 0 only): pginval's state lives there, under pginval: keys",
+                    Some("remove redis_db from [state]".into()),
+                ));
+            }
+        } else if let Some(info) = &redis_info
             && info.redis_settings().db() == state_db
         {
             problems.push(Problem::new(
@@ -824,6 +897,8 @@ impl Config {
                 events,
                 hints,
                 state_redis,
+                redis_cluster: cluster,
+                redis_nodes,
                 rules,
                 metrics_listen,
                 max_lag: Duration::from_secs(metrics.max_lag_secs.max(1)),
@@ -832,6 +907,51 @@ impl Config {
             _ => Err(fail(problems)),
         }
     }
+}
+
+/// `[redis] nodes` as connection infos with `url`'s password and TLS; a problem for
+/// each that is not an address, and for nodes without `cluster = true`.
+fn cluster_seeds(
+    redis: &RedisConfig,
+    url: Option<&redis::ConnectionInfo>,
+    lines: &LineIndex,
+    problems: &mut Vec<Problem>,
+) -> Vec<redis::ConnectionInfo> {
+    if !redis.nodes.is_empty() && !*redis.cluster.get_ref() {
+        problems.push(Problem::new(
+            lines.line_of(&redis.nodes[0].span()),
+            "[redis] nodes are the seed nodes of a Redis Cluster, but cluster is not set",
+            Some("add cluster = true to [redis], or remove nodes".into()),
+        ));
+    }
+    let mut seeds = Vec::new();
+    for node in &redis.nodes {
+        let text = node.get_ref();
+        let tls = url.is_some_and(|u| matches!(u.addr(), redis::ConnectionAddr::TcpTls { .. }));
+        let full = if text.contains("://") {
+            text.clone()
+        } else {
+            format!("{}://{text}", if tls { "rediss" } else { "redis" })
+        };
+        match redis::IntoConnectionInfo::into_connection_info(full.as_str()) {
+            Ok(info) => {
+                let settings = match url {
+                    Some(u) => u.redis_settings().clone(),
+                    None => info.redis_settings().clone(),
+                };
+                seeds.push(info.set_redis_settings(settings));
+            }
+            Err(e) => problems.push(Problem::new(
+                lines.line_of(&node.span()),
+                format!(
+                    "[redis] nodes: `{text}` is not a Redis address: {}",
+                    redact_redis_error(&e.to_string(), &full)
+                ),
+                Some("use host:port or redis://host:port".into()),
+            )),
+        }
+    }
+    seeds
 }
 
 const RULE_FIELDS_HINT: &str = "a rule has `table` (\"schema.table\"), `keys` and `tags` (lists of templates like \"user:{id}\")";
@@ -1043,6 +1163,75 @@ keys = ["post:{id}", "user_posts:{author_id}"]
         assert_eq!(c.rules.rules.len(), 2);
         assert_eq!(c.rules.rules[1].schema, "blog");
         assert_eq!(c.rules.rules[1].line, 10);
+    }
+
+    #[test]
+    fn a_cluster_takes_seed_nodes_and_keeps_pginvals_state_in_its_one_database() {
+        let text = format!(
+            "[redis]\nurl = \"redis://:pw@10.0.0.1:7000\"\ncluster = true\nnodes = [\"10.0.0.2:7000\", \"redis://10.0.0.3:7000\"]\n{GOOD}"
+        );
+        let c = parse(&text).unwrap();
+        assert!(c.redis_cluster);
+        let seeds: Vec<String> = c
+            .redis_seeds()
+            .iter()
+            .map(|s| s.addr().to_string())
+            .collect();
+        assert_eq!(seeds, ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"]);
+        // The URL's password applies to every seed.
+        assert!(
+            c.redis_seeds()
+                .iter()
+                .all(|s| s.redis_settings().password() == Some("pw"))
+        );
+        assert_eq!(c.state_seeds().len(), 3);
+        assert_eq!(c.state_redis.redis_settings().db(), 0);
+        // There, a hint that every prefix allows still cannot delete pginval's state.
+        let open = format!("{text}\n[hints]\nenabled = true\nkey_prefixes = [\"\"]\n");
+        let c = parse(&open).unwrap();
+        assert!(c.hints.refusal(&["report:1".into()], &[]).is_none());
+        let refused = c
+            .hints
+            .refusal(&["pginval:slot-state:app:pginval".into()], &[]);
+        assert!(refused.is_some_and(|r| r.contains("pginval's own state")));
+    }
+
+    #[test]
+    fn a_cluster_refuses_databases_and_nodes_need_cluster() {
+        let text = format!(
+            "[redis]\nurl = \"redis://10.0.0.1:7000/2\"\ncluster = true\n\n[state]\nredis_db = 15\n{GOOD}"
+        );
+        let e = parse(&text).unwrap_err();
+        let messages: Vec<(Option<usize>, &str)> = e
+            .problems
+            .iter()
+            .map(|p| (p.line, p.message.as_str()))
+            .collect();
+        assert!(
+            messages[0].0 == Some(2)
+                && messages[0]
+                    .1
+                    .contains("a Redis Cluster has database 0 only"),
+            "{e}"
+        );
+        assert!(
+            messages[1].0 == Some(6) && messages[1].1.contains("[state] redis_db does not apply"),
+            "{e}"
+        );
+        let text = format!("[redis]\nnodes = [\"10.0.0.2:7000\", \"no such:port\"]\n{GOOD}");
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.problems
+                .iter()
+                .any(|p| p.message.contains("cluster is not set")),
+            "{e}"
+        );
+        assert!(
+            e.problems
+                .iter()
+                .any(|p| p.message.contains("is not a Redis address")),
+            "{e}"
+        );
     }
 
     #[test]

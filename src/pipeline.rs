@@ -181,12 +181,13 @@ fn plain_sink(
     metrics: &Arc<Metrics>,
     health: &Arc<Health>,
 ) -> Result<RedisSink, SinkError> {
-    let url = match db {
-        Db::Cache => config.redis.clone(),
-        Db::State => config.state_redis.clone(),
+    let seeds = match db {
+        Db::Cache => config.redis_seeds(),
+        Db::State => config.state_seeds(),
     };
     RedisSink::new(
-        url,
+        seeds,
+        config.redis_cluster,
         config.redis_ca.as_deref(),
         config.tags.clone(),
         None,
@@ -235,7 +236,8 @@ pub async fn run(
     )));
 
     let mut sink = RedisSink::new(
-        config.redis.clone(),
+        config.redis_seeds(),
+        config.redis_cluster,
         config.redis_ca.as_deref(),
         config.tags.clone(),
         config.events.clone(),

@@ -26,7 +26,8 @@ pub(super) async fn poll_stats(
 ) {
     let tables: Vec<(String, String)> = config.rules.tables().into_iter().collect();
     let Ok(mut redis) = RedisSink::new(
-        config.redis.clone(),
+        config.redis_seeds(),
+        config.redis_cluster,
         config.redis_ca.as_deref(),
         config.tags.clone(),
         None,

@@ -185,7 +185,8 @@ async fn tell_event_consumers<'a>(
     }
     let (metrics, health) = sink.reporting();
     let redis = match RedisSink::new(
-        config.redis.clone(),
+        config.redis_seeds(),
+        config.redis_cluster,
         config.redis_ca.as_deref(),
         config.tags.clone(),
         Some(events_config.clone()),

@@ -8,10 +8,13 @@
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script};
+use redis::{Cmd, ConnectionInfo, ErrorKind, RedisError, Script, Value};
 
 use std::sync::Arc;
+
+mod conn;
+
+use conn::{Conn, Primary, Target};
 
 use crate::metrics::{Health, Metrics};
 use crate::rules::invalidation::{Event, TagAction, Work};
@@ -20,8 +23,6 @@ use super::Sink;
 use super::events::EventsConfig;
 use super::tags::TagLayout;
 
-/// Keys per UNLINK command inside a pipeline.
-const KEYS_PER_UNLINK: usize = 256;
 /// SCAN / SSCAN / ZSCAN COUNT hint.
 const SCAN_COUNT: usize = 1000;
 /// Tags with more members than this are flushed in chunks instead of in one script.
@@ -48,6 +49,7 @@ if kind ~= 'none' then
   if zset then n = redis.call('ZCARD', KEYS[1]) else n = redis.call('SCARD', KEYS[1]) end
 end
 local spilled = redis.call('EXISTS', KEYS[2]) == 1
+if n == 0 and not spilled then return 0 end
 if spilled or n > tonumber(ARGV[3]) then
   if n > 0 then
     if not spilled then
@@ -80,20 +82,49 @@ redis.call('UNLINK', KEYS[1])
 return n
 "#;
 
-/// UNLINK for the keys (in chunks), PEXPIRE ... LT for the keys to expire that are not
-/// deleted anyway.
-fn key_pipeline(inv: &Work) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
-    let keys: Vec<&str> = inv.keys.iter().map(String::as_str).collect();
-    for chunk in keys.chunks(KEYS_PER_UNLINK) {
-        pipe.cmd("UNLINK").arg(chunk).ignore();
-    }
+/// UNLINK for the keys (in chunks, per hash slot on a cluster), PEXPIRE ... LT for the
+/// keys to expire that are not deleted anyway.
+fn key_commands(conn: &Conn, inv: &Work) -> Vec<Cmd> {
+    let mut cmds = conn.unlinks(inv.keys.iter().map(String::as_str));
     for (key, ms) in &inv.expire_keys {
         if !inv.keys.contains(key) {
-            pipe.cmd("PEXPIRE").arg(key).arg(*ms).arg("LT").ignore();
+            let mut cmd = redis::cmd("PEXPIRE");
+            cmd.arg(key).arg(*ms).arg("LT");
+            cmds.push(cmd);
         }
     }
-    pipe
+    cmds
+}
+
+/// Where a tag's members are moved while they are flushed in chunks. On a cluster it
+/// must share the tag key's hash slot (the flush script names both): a `{hash tag}`
+/// of that slot leads it.
+fn spill_key(tag_key: &str, cluster: bool) -> String {
+    if cluster {
+        let slot = conn::slot_of(tag_key);
+        format!("{{{}}}{CLUSTER_SPILL_MARK}{tag_key}", conn::slot_tag(slot))
+    } else {
+        format!("{tag_key}{SPILL_SUFFIX}")
+    }
+}
+
+/// The tag key a spill key belongs to, if `key` is one.
+fn spilled_tag(key: &str, cluster: bool) -> Option<&str> {
+    if cluster {
+        let (head, tag_key) = key.split_once(CLUSTER_SPILL_MARK)?;
+        (head.starts_with('{') && !head[1..].contains('{')).then_some(tag_key)
+    } else {
+        key.strip_suffix(SPILL_SUFFIX)
+    }
+}
+
+/// The glob of the spill keys of the tags whose keys match `tag_key_pattern`.
+fn spill_pattern(tag_key_pattern: &str, cluster: bool) -> String {
+    if cluster {
+        format!("{{*}}{CLUSTER_SPILL_MARK}{tag_key_pattern}")
+    } else {
+        format!("{tag_key_pattern}{SPILL_SUFFIX}")
+    }
 }
 
 /// An error talking to Redis.
@@ -126,8 +157,8 @@ impl SinkError {
 
 /// The Redis side of pginval.
 pub struct RedisSink {
-    client: Client,
-    conn: Option<MultiplexedConnection>,
+    target: Target,
+    conn: Option<Conn>,
     /// Counts the connections opened, so a failure seen on an old clone of one does
     /// not drop its successor.
     generation: u64,
@@ -156,9 +187,13 @@ enum Flushed {
 }
 
 impl RedisSink {
-    /// A sink for `url`; connects lazily. With `dry_run` it logs instead of writing.
+    /// A sink for the server at `seeds` (one URL; or a cluster's seed nodes with
+    /// `cluster`); connects lazily. `ca_pem` replaces the public roots for
+    /// `rediss://`. With `dry_run` it logs instead of writing.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        url: redis::ConnectionInfo,
+        seeds: Vec<ConnectionInfo>,
+        cluster: bool,
         ca_pem: Option<&[u8]>,
         tags: TagLayout,
         events: Option<EventsConfig>,
@@ -166,24 +201,8 @@ impl RedisSink {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
-        // Pipelines are written as soon as a batch is ready: Nagle's algorithm would
-        // hold a small write back behind an unacknowledged one (redis-rs leaves
-        // TCP_NODELAY off by default; hiredis and most clients turn it on).
-        let nodelay = url.tcp_settings().clone().set_nodelay(true);
-        let url = url.set_tcp_settings(nodelay);
-        let client = match ca_pem {
-            // rediss:// with the operator's CA instead of the public roots.
-            Some(pem) => Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.to_vec()),
-                },
-            )?,
-            None => Client::open(url)?,
-        };
         Ok(RedisSink {
-            client,
+            target: Target::new(seeds, cluster, ca_pem)?,
             conn: None,
             generation: 0,
             tags,
@@ -199,39 +218,35 @@ impl RedisSink {
     /// Redis answers at all.
     pub async fn keyspace_stats(&mut self) -> Result<(u64, u64), SinkError> {
         let mut conn = self.connection().await?;
-        let info: Result<String, _> = redis::cmd("INFO").arg("stats").query_async(&mut conn).await;
-        let info = match info {
-            Ok(i) => i,
-            Err(e) => {
-                self.conn = None;
-                return Err(e.into());
+        let result = async {
+            let mut totals = (0, 0);
+            for primary in conn.primaries().await? {
+                let info: String = conn.on(&primary, redis::cmd("INFO").arg("stats")).await?;
+                totals.0 += info_field(&info, "keyspace_hits").unwrap_or(0);
+                totals.1 += info_field(&info, "keyspace_misses").unwrap_or(0);
             }
-        };
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        Ok((field("keyspace_hits"), field("keyspace_misses")))
+            Ok(totals)
+        }
+        .await;
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
     }
 
-    async fn connection(&mut self) -> Result<MultiplexedConnection, SinkError> {
+    async fn connection(&mut self) -> Result<Conn, SinkError> {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(30)));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        // Loaded once per connection, so pipelines can use EVALSHA.
-        self.flush_tag
-            .prepare_invoke()
-            .load_async(&mut conn)
-            .await?;
+        let mut conn = self.target.connect().await?;
+        if !conn.is_cluster() {
+            // Loaded once per connection, so pipelines can use EVALSHA. (A cluster gets
+            // EVAL: its nodes change, and each caches the script itself.)
+            self.flush_tag
+                .prepare_invoke()
+                .load_async(&mut conn)
+                .await?;
+        }
         self.conn = Some(conn.clone());
         self.generation += 1;
         Ok(conn)
@@ -284,19 +299,32 @@ impl RedisSink {
         }
     }
 
-    /// Redis' major version (`INFO server`), e.g. 7.
+    /// Redis' major version (`INFO server`), e.g. 7; on a cluster the lowest of its
+    /// primaries'.
     pub async fn major_version(&mut self) -> Result<u32, SinkError> {
         let mut conn = self.connection().await?;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
+        let mut lowest = None;
+        for primary in conn.primaries().await? {
+            let info: String = conn.on(&primary, redis::cmd("INFO").arg("server")).await?;
+            let major = info
+                .lines()
+                .find_map(|l| l.strip_prefix("redis_version:"))
+                .and_then(|v| v.split('.').next())
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            lowest = Some(lowest.map_or(major, |l: u32| l.min(major)));
+        }
+        Ok(lowest.unwrap_or(0))
+    }
+
+    /// Whether the server at the configured address runs in cluster mode (`INFO
+    /// cluster`), asked of that node alone whatever this sink was configured as.
+    pub async fn server_is_cluster(&self) -> Result<bool, SinkError> {
+        let info: String = self
+            .target
+            .ask_seed(redis::cmd("INFO").arg("cluster"))
             .await?;
-        Ok(info
-            .lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .and_then(|v| v.split('.').next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0))
+        Ok(info_field(&info, "cluster_enabled") == Some(1))
     }
 
     /// Redis' major version, retrying until Redis answers.
@@ -315,15 +343,18 @@ impl RedisSink {
         }
     }
 
-    /// A server setting (`CONFIG GET`); `None` when the server does not have it.
-    pub async fn config_get(&mut self, name: &str) -> Result<Option<String>, SinkError> {
+    /// A server setting (`CONFIG GET`) of each primary; `None` when the server does
+    /// not have it.
+    pub async fn config_get(&mut self, name: &str) -> Result<Vec<Option<String>>, SinkError> {
         let mut conn = self.connection().await?;
-        let pairs: Vec<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg(name)
-            .query_async(&mut conn)
-            .await?;
-        Ok(pairs.into_iter().nth(1))
+        let mut values = Vec::new();
+        for primary in conn.primaries().await? {
+            let pairs: Vec<String> = conn
+                .on(&primary, redis::cmd("CONFIG").arg("GET").arg(name))
+                .await?;
+            values.push(pairs.into_iter().nth(1));
+        }
+        Ok(values)
     }
 
     /// Whether some key matches `pattern`, looking at up to `budget` keys (SCAN).
@@ -333,26 +364,32 @@ impl RedisSink {
         budget: usize,
     ) -> Result<bool, SinkError> {
         let mut conn = self.connection().await?;
-        let mut cursor = 0u64;
-        let mut seen = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await?;
-            if !keys.is_empty() {
-                return Ok(true);
-            }
-            seen += SCAN_COUNT;
-            cursor = next;
-            if cursor == 0 || seen >= budget {
-                return Ok(false);
+        for primary in conn.primaries().await? {
+            let mut cursor = 0u64;
+            let mut seen = 0;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = conn
+                    .on(
+                        &primary,
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(SCAN_COUNT),
+                    )
+                    .await?;
+                if !keys.is_empty() {
+                    return Ok(true);
+                }
+                seen += SCAN_COUNT;
+                cursor = next;
+                if cursor == 0 || seen >= budget {
+                    break;
+                }
             }
         }
+        Ok(false)
     }
 
     /// Checks that Redis answers (PING).
@@ -435,58 +472,76 @@ impl RedisSink {
 
     async fn try_apply(&mut self, inv: &Work, events: &[Event]) -> Result<(), SinkError> {
         let mut conn = self.connection().await?;
-        let tags: Vec<(&String, &TagAction)> = inv.tags.iter().collect();
+        let cluster = conn.is_cluster();
+        let tags: Vec<(String, TagAction)> = inv
+            .tags
+            .iter()
+            .map(|(tag, action)| (self.tags.tag_key(tag), *action))
+            .collect();
         if !inv.keys.is_empty() || !inv.expire_keys.is_empty() || !tags.is_empty() {
-            let mut pipe = key_pipeline(inv);
-            for (tag, action) in &tags {
-                self.push_flush(&mut pipe, &self.tags.tag_key(tag), **action);
+            let mut cmds = key_commands(&conn, inv);
+            let first_flush = cmds.len();
+            for (tag_key, action) in &tags {
+                cmds.push(self.flush_command(tag_key, *action, cluster));
             }
-            self.metrics.redis_commands.inc_by(pipe.len() as u64);
-            let results: Vec<i64> = pipe.query_async(&mut conn).await?;
-            for ((tag, action), result) in tags.iter().zip(results) {
-                self.after_flush(&mut conn, &self.tags.tag_key(tag), **action, result)
+            self.metrics.redis_commands.inc_by(cmds.len() as u64);
+            let results = conn.run(cmds).await?;
+            for ((tag_key, action), result) in tags.iter().zip(&results[first_flush..]) {
+                self.after_flush(&mut conn, tag_key, *action, result)
                     .await?;
             }
         }
+        let primaries = if inv.key_patterns.is_empty() && inv.tag_patterns.is_empty() {
+            Vec::new()
+        } else {
+            conn.primaries().await?
+        };
         for pattern in &inv.key_patterns {
-            self.scan_each(&mut conn, "SCAN", None, pattern, None, |pipe, key| {
-                pipe.cmd("UNLINK").arg(key).ignore();
-            })
-            .await?;
+            for primary in &primaries {
+                self.scan_each(&mut conn, primary, "SCAN", None, pattern, |key| {
+                    let mut cmd = redis::cmd("UNLINK");
+                    cmd.arg(key);
+                    cmd
+                })
+                .await?;
+            }
         }
         for tag_pattern in &inv.tag_patterns {
             let pattern = self.tags.tag_key_pattern(tag_pattern);
             // Tags whose chunked flush was interrupted exist only as spill keys now:
             // those are flushed under their tag's name too (the script finishes them).
-            let spill_pattern = format!("{pattern}{SPILL_SUFFIX}");
-            for (pattern, suffix) in [(&pattern, ""), (&spill_pattern, SPILL_SUFFIX)] {
-                // Page by page: each SCAN page's tags are flushed in one pipeline
-                // before the next page is read, so memory and round trips do not grow
-                // with the number of tags.
-                let mut cursor = 0;
-                loop {
-                    let (next, page) = self.scan_page(&mut conn, cursor, pattern).await?;
-                    let tag_keys: Vec<&str> = page
-                        .iter()
-                        .filter_map(|k| k.strip_suffix(suffix))
-                        .filter(|tag_key| !tag_key.ends_with(SPILL_SUFFIX))
-                        .collect();
-                    if !tag_keys.is_empty() {
-                        let mut pipe = redis::pipe();
-                        for tag_key in &tag_keys {
-                            self.push_flush(&mut pipe, tag_key, TagAction::Delete);
-                        }
-                        self.metrics.redis_commands.inc_by(pipe.len() as u64);
-                        let results: Vec<i64> = pipe.query_async(&mut conn).await?;
-                        for (tag_key, result) in tag_keys.iter().zip(results) {
+            let spills = spill_pattern(&pattern, cluster);
+            for primary in &primaries {
+                for (pattern, of_spill) in [(&pattern, false), (&spills, true)] {
+                    // Page by page: each SCAN page's tags are flushed at once before the
+                    // next page is read, so memory and round trips do not grow with the
+                    // number of tags.
+                    let mut cursor = 0;
+                    loop {
+                        let (next, page) =
+                            self.scan_page(&mut conn, primary, cursor, pattern).await?;
+                        let tag_keys: Vec<&str> = page
+                            .iter()
+                            .filter_map(|key| match of_spill {
+                                true => spilled_tag(key, cluster),
+                                false => spilled_tag(key, cluster).is_none().then_some(key),
+                            })
+                            .collect();
+                        let cmds: Vec<Cmd> = tag_keys
+                            .iter()
+                            .map(|tag_key| self.flush_command(tag_key, TagAction::Delete, cluster))
+                            .collect();
+                        self.metrics.redis_commands.inc_by(cmds.len() as u64);
+                        let results = conn.run(cmds).await?;
+                        for (tag_key, result) in tag_keys.iter().zip(&results) {
                             self.after_flush(&mut conn, tag_key, TagAction::Delete, result)
                                 .await?;
                         }
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
                     }
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
                 }
             }
         }
@@ -494,56 +549,80 @@ impl RedisSink {
             && !events.is_empty()
             && (cfg.channel.is_some() || cfg.stream.is_some())
         {
-            let mut pipe = redis::pipe();
+            let mut cmds = Vec::new();
             for event in events {
                 let json = &event.json;
                 if let Some(channel) = &cfg.channel {
-                    pipe.cmd("PUBLISH").arg(channel).arg(json).ignore();
+                    let mut cmd = redis::cmd("PUBLISH");
+                    cmd.arg(channel).arg(json);
+                    cmds.push(cmd);
                 }
                 if let Some(stream) = &cfg.stream {
-                    pipe.cmd("XADD")
-                        .arg(stream)
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(stream)
                         .arg("MAXLEN")
                         .arg("~")
                         .arg(cfg.stream_maxlen)
                         .arg("*")
                         .arg("event")
-                        .arg(json)
-                        .ignore();
+                        .arg(json);
+                    cmds.push(cmd);
                 }
             }
-            self.metrics.redis_commands.inc_by(pipe.len() as u64);
-            pipe.query_async::<()>(&mut conn).await?;
+            self.metrics.redis_commands.inc_by(cmds.len() as u64);
+            if conn.is_cluster() {
+                // One after the other: consumers read the events in commit order.
+                for cmd in cmds {
+                    conn.run(vec![cmd]).await?;
+                }
+            } else {
+                conn.run(cmds).await?;
+            }
             self.metrics.events.inc_by(events.len() as u64);
         }
         Ok(())
     }
 
-    fn push_flush(&self, pipe: &mut redis::Pipeline, tag_key: &str, action: TagAction) {
+    /// The script call flushing one tag. On a cluster the script only moves the
+    /// members to the spill key (the members live in other slots, which a script may
+    /// not touch); [`RedisSink::after_flush`] deletes them.
+    fn flush_command(&self, tag_key: &str, action: TagAction, cluster: bool) -> Cmd {
         let ms = match action {
             TagAction::Delete => 0,
             TagAction::Expire(ms) => ms.max(1),
         };
-        pipe.cmd("EVALSHA")
-            .arg(self.flush_tag.get_hash())
-            .arg(2)
+        let mut cmd = if cluster {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(FLUSH_TAG_LUA);
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.flush_tag.get_hash());
+            cmd
+        };
+        cmd.arg(2)
             .arg(tag_key)
-            .arg(format!("{tag_key}{SPILL_SUFFIX}"))
+            .arg(spill_key(tag_key, cluster))
             .arg(self.tags.member_prefix())
             .arg(if self.tags.is_zset() { "zset" } else { "set" })
-            .arg(INLINE_TAG_MEMBERS)
+            .arg(if cluster {
+                -1
+            } else {
+                INLINE_TAG_MEMBERS as i64
+            })
             .arg(ms);
+        cmd
     }
 
     /// Completes a tag flush the script could not do inline.
     async fn after_flush(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         tag_key: &str,
         action: TagAction,
-        result: i64,
+        result: &Value,
     ) -> Result<Flushed, SinkError> {
-        match result {
+        match redis::from_redis_value_ref::<i64>(result).map_err(RedisError::from)? {
             -2 => {
                 tracing::error!(
                     tag_key = %tag_key.escape_debug(),
@@ -552,26 +631,30 @@ impl RedisSink {
                 Ok(Flushed::WrongType)
             }
             -1 => {
-                let spill = format!("{tag_key}{SPILL_SUFFIX}");
+                let spill = spill_key(tag_key, conn.is_cluster());
                 let prefix = self.tags.member_prefix().to_owned();
                 let scan = if self.tags.is_zset() {
                     "ZSCAN"
                 } else {
                     "SSCAN"
                 };
-                self.scan_each(conn, scan, Some(&spill), "*", None, |pipe, member| {
+                self.scan_each(conn, &None, scan, Some(&spill), "*", |member| {
                     let key = format!("{prefix}{member}");
                     match action {
-                        TagAction::Delete => pipe.cmd("UNLINK").arg(key).ignore(),
-                        TagAction::Expire(ms) => {
-                            pipe.cmd("PEXPIRE").arg(key).arg(ms).arg("LT").ignore()
+                        TagAction::Delete => {
+                            let mut cmd = redis::cmd("UNLINK");
+                            cmd.arg(key);
+                            cmd
                         }
-                    };
+                        TagAction::Expire(ms) => {
+                            let mut cmd = redis::cmd("PEXPIRE");
+                            cmd.arg(key).arg(ms).arg("LT");
+                            cmd
+                        }
+                    }
                 })
                 .await?;
-                redis::cmd("UNLINK")
-                    .arg(&spill)
-                    .query_async::<()>(conn)
+                conn.run(vec![redis::cmd("UNLINK").arg(&spill).to_owned()])
                     .await?;
                 Ok(Flushed::Spilled)
             }
@@ -579,37 +662,43 @@ impl RedisSink {
         }
     }
 
-    /// One `SCAN` page of keys matching `pattern` whose type is the tag layout's.
+    /// One `SCAN` page of `primary`'s keys matching `pattern` whose type is the tag
+    /// layout's.
     async fn scan_page(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
+        primary: &Primary,
         cursor: u64,
         pattern: &str,
     ) -> Result<(u64, Vec<String>), SinkError> {
         let kind = if self.tags.is_zset() { "zset" } else { "set" };
         self.metrics.redis_commands.inc();
-        Ok(redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .arg("TYPE")
-            .arg(kind)
-            .query_async(conn)
+        Ok(conn
+            .on(
+                primary,
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .arg("TYPE")
+                    .arg(kind),
+            )
             .await?)
     }
 
-    /// Iterates `SCAN` (or `SSCAN`/`ZSCAN` over `key`) matching `pattern` and
-    /// pipelines `each` for every element batch found. ZSCAN's scores are skipped.
+    /// Iterates `SCAN` over `primary`'s keys (or `SSCAN`/`ZSCAN` over `key`) matching
+    /// `pattern` and runs the command `each` makes of every element, page by page.
+    /// ZSCAN's scores are skipped.
     async fn scan_each(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
+        primary: &Primary,
         command: &str,
         key: Option<&str>,
         pattern: &str,
-        key_type: Option<&str>,
-        mut each: impl FnMut(&mut redis::Pipeline, &str),
+        mut each: impl FnMut(&str) -> Cmd,
     ) -> Result<u64, SinkError> {
         let mut cursor: u64 = 0;
         let mut found = 0;
@@ -624,20 +713,16 @@ impl RedisSink {
                 .arg(pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
-            if let Some(t) = key_type {
-                scan.arg("TYPE").arg(t);
-            }
-            let (next, items): (u64, Vec<String>) = scan.query_async(conn).await?;
-            if !items.is_empty() {
-                let mut pipe = redis::pipe();
-                for item in items.iter().step_by(step) {
-                    found += 1;
-                    each(&mut pipe, item);
-                }
-                if !pipe.is_empty() {
-                    self.metrics.redis_commands.inc_by(pipe.len() as u64 + 1);
-                    pipe.query_async::<()>(conn).await?;
-                }
+            let (next, items): (u64, Vec<String>) = match key {
+                // A key's elements: routed by the key.
+                Some(_) => scan.query_async(conn).await?,
+                None => conn.on(primary, &scan).await?,
+            };
+            let cmds: Vec<Cmd> = items.iter().step_by(step).map(|item| each(item)).collect();
+            found += cmds.len() as u64;
+            if !cmds.is_empty() {
+                self.metrics.redis_commands.inc_by(cmds.len() as u64 + 1);
+                conn.run(cmds).await?;
             }
             if next == 0 {
                 return Ok(found);
@@ -647,8 +732,17 @@ impl RedisSink {
     }
 }
 
+/// A numeric field of an `INFO` reply.
+fn info_field(info: &str, name: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
 /// Suffix of the key a big tag's members are moved to while they are flushed.
 pub const SPILL_SUFFIX: &str = ":pginval-flushing";
+
+/// On a cluster, what follows the `{hash tag}` of a spill key, before its tag key.
+const CLUSTER_SPILL_MARK: &str = "pginval-flushing:";
 
 impl Sink for RedisSink {
     type Error = SinkError;
@@ -676,13 +770,11 @@ impl Sink for RedisSink {
             return None;
         }
         let mut conn = self.conn.clone()?;
-        let pipe = key_pipeline(inv);
-        self.metrics.redis_commands.inc_by(pipe.len() as u64);
+        let cmds = key_commands(&conn, inv);
+        self.metrics.redis_commands.inc_by(cmds.len() as u64);
         let health = self.health.clone();
         Some((self.generation, async move {
-            if !pipe.is_empty() {
-                pipe.query_async::<()>(&mut conn).await?;
-            }
+            conn.run(cmds).await?;
             health.set_redis_ok(true);
             Ok(())
         }))

@@ -1,6 +1,7 @@
 //! Feature suites of the end-to-end tests, beside the foundation tests in main.rs.
 
 mod brokers;
+mod cluster;
 mod faults;
 pub(crate) mod ops;
 mod rules;

@@ -17,6 +17,10 @@
 //! `/usr/lib/postgresql/*/bin`; `PGINVAL_TEST_REDIS_SERVER` or else `redis-server` on `PATH`.
 #![allow(dead_code)] // Each test uses a different part of the harness.
 
+mod cluster;
+
+pub use cluster::RedisCluster;
+
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::future::Future;

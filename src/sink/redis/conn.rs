@@ -1,0 +1,371 @@
+//! The connection to Redis as one node or as a Redis Cluster: routes what the sink
+//! sends (by hash slot on a cluster, through redis-rs' async cluster client, which
+//! follows MOVED and ASK), and reaches each primary for what has no key (SCAN, INFO).
+//!
+//! Decides nothing about what to send or when to retry: that is `redis`'s.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures_util::future::try_join_all;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionInfo, RedisFuture, RedisResult, Value};
+
+/// Keys per UNLINK command.
+const KEYS_PER_UNLINK: usize = 256;
+/// Hash slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// Where the cache lives: one node, or the seed nodes of a cluster.
+pub enum Target {
+    /// One server (or whatever answers at its address).
+    Node(Client),
+    /// A Redis Cluster, found through its seed nodes.
+    Cluster {
+        /// The cluster client.
+        client: Box<ClusterClient>,
+        /// The first seed alone, to ask what it is.
+        seed: Client,
+    },
+}
+
+/// An open connection to a [`Target`]. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub enum Conn {
+    /// One multiplexed connection to the node.
+    Node(MultiplexedConnection),
+    /// The cluster client's connections to every node.
+    Cluster(ClusterConnection),
+}
+
+/// One primary of the target: `None` for a single node, its address on a cluster.
+pub type Primary = Option<(String, u16)>;
+
+impl Target {
+    /// A target for `seeds` (the first is the URL; more are further cluster seeds);
+    /// connects lazily. `ca_pem` replaces the public roots for `rediss://`.
+    pub fn new(
+        seeds: Vec<ConnectionInfo>,
+        cluster: bool,
+        ca_pem: Option<&[u8]>,
+    ) -> RedisResult<Target> {
+        // Pipelines are written as soon as a batch is ready: Nagle's algorithm would
+        // hold a small write back behind an unacknowledged one (redis-rs leaves
+        // TCP_NODELAY off by default; hiredis and most clients turn it on).
+        let seeds: Vec<ConnectionInfo> = seeds
+            .into_iter()
+            .map(|info| {
+                let nodelay = info.tcp_settings().clone().set_nodelay(true);
+                info.set_tcp_settings(nodelay)
+            })
+            .collect();
+        let certs = ca_pem.map(|pem| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        });
+        let open = |info: ConnectionInfo| match &certs {
+            Some(certs) => Client::build_with_tls(info, certs.clone()),
+            None => Client::open(info),
+        };
+        if cluster {
+            let seed = open(seeds.first().expect("a target has a URL").clone())?;
+            let mut builder = ClusterClient::builder(seeds)
+                .connection_timeout(Duration::from_secs(5))
+                // Short: while slots migrate, the async cluster client (redis-rs 1.8)
+                // sometimes loses a request's answer, which then waits for this
+                // timeout before the sink retries it (seen in the resharding test).
+                .response_timeout(Duration::from_secs(5))
+                // Redirects are followed within these; anything longer is an outage
+                // that the sink's own retry loop waits out, logs and reports.
+                .retries(3);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            return Ok(Target::Cluster {
+                client: Box::new(builder.build()?),
+                seed,
+            });
+        }
+        let info = seeds.into_iter().next().expect("a target has a URL");
+        Ok(Target::Node(open(info)?))
+    }
+
+    /// Sends `cmd` to the node at the (first) configured address alone, on a
+    /// connection of its own.
+    pub async fn ask_seed<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
+        let (Target::Node(client) | Target::Cluster { seed: client, .. }) = self;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        cmd.query_async(&mut conn).await
+    }
+
+    /// Opens a connection.
+    pub async fn connect(&self) -> RedisResult<Conn> {
+        match self {
+            Target::Node(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(Duration::from_secs(30)));
+                Ok(Conn::Node(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
+            }
+            Target::Cluster { client, .. } => {
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// Whether this connection is to a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
+    /// Runs `cmds` and returns their replies in order; the first error fails the
+    /// whole (every command the sink sends is safe to repeat). On a node: one
+    /// pipeline. On a cluster: each command alone, routed by its key (a command's keys
+    /// must share a slot), all at once — the client pipelines them per node.
+    pub async fn run(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Conn::Node(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(c).await
+            }
+            Conn::Cluster(c) => {
+                try_join_all(cmds.into_iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { cmd.query_async::<Value>(&mut c).await }
+                }))
+                .await
+            }
+        }
+    }
+
+    /// UNLINK commands for `keys`, in chunks; on a cluster, one per hash slot (and
+    /// chunk), so that each can be routed to the node owning its slot.
+    pub fn unlinks<'k>(&self, keys: impl IntoIterator<Item = &'k str>) -> Vec<Cmd> {
+        let mut cmds = Vec::new();
+        let mut push_chunks = |keys: &[&str]| {
+            for chunk in keys.chunks(KEYS_PER_UNLINK) {
+                let mut cmd = redis::cmd("UNLINK");
+                cmd.arg(chunk);
+                cmds.push(cmd);
+            }
+        };
+        match self {
+            Conn::Node(_) => push_chunks(&keys.into_iter().collect::<Vec<_>>()),
+            Conn::Cluster(_) => {
+                let mut by_slot: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
+                for key in keys {
+                    by_slot.entry(slot_of(key)).or_default().push(key);
+                }
+                for keys in by_slot.values() {
+                    push_chunks(keys);
+                }
+            }
+        }
+        cmds
+    }
+
+    /// Every primary, for commands about the whole keyspace (SCAN, INFO): `[None]` on
+    /// a node; on a cluster, each primary's address as `CLUSTER SLOTS` tells it now.
+    pub async fn primaries(&mut self) -> RedisResult<Vec<Primary>> {
+        let Conn::Cluster(c) = self else {
+            return Ok(vec![None]);
+        };
+        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
+        let mut primaries = parse_cluster_slots(&slots);
+        primaries.sort();
+        primaries.dedup();
+        if primaries.is_empty() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+                "CLUSTER SLOTS names no primary",
+            )));
+        }
+        Ok(primaries.into_iter().map(Some).collect())
+    }
+
+    /// Sends `cmd` to `primary` (from [`Conn::primaries`]).
+    pub async fn on<T: redis::FromRedisValue>(
+        &mut self,
+        primary: &Primary,
+        cmd: &Cmd,
+    ) -> RedisResult<T> {
+        match (self, primary) {
+            (Conn::Cluster(c), Some((host, port))) => {
+                let value = c
+                    .route_command(
+                        cmd.clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        }),
+                    )
+                    .await?
+                    .extract_error()?;
+                Ok(redis::from_redis_value(value)?)
+            }
+            (conn, _) => cmd.query_async(conn).await,
+        }
+    }
+}
+
+/// The hash slot of `key` (its `{hash tag}` if it has one).
+pub fn slot_of(key: &str) -> u16 {
+    let key = key.as_bytes();
+    let hashed = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|b| *b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(hashed) % SLOTS
+}
+
+/// A short string whose hash slot is `slot`: `{tag}` in a key puts it in that slot.
+pub fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); SLOTS as usize];
+        let mut left = SLOTS as usize;
+        let mut n = 0u32;
+        while left > 0 {
+            let tag = n.to_string();
+            let s = slot_of(&tag) as usize;
+            if tags[s].is_empty() {
+                tags[s] = tag;
+                left -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &tags[usize::from(slot % SLOTS)]
+}
+
+/// The primaries' addresses in a `CLUSTER SLOTS` reply: each entry is `[start, end,
+/// [host, port, id, ...], replicas...]`. Entries of another shape are skipped.
+fn parse_cluster_slots(reply: &Value) -> Vec<(String, u16)> {
+    let Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    ranges
+        .iter()
+        .filter_map(|range| {
+            let Value::Array(fields) = range else {
+                return None;
+            };
+            let Some(Value::Array(primary)) = fields.get(2) else {
+                return None;
+            };
+            let host = match primary.first()? {
+                Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+                Value::SimpleString(s) => s.clone(),
+                _ => return None,
+            };
+            let port = match primary.get(1)? {
+                Value::Int(p) => u16::try_from(*p).ok()?,
+                _ => return None,
+            };
+            Some((host, port))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_tags_put_a_key_in_the_slot_they_name() {
+        for slot in [0, 1, 866, 12539, 16383] {
+            assert_eq!(slot_of(&format!("{{{}}}anything", slot_tag(slot))), slot);
+        }
+    }
+
+    #[test]
+    fn hash_tags_decide_the_slot() {
+        assert_eq!(slot_of("{user:1}:profile"), slot_of("user:1"));
+        // The reference value from the Redis Cluster specification.
+        assert_eq!(slot_of("123456789"), 12739);
+    }
+
+    #[test]
+    fn cluster_slots_reply_names_each_primary() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(16383),
+                node("10.0.0.2", 7001),
+            ]),
+            Value::Int(3),
+        ]);
+        assert_eq!(
+            parse_cluster_slots(&reply),
+            vec![("10.0.0.1".to_owned(), 7000), ("10.0.0.2".to_owned(), 7001)]
+        );
+    }
+}

@@ -1,0 +1,301 @@
+//! Redis Cluster: three primaries with a replica each, started per test. Keys in every
+//! slot, tags whose members live in other slots, patterns over every primary, the
+//! truncate fallback, events, `check`'s topology checks, and a resharding under writes.
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::cluster_async::ClusterConnection;
+
+use crate::support::{RedisCluster, TestDb, postgres, wait_until};
+use crate::{Daemon, RULES, SCHEMA, WAIT, check_file, config_file, config_text_url};
+
+/// Only one cluster test at a time: six servers each, on two cores.
+static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn setup(hint: &str) -> (TestDb, RedisCluster) {
+    let db = postgres().create_database(hint).await;
+    db.execute_batch(SCHEMA).await;
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .expect("the cluster start did not panic");
+    (db, cluster)
+}
+
+fn cluster_config(db: &TestDb, cluster: &RedisCluster, rules: &str) -> pginval::config::Config {
+    let text = config_text_url(
+        db,
+        &cluster.url(),
+        &format!("{}{rules}", cluster.redis_section()),
+    );
+    pginval::config::Config::parse(std::path::Path::new("test.toml"), &text, |_| None)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn set_all(conn: &mut ClusterConnection, keys: &[String]) {
+    for key in keys {
+        let _: () = conn.set(key, "cached").await.unwrap();
+    }
+}
+
+/// How many of `keys` exist (one EXISTS per key: they live in many slots).
+async fn existing(conn: &mut ClusterConnection, keys: &[String]) -> usize {
+    let mut n = 0;
+    for key in keys {
+        match conn.exists::<_, bool>(key).await {
+            Ok(false) => {}
+            Ok(true) => n += 1,
+            Err(e) => {
+                eprintln!("DEBUG exists {key}: {e}");
+                n += 1
+            }
+        }
+    }
+    n
+}
+
+async fn wait_all_gone(conn: &ClusterConnection, keys: &[String], what: &str) {
+    wait_until(what, WAIT, || {
+        let mut conn = conn.clone();
+        async move { existing(&mut conn, keys).await == 0 }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_gets_keys_of_every_slot_tags_patterns_and_events() {
+    let _one = CLUSTER.lock().await;
+    let (db, cluster) = setup("cluster_basics").await;
+    let rules = format!("{RULES}\n[events]\nstream = \"pginval:events\"\n");
+    let rules = rules.replace(
+        "tags = [\"user:{id}\"]\n",
+        "tags = [\"user:{id}\"]\nentity = \"user\"\n",
+    );
+    let daemon = Daemon::start(&db, cluster_config(&db, &cluster, &rules)).await;
+    let mut conn = cluster.connection().await;
+
+    // One transaction touching 200 users: its keys spread over most primaries and
+    // many slots, in one batch.
+    let user_keys: Vec<String> = (1..=200)
+        .flat_map(|id| [format!("user:{id}"), format!("user_full:{id}")])
+        .collect();
+    set_all(&mut conn, &user_keys).await;
+    // A tag whose members live in other slots than the tag's set.
+    let members: Vec<String> = (0..50).map(|i| format!("page:{i}")).collect();
+    set_all(&mut conn, &members).await;
+    let _: () = conn.sadd("cache_tag:user:7", &members).await.unwrap();
+    let untouched = vec!["user:250".to_owned(), "page:other".to_owned()];
+    set_all(&mut conn, &untouched).await;
+    db.execute_batch("UPDATE users SET name = name || '!' WHERE id <= 200")
+        .await;
+    let mut gone = user_keys.clone();
+    gone.extend(members.iter().cloned());
+    gone.push("cache_tag:user:7".into());
+    wait_all_gone(
+        &conn,
+        &gone,
+        "the users' keys and the tag's members are deleted",
+    )
+    .await;
+    assert_eq!(existing(&mut conn, &untouched).await, 2, "other keys stay");
+    wait_until("one event per changed user is in the stream", WAIT, || {
+        let mut conn = conn.clone();
+        async move { conn.xlen::<_, usize>("pginval:events").await.unwrap_or(0) >= 200 }
+    })
+    .await;
+
+    // TRUNCATE: the fallback's patterns (post:*, user_posts:*) and tag patterns
+    // (category:*) reach keys on every primary.
+    let post_keys: Vec<String> = (1..=60)
+        .flat_map(|id| [format!("post:{id}"), format!("user_posts:{id}")])
+        .collect();
+    set_all(&mut conn, &post_keys).await;
+    let lists: Vec<String> = (0..3).map(|c| format!("list:cat{c}")).collect();
+    set_all(&mut conn, &lists).await;
+    for (c, list) in lists.iter().enumerate() {
+        let _: () = conn
+            .sadd(format!("cache_tag:category:{c}"), list)
+            .await
+            .unwrap();
+    }
+    db.execute_batch("TRUNCATE posts").await;
+    let mut gone = post_keys.clone();
+    gone.extend(lists.iter().cloned());
+    gone.extend((0..3).map(|c| format!("cache_tag:category:{c}")));
+    wait_all_gone(&conn, &gone, "the truncate fallback reaches every primary").await;
+    assert_eq!(existing(&mut conn, &untouched).await, 2, "other keys stay");
+
+    // pginval's own state lives on the cluster too.
+    let marker = format!("pginval:slot-state:{}:{}", db.name, db.name);
+    assert!(
+        conn.exists::<_, bool>(&marker).await.unwrap(),
+        "the slot marker {marker} is kept in the cluster"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_tag_on_a_cluster_is_flushed_in_chunks_and_finished_after_a_crash() {
+    let _one = CLUSTER.lock().await;
+    let (db, cluster) = setup("cluster_big_tag").await;
+    let mut conn = cluster.connection().await;
+    // An interrupted chunked flush left its spill key (in the tag's slot) behind.
+    let members: Vec<String> = (0..6000).map(|i| format!("item:{i}")).collect();
+    set_all(&mut conn, &members).await;
+    let _: () = conn
+        .sadd("cache_tag:user:9", &members[..5000])
+        .await
+        .unwrap();
+    let slot_tag_key = {
+        // The spill key pginval uses on a cluster: `{<tag of the slot>}pginval-flushing:<tag key>`.
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &cluster.ports()[0].to_string(),
+                "cluster",
+                "keyslot",
+                "cache_tag:user:9",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u16>()
+            .unwrap()
+    };
+    let spill = (0u32..)
+        .map(|n| n.to_string())
+        .find(|tag| {
+            let out = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &cluster.ports()[0].to_string(),
+                    "cluster",
+                    "keyslot",
+                    tag,
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u16>()
+                .ok()
+                == Some(slot_tag_key)
+        })
+        .map(|tag| format!("{{{tag}}}pginval-flushing:cache_tag:user:9"))
+        .unwrap();
+    let _: () = conn.sadd(&spill, &members[5000..]).await.unwrap();
+    let daemon = Daemon::start(&db, cluster_config(&db, &cluster, RULES)).await;
+    db.execute_batch("UPDATE users SET name = 'x' WHERE id = 9")
+        .await;
+    let mut gone = members.clone();
+    gone.push("cache_tag:user:9".into());
+    gone.push(spill);
+    wait_all_gone(
+        &conn,
+        &gone,
+        "every member of the big tag and of its spill is deleted",
+    )
+    .await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_tells_a_cluster_from_a_single_node_and_refuses_a_mismatch() {
+    let _one = CLUSTER.lock().await;
+    let (db, cluster) = setup("cluster_check").await;
+    let as_single = config_file(&db, &config_text_url(&db, &cluster.url(), RULES));
+    let (code, out) = check_file(&as_single);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("is a node of a Redis Cluster")
+            && out.contains("set cluster = true in [redis]"),
+        "{out}"
+    );
+    let as_cluster = config_file(
+        &db,
+        &config_text_url(
+            &db,
+            &cluster.url(),
+            &format!("{}{RULES}", cluster.redis_section()),
+        ),
+    );
+    let (code, out) = check_file(&as_cluster);
+    assert_eq!(code, Some(0), "{out}");
+
+    let single = crate::support::Redis::start();
+    let wrong = config_file(
+        &db,
+        &config_text_url(
+            &db,
+            &single.url().replace("/0", ""),
+            &format!("cluster = true\n{RULES}"),
+        ),
+    );
+    let (code, out) = check_file(&wrong);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("is not a cluster node") && out.contains("remove cluster = true"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_under_writes_loses_no_delete() {
+    let _one = CLUSTER.lock().await;
+    let (db, cluster) = setup("cluster_reshard").await;
+    let daemon = Daemon::start(&db, cluster_config(&db, &cluster, RULES)).await;
+    let mut conn = cluster.connection().await;
+    let keys: Vec<String> = (1..=300).map(|id| format!("user:{id}")).collect();
+    set_all(&mut conn, &keys).await;
+
+    // Move a third of the first primary's slots to the second while users change.
+    let primaries = cluster.primaries();
+    let (from, to) = (cluster.node_id(primaries[0]), cluster.node_id(primaries[1]));
+    let reshard = {
+        let ports = cluster.ports();
+        let seed = ports[0];
+        std::thread::spawn(move || {
+            std::process::Command::new("redis-cli")
+                .args(["--cluster", "reshard", &format!("127.0.0.1:{seed}")])
+                .args(["--cluster-from", &from, "--cluster-to", &to])
+                .args(["--cluster-slots", "1800", "--cluster-yes"])
+                .args(["--cluster-pipeline", "10"])
+                .output()
+                .expect("running redis-cli --cluster reshard")
+        })
+    };
+    let client = db.client().await;
+    let mut rounds = 0;
+    while !reshard.is_finished() || rounds < 3 {
+        // Every key is cached again, then its row changes: each round's deletes must
+        // all land, wherever their slot is at that moment.
+        set_all(&mut conn, &keys).await;
+        client
+            .batch_execute("UPDATE users SET name = name || '.' WHERE id <= 300")
+            .await
+            .unwrap();
+        wait_all_gone(
+            &conn,
+            &keys,
+            "every user key is deleted during the resharding",
+        )
+        .await;
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = reshard.join().unwrap();
+    assert!(
+        out.status.success(),
+        "reshard failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Valkey's replicas may show a migrated slot as importing for a moment longer.
+    cluster.wait_ok(Duration::from_secs(30));
+    assert!(
+        cluster.primaries().len() == 3,
+        "the slots moved between the three primaries"
+    );
+    daemon.stop().await.unwrap();
+}
