@@ -138,6 +138,7 @@ async fn main() {
         vec![redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap()],
         false,
         None,
+        &Default::default(),
         TagLayout::Set {
             key: "cache_tag:{tag}".into(),
         },

@@ -564,6 +564,7 @@ async fn check_redis(config: &Config, report: &mut CheckReport) {
             seeds,
             config.redis_cluster,
             config.redis_ca.as_deref(),
+            &config.redis_durability,
             config.tags.clone(),
             None,
             true,

@@ -108,6 +108,18 @@ pub struct RedisConfig {
     /// TLS of `url` apply to them).
     #[serde(default)]
     pub nodes: Vec<Spanned<String>>,
+    /// After Redis failed (or a cluster's primaries changed), apply what was sent in
+    /// this last stretch again: a delete the old primary acknowledged but had not
+    /// replicated is otherwise lost on failover. Default "10s"; "0s" turns it off.
+    #[serde(default)]
+    pub replay_window: Option<Spanned<String>>,
+    /// A batch counts as applied only once this many replicas of each primary have it
+    /// (`WAIT`); default 0 (off).
+    #[serde(default)]
+    pub wait_replicas: Option<Spanned<u32>>,
+    /// How long one `WAIT` may take before the batch is retried; default "1s".
+    #[serde(default)]
+    pub wait_timeout: Option<Spanned<String>>,
 }
 
 /// `[tags]`: how cache tags are stored.
@@ -327,6 +339,9 @@ impl Default for RedisConfig {
             ca_file: None,
             cluster: default_false(),
             nodes: Vec::new(),
+            replay_window: None,
+            wait_replicas: None,
+            wait_timeout: None,
         }
     }
 }
@@ -337,6 +352,27 @@ impl Default for TagsConfig {
             key: default_tag_key(),
             prefix: String::new(),
             namespace: String::new(),
+        }
+    }
+}
+
+/// What makes deletes survive a Redis failover.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Durability {
+    /// What was sent this long before a failure is applied again after it.
+    pub replay_window: Duration,
+    /// Replicas of each primary that must have a batch before it counts (`WAIT`).
+    pub wait_replicas: u32,
+    /// Bound of one `WAIT`.
+    pub wait_timeout: Duration,
+}
+
+impl Default for Durability {
+    fn default() -> Durability {
+        Durability {
+            replay_window: Duration::from_secs(10),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -384,6 +420,9 @@ pub struct Config {
     pub redis_cluster: bool,
     /// Cluster seed nodes besides `redis` (`[redis] nodes`).
     pub redis_nodes: Vec<redis::ConnectionInfo>,
+    /// What makes deletes survive a Redis failover (`[redis] replay_window`,
+    /// `wait_replicas`, `wait_timeout`).
+    pub redis_durability: Durability,
     /// The compiled rules.
     pub rules: RuleSet,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`.
@@ -783,6 +822,7 @@ impl Config {
                 Some("list what hints may name, like key_prefixes = [\"report:\"] (\"\" allows every key to every role that can log in)".into()),
             ));
         }
+        let redis_durability = durability(&redis, &lines, &mut problems);
         let state_db = *state.redis_db.get_ref();
         let cluster = *redis.cluster.get_ref();
         let redis_nodes = cluster_seeds(&redis, redis_info.as_ref(), &lines, &mut problems);
@@ -899,6 +939,7 @@ impl Config {
                 state_redis,
                 redis_cluster: cluster,
                 redis_nodes,
+                redis_durability,
                 rules,
                 metrics_listen,
                 max_lag: Duration::from_secs(metrics.max_lag_secs.max(1)),
@@ -906,6 +947,50 @@ impl Config {
             }),
             _ => Err(fail(problems)),
         }
+    }
+}
+
+/// `[redis] replay_window`, `wait_replicas` and `wait_timeout`, with a problem for each
+/// that is not a duration.
+fn durability(redis: &RedisConfig, lines: &LineIndex, problems: &mut Vec<Problem>) -> Durability {
+    let mut duration = |field: &Option<Spanned<String>>, name: &str, default: Duration| {
+        let Some(value) = field else {
+            return default;
+        };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) => d,
+            Err(_) => {
+                problems.push(Problem::new(
+                    lines.line_of(&value.span()),
+                    format!("[redis] {name} \"{}\" is not a duration", value.get_ref()),
+                    Some("write a duration like \"10s\" or \"500ms\"".into()),
+                ));
+                default
+            }
+        }
+    };
+    let replay_window = duration(
+        &redis.replay_window,
+        "replay_window",
+        Duration::from_secs(10),
+    );
+    let wait_timeout = duration(&redis.wait_timeout, "wait_timeout", Duration::from_secs(1));
+    if wait_timeout.is_zero() {
+        let span = redis
+            .wait_timeout
+            .as_ref()
+            .map(|v| v.span())
+            .unwrap_or(0..0);
+        problems.push(Problem::new(
+            lines.line_of(&span),
+            "[redis] wait_timeout is 0, which makes WAIT block until the replicas answer, however long",
+            Some("give a bound like \"1s\"".into()),
+        ));
+    }
+    Durability {
+        replay_window,
+        wait_replicas: redis.wait_replicas.as_ref().map_or(0, |n| *n.get_ref()),
+        wait_timeout,
     }
 }
 

@@ -35,6 +35,10 @@ pub const FALLBACKS: &str = "pginval_fallbacks";
 pub const REDIS_COMMANDS: &str = "pginval_redis_commands";
 /// Failed Redis attempts.
 pub const REDIS_ERRORS: &str = "pginval_redis_errors";
+/// Redis failovers (or outages) after which the replay window was applied again.
+pub const REDIS_REPLAYS: &str = "pginval_redis_failover_replays";
+/// Invalidations that fell out of the replay window because it was full.
+pub const REPLAY_DROPPED: &str = "pginval_replay_window_dropped";
 /// Entity events published.
 pub const EVENTS: &str = "pginval_events_published";
 /// Entity events a message broker confirmed, by sink (`amqp`, `nats`).
@@ -127,6 +131,10 @@ pub struct Metrics {
     pub redis_commands: Counter,
     /// See [`REDIS_ERRORS`].
     pub redis_errors: Counter,
+    /// See [`REDIS_REPLAYS`].
+    pub redis_replays: Counter,
+    /// See [`REPLAY_DROPPED`].
+    pub replay_dropped: Counter,
     /// See [`EVENTS`].
     pub events: Counter,
     /// See [`EVENTS_CONFIRMED`].
@@ -189,6 +197,8 @@ impl Metrics {
             fallbacks: Family::default(),
             redis_commands: Counter::default(),
             redis_errors: Counter::default(),
+            redis_replays: Counter::default(),
+            replay_dropped: Counter::default(),
             events: Counter::default(),
             events_confirmed: Family::default(),
             event_sink_errors: Family::default(),
@@ -239,6 +249,16 @@ impl Metrics {
             REDIS_ERRORS,
             "Failed Redis attempts",
             m.redis_errors.clone(),
+        );
+        r.register(
+            REDIS_REPLAYS,
+            "Redis failovers or outages after which the recent invalidations were applied again",
+            m.redis_replays.clone(),
+        );
+        r.register(
+            REPLAY_DROPPED,
+            "Invalidations that fell out of the full replay window",
+            m.replay_dropped.clone(),
         );
         r.register(EVENTS, "Entity events published", m.events.clone());
         r.register(

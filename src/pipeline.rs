@@ -189,6 +189,7 @@ fn plain_sink(
         seeds,
         config.redis_cluster,
         config.redis_ca.as_deref(),
+        &config.redis_durability,
         config.tags.clone(),
         None,
         false,
@@ -239,12 +240,16 @@ pub async fn run(
         config.redis_seeds(),
         config.redis_cluster,
         config.redis_ca.as_deref(),
+        &config.redis_durability,
         config.tags.clone(),
         config.events.clone(),
         config.dry_run,
         metrics.clone(),
         health.clone(),
     )?;
+    if let Some(watch) = sink.failover_watch() {
+        background.push(tokio::spawn(watch));
+    }
     // pginval's own state: the cache's server, a database of its own (`[state]`).
     let mut own = plain_sink(&config, Db::State, &metrics, &health)?;
     if let Err(e) = sink.ping().await {

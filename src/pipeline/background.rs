@@ -29,6 +29,7 @@ pub(super) async fn poll_stats(
         config.redis_seeds(),
         config.redis_cluster,
         config.redis_ca.as_deref(),
+        &config.redis_durability,
         config.tags.clone(),
         None,
         true,

@@ -188,6 +188,7 @@ async fn tell_event_consumers<'a>(
         config.redis_seeds(),
         config.redis_cluster,
         config.redis_ca.as_deref(),
+        &config.redis_durability,
         config.tags.clone(),
         Some(events_config.clone()),
         false,

@@ -13,6 +13,7 @@ pub mod events;
 pub mod nats;
 pub mod redelete;
 pub mod redis;
+pub mod replay;
 pub mod tags;
 
 /// Where a unit of work ([`Work`] and the entity events of its

@@ -16,11 +16,13 @@ mod conn;
 
 use conn::{Conn, Primary, Target};
 
+use crate::config::Durability;
 use crate::metrics::{Health, Metrics};
 use crate::rules::invalidation::{Event, TagAction, Work};
 
 use super::Sink;
 use super::events::EventsConfig;
+use super::replay::{self, ReplayWindow};
 use super::tags::TagLayout;
 
 /// SCAN / SSCAN / ZSCAN COUNT hint.
@@ -129,14 +131,30 @@ fn spill_pattern(tag_key_pattern: &str, cluster: bool) -> String {
 
 /// An error talking to Redis.
 #[derive(Debug, thiserror::Error)]
-#[error("redis: {0}")]
-pub struct SinkError(#[from] RedisError);
+pub enum SinkError {
+    /// What Redis (or reaching it) answered.
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    /// `WAIT` saw fewer replicas acknowledge the batch than `[redis] wait_replicas`.
+    #[error(
+        "redis: only {acked} of {wanted} replicas acknowledged the batch within the wait timeout"
+    )]
+    TooFewReplicas {
+        /// Replicas that acknowledged.
+        acked: i64,
+        /// `[redis] wait_replicas`.
+        wanted: u32,
+    },
+}
 
 impl SinkError {
     /// Whether the error is about reaching Redis (retried without limit) rather than
     /// about a command (retried a few times).
     pub fn is_connection_error(&self) -> bool {
-        let e = &self.0;
+        let e = match self {
+            SinkError::Redis(e) => e,
+            SinkError::TooFewReplicas { .. } => return true,
+        };
         e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()
@@ -168,7 +186,20 @@ pub struct RedisSink {
     dry_run: bool,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// What was sent lately, to apply again after a failover.
+    replay: Arc<std::sync::Mutex<ReplayWindow>>,
+    /// A unit failed since the last replay: the next success replays the window.
+    replay_owed: bool,
+    replay_window: Duration,
+    /// On a cluster: the primaries last seen, and when.
+    primaries_seen: Option<(tokio::time::Instant, Vec<Primary>)>,
+    wait_replicas: u32,
+    wait_timeout: Duration,
 }
+
+/// How often a cluster's primaries are compared with the last ones seen (a replica
+/// that took over means a failover).
+const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for RedisSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -195,6 +226,7 @@ impl RedisSink {
         seeds: Vec<ConnectionInfo>,
         cluster: bool,
         ca_pem: Option<&[u8]>,
+        durability: &Durability,
         tags: TagLayout,
         events: Option<EventsConfig>,
         dry_run: bool,
@@ -202,6 +234,15 @@ impl RedisSink {
         health: Arc<Health>,
     ) -> Result<RedisSink, SinkError> {
         Ok(RedisSink {
+            replay: Arc::new(std::sync::Mutex::new(ReplayWindow::new(
+                durability.replay_window,
+                replay::MAX_ENTRIES,
+            ))),
+            replay_window: durability.replay_window,
+            replay_owed: false,
+            primaries_seen: None,
+            wait_replicas: durability.wait_replicas,
+            wait_timeout: durability.wait_timeout,
             target: Target::new(seeds, cluster, ca_pem)?,
             conn: None,
             generation: 0,
@@ -418,11 +459,123 @@ impl RedisSink {
             );
             return Ok(());
         }
+        self.record(inv);
         let result = self.try_apply(inv, events).await;
         if result.is_err() {
             self.conn = None;
         }
         result
+    }
+
+    /// Keeps `inv` in the replay window (as it is sent: keeping it early is safe).
+    fn record(&self, inv: &Work) {
+        let dropped = self
+            .replay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(std::time::Instant::now(), inv);
+        if dropped > 0 {
+            self.metrics.replay_dropped.inc_by(dropped as u64);
+            tracing::debug!(
+                dropped,
+                "the replay window is full; its oldest invalidations went"
+            );
+        }
+    }
+
+    /// After a failure (or a changed cluster topology): applies everything of the
+    /// replay window again, until Redis acknowledges. The promoted replica may lack
+    /// deletes the old primary had acknowledged; deleting again is always safe.
+    async fn replay_after_failover(&mut self, why: &str) {
+        self.replay_owed = false;
+        let replay = self
+            .replay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replay();
+        let Some(work) = replay else {
+            return;
+        };
+        self.metrics.redis_replays.inc();
+        tracing::warn!(
+            keys = work.keys.len(),
+            tags = work.tags.len(),
+            patterns = work.key_patterns.len() + work.tag_patterns.len(),
+            why,
+            "applying the replay window again: a failed-over Redis may have lost deletes its old primary acknowledged"
+        );
+        let mut backoff = MIN_BACKOFF;
+        while let Err(e) = self.try_apply(&work, &[]).await {
+            self.conn = None;
+            self.metrics.redis_errors.inc();
+            tracing::debug!(error = %e, ?backoff, "replaying the window failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// On a cluster, a task that looks at its primaries every [`TOPOLOGY_CHECK`] and,
+    /// when one appeared that was not one before (a replica took over), applies the
+    /// replay window again on a connection of its own. `None` on a single node (its
+    /// failovers show as errors, after which the sink replays itself) or without a
+    /// replay window.
+    pub fn failover_watch(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        if !self.target.is_cluster() || self.dry_run || self.replay_window.is_zero() {
+            return None;
+        }
+        let mut watcher = RedisSink {
+            target: self.target.clone(),
+            conn: None,
+            generation: 0,
+            tags: self.tags.clone(),
+            events: None,
+            flush_tag: Script::new(FLUSH_TAG_LUA),
+            dry_run: false,
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            replay: self.replay.clone(),
+            replay_window: self.replay_window,
+            replay_owed: false,
+            primaries_seen: None,
+            wait_replicas: self.wait_replicas,
+            wait_timeout: self.wait_timeout,
+        };
+        Some(async move {
+            let mut tick = tokio::time::interval(TOPOLOGY_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if watcher.primaries_changed().await {
+                    watcher
+                        .replay_after_failover("a replica of the cluster took over")
+                        .await;
+                }
+            }
+        })
+    }
+
+    /// Whether a primary appeared that was not one at the last look (a replica took
+    /// over); the first look only remembers.
+    async fn primaries_changed(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let Ok(mut conn) = self.connection().await else {
+            self.conn = None;
+            return false;
+        };
+        let now_primaries = match conn.primaries().await {
+            Ok(p) => p,
+            Err(e) => {
+                self.conn = None;
+                tracing::debug!(error = %e, "cannot read the cluster's primaries");
+                return false;
+            }
+        };
+        let changed = self
+            .primaries_seen
+            .as_ref()
+            .is_some_and(|(_, seen)| now_primaries.iter().any(|p| !seen.contains(p)));
+        self.primaries_seen = Some((now, now_primaries));
+        changed
     }
 
     /// Applies `inv` and publishes `events`, retrying with capped exponential backoff
@@ -444,6 +597,9 @@ impl RedisSink {
                             down_secs = down.as_secs_f64(),
                             "redis is back; invalidations resumed"
                         );
+                    }
+                    if failing_since.is_some() || self.replay_owed {
+                        self.replay_after_failover("redis failed").await;
                     }
                     return;
                 }
@@ -580,7 +736,7 @@ impl RedisSink {
             }
             self.metrics.events.inc_by(events.len() as u64);
         }
-        Ok(())
+        wait_for_replicas(&mut conn, self.wait_replicas, self.wait_timeout).await
     }
 
     /// The script call flushing one tag. On a cluster the script only moves the
@@ -732,6 +888,30 @@ impl RedisSink {
     }
 }
 
+/// With `replicas` > 0: `WAIT replicas timeout` on every primary (on the connection
+/// the batch went on, so it covers the batch); fewer acknowledgements fail the batch.
+async fn wait_for_replicas(
+    conn: &mut Conn,
+    replicas: u32,
+    timeout: Duration,
+) -> Result<(), SinkError> {
+    if replicas == 0 {
+        return Ok(());
+    }
+    let mut wait = redis::cmd("WAIT");
+    wait.arg(replicas).arg(timeout.as_millis() as u64);
+    for primary in conn.primaries().await? {
+        let acked: i64 = conn.on(&primary, &wait).await?;
+        if acked < i64::from(replicas) {
+            return Err(SinkError::TooFewReplicas {
+                acked,
+                wanted: replicas,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A numeric field of an `INFO` reply.
 fn info_field(info: &str, name: &str) -> Option<u64> {
     info.lines()
@@ -770,11 +950,14 @@ impl Sink for RedisSink {
             return None;
         }
         let mut conn = self.conn.clone()?;
+        self.record(inv);
         let cmds = key_commands(&conn, inv);
         self.metrics.redis_commands.inc_by(cmds.len() as u64);
         let health = self.health.clone();
+        let (replicas, timeout) = (self.wait_replicas, self.wait_timeout);
         Some((self.generation, async move {
             conn.run(cmds).await?;
+            wait_for_replicas(&mut conn, replicas, timeout).await?;
             health.set_redis_ok(true);
             Ok(())
         }))
@@ -787,6 +970,7 @@ impl Sink for RedisSink {
     /// Drops the connection of `generation` after a batch failed on it, so the retry
     /// connects afresh; true when it was still the current one.
     fn discard_connection(&mut self, generation: u64) -> bool {
+        self.replay_owed = true;
         let current = self.conn.is_some() && self.generation == generation;
         if current {
             self.conn = None;

@@ -299,3 +299,139 @@ async fn resharding_under_writes_loses_no_delete() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// `EXISTS key` asked of the node on `port` alone.
+async fn exists_on(cluster: &RedisCluster, port: u16, key: &str) -> bool {
+    let mut node = cluster.node(port).await;
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<bool>(&mut node)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_loses_an_acknowledged_delete_is_repaired_by_the_replay_window() {
+    let _one = CLUSTER.lock().await;
+    let (db, mut cluster) = setup("cluster_failover").await;
+    let daemon = Daemon::start(&db, cluster_config(&db, &cluster, RULES)).await;
+    let (primary, replica) = cluster.owner_of("user:1");
+    // user:1 is cached, and its replica has it.
+    let mut on_primary = cluster.node(primary).await;
+    let _: () = on_primary.set("user:1", "cached").await.unwrap();
+    let replicated: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5_000)
+        .query_async(&mut on_primary)
+        .await
+        .unwrap();
+    assert_eq!(replicated, 1, "the replica has user:1");
+    // The replica stops, and the primary drops its replication link: the delete
+    // pginval is about to make stays with the primary, which acknowledges it and dies
+    // before replicating it.
+    cluster.signal(replica, "STOP");
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("slave")
+        .query_async(&mut on_primary)
+        .await
+        .unwrap();
+    db.execute_batch("UPDATE users SET name = 'x' WHERE id = 1")
+        .await;
+    wait_until("pginval deleted user:1 on its primary", WAIT, || async {
+        !exists_on(&cluster, primary, "user:1").await
+    })
+    .await;
+    cluster.kill(primary);
+    cluster.signal(replica, "CONT");
+    let mut on_replica = cluster.node(replica).await;
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .arg("TAKEOVER")
+        .query_async(&mut on_replica)
+        .await
+        .unwrap();
+    wait_until("the replica took over", WAIT, || async {
+        cluster.serves_as_primary(replica)
+    })
+    .await;
+    assert!(
+        exists_on(&cluster, replica, "user:1").await,
+        "the promoted replica lacks the delete (the loss this test is about)"
+    );
+    // Without any further change, pginval notices the new primary (it looks every
+    // second) and applies its replay window again.
+    wait_until(
+        "the replay deleted user:1 on the new primary",
+        WAIT,
+        || async { !exists_on(&cluster, replica, "user:1").await },
+    )
+    .await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_holds_the_flush_position_until_a_replica_has_the_delete() {
+    let _one = CLUSTER.lock().await;
+    let (db, cluster) = setup("cluster_wait").await;
+    let port = crate::support::free_port();
+    let text = crate::suite::ops::with_metrics(
+        &config_text_url(
+            &db,
+            &cluster.url(),
+            &format!(
+                "{}wait_replicas = 1\nwait_timeout = \"200ms\"\n{RULES}",
+                cluster.redis_section()
+            ),
+        ),
+        port,
+    );
+    let config = pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let daemon = Daemon::start(&db, config).await;
+    let (primary, replica) = cluster.owner_of("user:1");
+    let mut conn = cluster.connection().await;
+    let _: () = conn.set("user:1", "cached").await.unwrap();
+    cluster.signal(replica, "STOP");
+    // A WAL position inside the transaction, before its commit record.
+    let in_commit = db
+        .client()
+        .await
+        .query_one(
+            "UPDATE users SET name = 'x' WHERE id = 1
+             RETURNING (pg_current_wal_insert_lsn() - '0/0')::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0) as u64;
+    wait_until("pginval deleted user:1 on its primary", WAIT, || async {
+        !exists_on(&cluster, primary, "user:1").await
+    })
+    .await;
+    // Its WAIT times out again and again: the batch is not acknowledged.
+    wait_until(
+        "pginval retried the unreplicated batch three times",
+        WAIT,
+        || async {
+            let metrics = crate::suite::ops::get(port, "/metrics").await;
+            metrics.is_some_and(|(_, m)| {
+                crate::suite::ops::sample(&m, "pginval_redis_errors_total") >= 3.0
+            })
+        },
+    )
+    .await;
+    assert!(
+        crate::confirmed_lsn(&db).await < in_commit,
+        "the flush position stays before a delete that only the primary has"
+    );
+    cluster.signal(replica, "CONT");
+    wait_until(
+        "the flush position passes the delete once replicated",
+        WAIT,
+        || async { crate::confirmed_lsn(&db).await > in_commit },
+    )
+    .await;
+    daemon.stop().await.unwrap();
+}

@@ -100,9 +100,12 @@ impl RedisCluster {
 
     /// A plain connection to the node on `port`.
     pub async fn node(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(10)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
         redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .expect("a valid URL")
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap_or_else(|e| panic!("connecting to node {port}: {e}"))
     }
@@ -117,6 +120,58 @@ impl RedisCluster {
             .expect("a node runs")
             .0;
         primaries_in(&self.cluster_nodes(ask))
+    }
+
+    /// The ports of the primary serving `key`'s slot and of its replica.
+    pub fn owner_of(&self, key: &str) -> (u16, u16) {
+        let ask = self
+            .nodes
+            .iter()
+            .find(|(_, c)| c.is_some())
+            .expect("a node runs")
+            .0;
+        let out = Command::new("redis-cli")
+            .args(["-p", &ask.to_string(), "cluster", "keyslot", key])
+            .output()
+            .expect("running redis-cli");
+        let slot: u16 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number");
+        let nodes = self.cluster_nodes(ask);
+        let port_of = |line: &str| -> u16 {
+            let addr = line.split_whitespace().nth(1).expect("an address");
+            addr.split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .expect("a port")
+        };
+        let primary = nodes
+            .lines()
+            .find(|l| {
+                role_of(l) == Some("master")
+                    && l.split_whitespace().skip(8).any(|range| {
+                        let (a, b) = range.split_once('-').unwrap_or((range, range));
+                        matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+                    })
+            })
+            .expect("a primary serves the slot");
+        let id = primary.split_whitespace().next().expect("an id");
+        let replica = nodes
+            .lines()
+            .find(|l| role_of(l) == Some("slave") && l.split_whitespace().nth(3) == Some(id))
+            .expect("the primary has a replica");
+        (port_of(primary), port_of(replica))
+    }
+
+    /// Whether the node on `port` is a primary serving slots and sees the cluster ok.
+    pub fn serves_as_primary(&self, port: u16) -> bool {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "cluster", "info"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.contains("cluster_state:ok") && primaries_in(&self.cluster_nodes(port)).contains(&port)
     }
 
     /// `redis-cli -p port CLUSTER NODES`.

@@ -21,6 +21,7 @@ const KEYS_PER_UNLINK: usize = 256;
 const SLOTS: u16 = 16384;
 
 /// Where the cache lives: one node, or the seed nodes of a cluster.
+#[derive(Clone)]
 pub enum Target {
     /// One server (or whatever answers at its address).
     Node(Client),
@@ -92,6 +93,11 @@ impl Target {
         }
         let info = seeds.into_iter().next().expect("a target has a URL");
         Ok(Target::Node(open(info)?))
+    }
+
+    /// Whether this is a cluster target.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Target::Cluster { .. })
     }
 
     /// Sends `cmd` to the node at the (first) configured address alone, on a
