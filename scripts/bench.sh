@@ -12,7 +12,8 @@
 #   --rates LIST      fixed pgbench rates for the latency test (default 2000,5000)
 #   --big-scale S     pgbench scale of the big-transaction database (default 10: 1,000,000 rows)
 #   --big-runs N      big-transaction runs (default: --runs)
-#   --only LIST       phases to run, of catchup,events,latency,big (default all; events
+#   --only LIST       phases to run, of catchup,cluster,events,latency,big (default all;
+#                     cluster starts a 3-primary Redis Cluster (redis-cli --cluster create); events
 #                     needs RabbitMQ, --amqp-url, default amqp://guest:guest@127.0.0.1:5672/%2f)
 #   --confirm-wait S  after the last key is deleted, how long to watch the slot's
 #                     confirmed_flush_lsn reach the end (diagnostic; default 1)
@@ -52,7 +53,7 @@ BACKLOG=40000
 LATENCY_SECS=15
 RATES=2000,5000
 BIG_SCALE=10
-ONLY=catchup,events,latency,big
+ONLY=catchup,cluster,events,latency,big
 JSON=''
 CONFIRM_WAIT=1
 KEEP_FILES=false
@@ -71,7 +72,7 @@ while (($#)); do
     --latency-secs) number "$1" "${2:-}"; LATENCY_SECS=$2; shift ;;
     --rates) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--rates needs a list like 2000,5000"; RATES=$2; shift ;;
     --big-scale) number "$1" "${2:-}"; BIG_SCALE=$2; shift ;;
-    --only) [[ ${2:-} =~ ^(catchup|events|latency|big)(,(catchup|events|latency|big))*$ ]] || die "--only needs a list of catchup,events,latency,big"; ONLY=$2; shift ;;
+    --only) [[ ${2:-} =~ ^(catchup|cluster|events|latency|big)(,(catchup|cluster|events|latency|big))*$ ]] || die "--only needs a list of catchup,cluster,events,latency,big"; ONLY=$2; shift ;;
     --confirm-wait) number "$1" "${2:-}"; CONFIRM_WAIT=$2; shift ;;
     --json) [[ -n ${2:-} ]] || die "--json needs a file name"; JSON=$(realpath -m -- "$2"); shift ;;
     --quick) RUNS=1 BACKLOG=4000 LATENCY_SECS=5 BIG_SCALE=1 ;;
@@ -239,7 +240,7 @@ pgbench_init() { # DB SCALE
     || { cat "$WORK/pgbench-init-$1.log" >&2; die "pgbench -i failed"; }
   psql_ -d "$1" -c "CREATE PUBLICATION $3 FOR TABLE pgbench_accounts, pgbench_tellers, pgbench_branches" >/dev/null
 }
-if [[ $ONLY == *catchup* || $ONLY == *events* || $ONLY == *latency* ]]; then pgbench_init bench 1 bench_all; fi
+if [[ $ONLY == *catchup* || $ONLY == *cluster* || $ONLY == *events* || $ONLY == *latency* ]]; then pgbench_init bench 1 bench_all; fi
 if [[ $ONLY == *big* ]]; then pgbench_init bigtx "$BIG_SCALE" bench_big; fi
 
 # ------------------------------------------------------------------------------ run

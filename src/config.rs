@@ -1303,6 +1303,28 @@ keys = ["post:{id}", "user_posts:{author_id}"]
             messages[1].0 == Some(6) && messages[1].1.contains("[state] redis_db does not apply"),
             "{e}"
         );
+        let text = format!(
+            "[redis]\nreplay_window = \"soon\"\nwait_replicas = 1\nwait_timeout = \"0s\"\n{GOOD}"
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.problems[0].line == Some(2)
+                && e.problems[0]
+                    .message
+                    .contains("replay_window \"soon\" is not a duration"),
+            "{e}"
+        );
+        assert!(
+            e.problems[1].line == Some(4) && e.problems[1].message.contains("wait_timeout is 0"),
+            "{e}"
+        );
+        let ok = parse(&format!(
+            "[redis]\nreplay_window = \"0s\"\nwait_replicas = 2\n{GOOD}"
+        ))
+        .unwrap();
+        assert_eq!(ok.redis_durability.replay_window, Duration::ZERO);
+        assert_eq!(ok.redis_durability.wait_replicas, 2);
+        assert_eq!(parse(GOOD).unwrap().redis_durability, Durability::default());
         let text = format!("[redis]\nnodes = [\"10.0.0.2:7000\", \"no such:port\"]\n{GOOD}");
         let e = parse(&text).unwrap_err();
         assert!(

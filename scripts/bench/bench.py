@@ -123,6 +123,115 @@ class Redis:
         self.cmd("EVAL", lua, 0, prefix, first, last)
 
 
+def crc16(data):
+    """CRC16-XMODEM, Redis Cluster's key hash."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def key_slot(key):
+    k = key.encode() if isinstance(key, str) else key
+    start = k.find(b"{")
+    if start >= 0:
+        end = k.find(b"}", start + 1)
+        if end > start + 1:
+            k = k[start + 1 : end]
+    return crc16(k) % 16384
+
+
+class Cluster:
+    """A Redis Cluster of 3 primaries with a replica each, on free ports, for the
+    cluster phase; a plain connection per node, keys routed by CLUSTER SLOTS."""
+
+    def __init__(self, work):
+        self.ports = []
+        while len(self.ports) < 6:
+            port = free_port()
+            if port < 55000 and port not in self.ports:
+                try:
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", port + 10000))  # the cluster bus port
+                    self.ports.append(port)
+                except OSError:
+                    pass
+        self.procs = []
+        for port in self.ports:
+            d = os.path.join(work, f"cluster-{port}")
+            os.makedirs(d, exist_ok=True)
+            self.procs.append(Proc(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--cluster-enabled", "yes", "--dir", d,
+                                    "--cluster-config-file", "nodes.conf"],
+                                   logfile=os.path.join(d, "redis.log"), timefile=os.path.join(d, "redis.time")))
+        for port in self.ports:
+            deadline = time.time() + 10
+            while True:
+                try:
+                    Redis("127.0.0.1", port).cmd("PING")
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"cluster node {port} did not start")
+                    time.sleep(0.05)
+        out = subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                              "--cluster-replicas", "1", "--cluster-yes"], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout}{out.stderr}")
+        deadline = time.time() + 60
+        while True:
+            infos = [Redis("127.0.0.1", p).cmd("CLUSTER", "INFO") for p in self.ports]
+            if all(b"cluster_state:ok" in i for i in infos) and self.load_slots() == 3:
+                break
+            if time.time() > deadline:
+                raise RuntimeError("the cluster did not become ok")
+            time.sleep(0.2)
+        self.conns = {p: Redis("127.0.0.1", p) for p in set(self.owners)}
+        for p in self.ports:
+            Redis("127.0.0.1", p).cmd("CONFIG", "SET", "notify-keyspace-events", "Kg")
+
+    def load_slots(self):
+        """Reads the slot map; returns how many primaries serve slots."""
+        self.owners = [None] * 16384
+        for entry in Redis("127.0.0.1", self.ports[0]).cmd("CLUSTER", "SLOTS"):
+            for slot in range(entry[0], entry[1] + 1):
+                self.owners[slot] = entry[2][1]
+        return len(set(self.owners)) if None not in self.owners else 0
+
+    def url(self):
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def redis_section(self):
+        nodes = ", ".join(f'"127.0.0.1:{p}"' for p in self.ports[1:])
+        return f"cluster = true\nnodes = [{nodes}]\n"
+
+    def owner(self, key):
+        return self.owners[key_slot(key)]
+
+    def flushall(self):
+        for c in self.conns.values():
+            c.cmd("FLUSHALL")
+
+    def by_node(self, keys):
+        groups = {}
+        for k in keys:
+            groups.setdefault(self.owner(k), []).append(k)
+        return groups
+
+    def populate(self, prefix, first, last):
+        for port, keys in self.by_node([f"{prefix}{i}" for i in range(first, last + 1)]).items():
+            self.conns[port].pipeline([["SET", k, "x"] for k in keys])
+
+    def existing(self, keys):
+        left = []
+        for port, ks in self.by_node(keys).items():
+            left += [k for k, e in zip(ks, self.conns[port].pipeline([["EXISTS", k] for k in ks])) if e]
+        return left
+
+
 class Watcher:
     """Reads a byte stream (a socket, a pipe); wait_for() returns the moment a pattern
     has arrived. Bytes before a match are dropped."""
@@ -520,9 +629,11 @@ class Bench:
         server = self.server_cpu_end(begin, conn, slot)
         return {"wall_s": wall, **p.usage(), "walsender_cpu_s": server, **self.other_cpu(meter)}
 
-    def pginval_config(self, name, slot, publication, max_keys=None, metrics_port=None, amqp_exchange=None):
+    def pginval_config(self, name, slot, publication, max_keys=None, metrics_port=None, amqp_exchange=None, redis_extra=""):
         path = os.path.join(self.a.work, f"{name}.toml")
         limits = f"[limits]\nmax_keys_per_transaction = {max_keys}\n\n" if max_keys else ""
+        if redis_extra:
+            limits += f"[redis]\n{redis_extra}\n"
         if metrics_port:
             limits += f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n\n'
         entity = ""
@@ -539,10 +650,10 @@ class Bench:
             )
         return path
 
-    def start_pginval(self, db, config, name):
+    def start_pginval(self, db, config, name, redis_url=None):
         self.seq += 1
         logfile = os.path.join(self.a.work, f"pginval-{self.seq:02d}-{name}.log")
-        env = dict(os.environ, PGINVAL_SOURCE_URL=self.url(db), PGINVAL_REDIS_URL=self.redis_url)
+        env = dict(os.environ, PGINVAL_SOURCE_URL=self.url(db), PGINVAL_REDIS_URL=redis_url or self.redis_url)
         env.pop("RUST_LOG", None)
         p = Proc([self.a.pginval, "run", "--config", config], logfile=logfile, env=env,
                  timefile=logfile[: -len(".log")] + ".time")
@@ -561,17 +672,21 @@ class Bench:
         return len(bad)
 
     def pginval_catchup(self, db, conn, slot, publication, end_lsn, marker_key, populate, name, max_keys=None,
-                        amqp_exchange=None, last_effect=None):
+                        amqp_exchange=None, last_effect=None, cluster=None, redis_extra=""):
         """Times pginval from process start to the deletion of marker_key, or, with
         last_effect (a function that waits for the run's last effect and returns its
-        time), to that."""
-        self.redis.cmd("FLUSHALL")
+        time), to that. With `cluster` (a Cluster), against that cluster."""
+        if cluster is None:
+            self.redis.cmd("FLUSHALL")
+        else:
+            cluster.flushall()
         populate()
-        sub = Subscriber("127.0.0.1", self.a.redis_port, f"__keyspace@0__:{marker_key}")
-        config = self.pginval_config(name, slot, publication, max_keys, amqp_exchange=amqp_exchange)
+        marker_port = self.a.redis_port if cluster is None else cluster.owner(marker_key)
+        sub = Subscriber("127.0.0.1", marker_port, f"__keyspace@0__:{marker_key}")
+        config = self.pginval_config(name, slot, publication, max_keys, amqp_exchange=amqp_exchange, redis_extra=redis_extra)
         meter = self.cpu_sample()
         begin = self.server_cpu_begin()
-        p = self.start_pginval(db, config, name)
+        p = self.start_pginval(db, config, name, redis_url=None if cluster is None else cluster.url())
         perf = None
         if self.a.perf and (name.startswith("catchup") or name == "big"):
             # A CPU profile (software clock; timings of a profiled run are not comparable).
@@ -752,6 +867,74 @@ class Bench:
         self.results["catchup"] = {"transactions": txns, "row_changes": changes, "runs": runs,
                                    "bench_all": bench_all, "pginval_own": self.publication(self.connect(db), "pginval_own")}
 
+    def fresh_backlog(self, db, conn, slots, per_client, marker):
+        """New slots, then a backlog of 4 x per_client TPC-B transactions and the marker
+        update after it; returns the WAL position at the end."""
+        self.reset_slots(conn, slots)
+        self.q(conn, "TRUNCATE pgbench_history")
+        self.q(conn, "VACUUM pgbench_accounts, pgbench_tellers, pgbench_branches")
+        self.q(conn, "CHECKPOINT")
+        for s_ in slots:
+            self.q(conn, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s_,))
+        self.pgbench(db, ["-n", "-t", str(per_client), "-c", "4", "-j", "2", "-M", "prepared"])
+        self.q(conn, "UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = %s", (marker,))
+        return self.q1(conn, "SELECT pg_current_wal_lsn()::text")
+
+    # -- 1c. Redis Cluster
+
+    def cluster(self):
+        """The catch-up backlog against a 3-primary Redis Cluster (one replica each),
+        next to the same pginval against the single Redis, in the same runs; and once
+        more against the cluster with wait_replicas = 1 (WAIT after every batch)."""
+        a = self.a
+        db = "bench"
+        conn = self.connect(db)
+        naccounts, nbranches, ntellers, _, marker = self.prepare_db(conn, db)
+        self.ensure_own_publication(db, conn)
+        marker_key = f"teller:{marker}"
+        per_client = a.backlog // 4
+        txns = per_client * 4
+        cl = Cluster(a.work)
+        log(f"cluster: primaries on {sorted(set(cl.owners))}, nodes {cl.ports}")
+        self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Kg")
+
+        def populate_single():
+            self.redis.populate("acct:", 1, naccounts)
+            self.redis.populate("teller:", 1, marker)
+            self.redis.populate("branch:", 1, nbranches)
+
+        def populate_cluster():
+            cl.populate("acct:", 1, naccounts)
+            cl.populate("teller:", 1, marker)
+            cl.populate("branch:", 1, nbranches)
+
+        slots = {"single": "bench_cl_single", "cluster": "bench_cl_cluster", "wait": "bench_cl_wait"}
+        order = ["single", "cluster", "wait"]
+        runs = []
+        for i in range(a.runs):
+            end_lsn = self.fresh_backlog(db, conn, slots.values(), per_client, marker)
+            touched = [r[0] for r in self.q(conn, "SELECT 'acct:' || aid FROM pgbench_history UNION SELECT 'teller:' || tid FROM pgbench_history UNION SELECT 'branch:' || bid FROM pgbench_history")]
+            run = {"end_lsn": end_lsn}
+            rot = order[i % 3 :] + order[: i % 3]
+            for who in rot:
+                if who == "single":
+                    r = self.pginval_catchup(db, conn, slots[who], "pginval_own", end_lsn, marker_key, populate_single, "cluster-single")
+                    exists = self.redis.pipeline([["EXISTS", k] for k in touched])
+                    r["keys_left"] = sum(1 for e in exists if e)
+                else:
+                    extra = cl.redis_section() + ("wait_replicas = 1\n" if who == "wait" else "")
+                    r = self.pginval_catchup(db, conn, slots[who], "pginval_own", end_lsn, marker_key, populate_cluster,
+                                             f"cluster-{who}", cluster=cl, redis_extra=extra)
+                    r["keys_left"] = len(cl.existing(touched))
+                if r["keys_left"]:
+                    self.warnings.append(f"cluster run {i + 1} ({who}): {r['keys_left']} of {len(touched)} touched keys still in Redis after pginval stopped")
+                run[who] = r
+                log(f"   {who:>7}: {r['wall_s']:.3f} s, CPU {r['cpu_s']:.2f} s, {r['keys_left']} keys left, {r['log_warnings']} log warnings")
+            runs.append(run)
+        self.reset_slots(conn, slots.values())
+        conn.close()
+        self.results["cluster"] = {"transactions": txns, "runs": runs}
+
     # -- 1b. events on RabbitMQ
 
     def events(self):
@@ -791,15 +974,7 @@ class Bench:
         runs = []
         try:
             for i in range(a.runs):
-                self.reset_slots(conn, slots.values())
-                self.q(conn, "TRUNCATE pgbench_history")
-                self.q(conn, "VACUUM pgbench_accounts, pgbench_tellers, pgbench_branches")
-                self.q(conn, "CHECKPOINT")
-                for s_ in slots.values():
-                    self.q(conn, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s_,))
-                self.pgbench(db, ["-n", "-t", str(per_client), "-c", "4", "-j", "2", "-M", "prepared"])
-                self.q(conn, "UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = %s", (marker,))
-                end_lsn = self.q1(conn, "SELECT pg_current_wal_lsn()::text")
+                end_lsn = self.fresh_backlog(db, conn, slots.values(), per_client, marker)
                 run = {"end_lsn": end_lsn}
                 rot = order[i % 2:] + order[: i % 2]
                 for who in rot:
@@ -1106,6 +1281,22 @@ class Bench:
                 out(f"   RabbitMQ alone (examples/amqp_ceiling, {e['events']:,} persistent confirmed messages): {ceiling:.3f} s; "
                     f"pginval with events / RabbitMQ alone = {vs:.2f}")
             out("")
+        c = self.results.get("cluster")
+        if c:
+            runs = c["runs"]
+            n = len(runs)
+            out(f"1c. Redis Cluster (3 primaries, a replica each) vs one Redis: the catch-up backlog of {c['transactions']:,} "
+                f"transactions, pginval's own publication, median of {n} run{'s' if n != 1 else ''}")
+            single = median([r["single"]["wall_s"] for r in runs])
+            out(f"   one Redis:                 {single:.3f} s, CPU {median([r['single']['cpu_s'] for r in runs]):.2f} s")
+            for who, label, target in (("cluster", "cluster", 1.3), ("wait", "cluster, wait_replicas = 1", None)):
+                wall = median([r[who]["wall_s"] for r in runs])
+                ratio = median([r[who]["wall_s"] / r["single"]["wall_s"] for r in runs])
+                per_run = ", ".join(f"{r[who]['wall_s'] / r['single']['wall_s']:.2f}" for r in runs)
+                goal = f" (target <= {target:.2f} {verdict(ratio, target)})" if target else ""
+                out(f"   {label + ':':<27}{wall:.3f} s, CPU {median([r[who]['cpu_s'] for r in runs]):.2f} s, "
+                    f"ratio to one Redis {ratio:.2f}{goal}; per run {per_run}; keys left {sum(r[who]['keys_left'] for r in runs)}")
+            out("")
         c = self.results.get("catchup")
         if c:
             runs = c["runs"]
@@ -1253,7 +1444,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     b = Bench(a)
     try:
-        for phase in ("catchup", "events", "latency", "big"):
+        for phase in ("catchup", "cluster", "events", "latency", "big"):
             if phase in a.only:
                 getattr(b, phase)()
     finally:

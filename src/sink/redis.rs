@@ -459,7 +459,6 @@ impl RedisSink {
             );
             return Ok(());
         }
-        self.record(inv);
         let result = self.try_apply(inv, events).await;
         if result.is_err() {
             self.conn = None;
@@ -584,6 +583,11 @@ impl RedisSink {
     /// unready and the error is logged, once when it starts and once more as an error
     /// if it is not about the connection. Logs again when Redis recovers.
     pub async fn apply_until_ok(&mut self, inv: &Work, events: &[Event]) {
+        // Once, not per attempt: retries during a long outage must not push what was
+        // sent before it out of the window.
+        if !self.dry_run {
+            self.record(inv);
+        }
         let mut backoff = MIN_BACKOFF;
         let mut failing_since = None;
         let mut reported_command_error = false;

@@ -146,44 +146,23 @@ async fn big_tag_on_a_cluster_is_flushed_in_chunks_and_finished_after_a_crash() 
         .sadd("cache_tag:user:9", &members[..5000])
         .await
         .unwrap();
-    let slot_tag_key = {
-        // The spill key pginval uses on a cluster: `{<tag of the slot>}pginval-flushing:<tag key>`.
-        let out = std::process::Command::new("redis-cli")
-            .args([
-                "-p",
-                &cluster.ports()[0].to_string(),
-                "cluster",
-                "keyslot",
-                "cache_tag:user:9",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<u16>()
+    // The spill key pginval uses on a cluster: `{<tag of the slot>}pginval-flushing:<tag
+    // key>`, where the tag is the smallest number whose slot is the tag key's.
+    let mut node = cluster.node(cluster.ports()[0]).await;
+    let mut keyslot = async |key: &str| -> u16 {
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut node)
+            .await
             .unwrap()
     };
-    let spill = (0u32..)
-        .map(|n| n.to_string())
-        .find(|tag| {
-            let out = std::process::Command::new("redis-cli")
-                .args([
-                    "-p",
-                    &cluster.ports()[0].to_string(),
-                    "cluster",
-                    "keyslot",
-                    tag,
-                ])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse::<u16>()
-                .ok()
-                == Some(slot_tag_key)
-        })
-        .map(|tag| format!("{{{tag}}}pginval-flushing:cache_tag:user:9"))
-        .unwrap();
+    let tag_slot = keyslot("cache_tag:user:9").await;
+    let mut n = 0u32;
+    while keyslot(&n.to_string()).await != tag_slot {
+        n += 1;
+    }
+    let spill = format!("{{{n}}}pginval-flushing:cache_tag:user:9");
     let _: () = conn.sadd(&spill, &members[5000..]).await.unwrap();
     let daemon = Daemon::start(&db, cluster_config(&db, &cluster, RULES)).await;
     db.execute_batch("UPDATE users SET name = 'x' WHERE id = 9")

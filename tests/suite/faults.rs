@@ -616,3 +616,38 @@ async fn check_warns_of_an_idle_slot_timeout() {
         "{all}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_failed_the_replay_window_deletes_again_what_a_replica_may_lack() {
+    let (db, mut redis) = setup("replay_single").await;
+    let port = crate::support::free_port();
+    let text = crate::suite::ops::with_metrics(&config_text(&db, &redis, RULES), port);
+    let cfg = Config::parse(Path::new("t.toml"), &text, |_| None).unwrap_or_else(|e| panic!("{e}"));
+    let daemon = Daemon::start(&db, cfg).await;
+    cache(&redis, &["user:1"]).await;
+    db.execute_batch("UPDATE users SET name = 'x' WHERE id = 1")
+        .await;
+    wait_gone(&redis, &["user:1"]).await;
+    // What a promoted replica that never got that delete looks like: the server comes
+    // back holding the stale entry (locked, so pginval fails until it is unlocked).
+    redis.restart_locked("failover-test");
+    cache(&redis, &["user:1"]).await;
+    db.execute_batch("UPDATE users SET name = 'x' WHERE id = 2")
+        .await;
+    wait_until("pginval failed to reach redis", WAIT, || async {
+        let metrics = crate::suite::ops::get(port, "/metrics").await;
+        metrics.is_some_and(|(_, m)| {
+            crate::suite::ops::sample(&m, "pginval_redis_errors_total") >= 1.0
+        })
+    })
+    .await;
+    redis.unlock().await;
+    // Once Redis answers again, the window (10 s by default) is applied again.
+    wait_gone(&redis, &["user:1"]).await;
+    let metrics = crate::suite::ops::get(port, "/metrics").await.unwrap().1;
+    assert!(
+        crate::suite::ops::sample(&metrics, "pginval_redis_failover_replays_total") >= 1.0,
+        "{metrics}"
+    );
+    daemon.stop().await.unwrap();
+}

@@ -130,11 +130,7 @@ impl RedisCluster {
             .find(|(_, c)| c.is_some())
             .expect("a node runs")
             .0;
-        let out = Command::new("redis-cli")
-            .args(["-p", &ask.to_string(), "cluster", "keyslot", key])
-            .output()
-            .expect("running redis-cli");
-        let slot: u16 = String::from_utf8_lossy(&out.stdout)
+        let slot: u16 = cluster_command(ask, &["keyslot", key])
             .trim()
             .parse()
             .expect("CLUSTER KEYSLOT answers a number");
@@ -166,21 +162,13 @@ impl RedisCluster {
 
     /// Whether the node on `port` is a primary serving slots and sees the cluster ok.
     pub fn serves_as_primary(&self, port: u16) -> bool {
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "cluster", "info"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
+        let out = cluster_command(port, &["info"]);
         out.contains("cluster_state:ok") && primaries_in(&self.cluster_nodes(port)).contains(&port)
     }
 
     /// `redis-cli -p port CLUSTER NODES`.
     fn cluster_nodes(&self, port: u16) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "cluster", "nodes"])
-            .output()
-            .expect("running redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        cluster_command(port, &["nodes"])
     }
 
     /// Runs `redis-cli --cluster <args>` against the first running node and returns
@@ -211,11 +199,7 @@ impl RedisCluster {
 
     /// Node id of the node on `port`.
     pub fn node_id(&self, port: u16) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "cluster", "myid"])
-            .output()
-            .expect("running redis-cli");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        cluster_command(port, &["myid"]).trim().to_owned()
     }
 
     /// Kills the node on `port` (SIGKILL: what it had not replicated is lost).
@@ -258,11 +242,7 @@ impl RedisCluster {
                 .map(|(p, _)| *p)
                 .collect();
             let ok = running.iter().all(|p| {
-                let out = Command::new("redis-cli")
-                    .args(["-p", &p.to_string(), "cluster", "info"])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
+                let out = cluster_command(*p, &["info"]);
                 // A node that is to become a replica starts as a primary without
                 // slots: ok once each node sees three primaries and every replica.
                 let nodes = self.cluster_nodes(*p);
@@ -341,6 +321,16 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `redis-cli -p port CLUSTER <args>`: what it printed ("" when it could not run).
+fn cluster_command(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "cluster"])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// The ports of the primaries serving slots in a `CLUSTER NODES` reply.
