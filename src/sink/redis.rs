@@ -16,7 +16,7 @@ mod conn;
 
 use conn::{Conn, Primary, Target};
 
-use crate::config::Durability;
+use crate::config::{Durability, STATE_KEY_PREFIX};
 use crate::metrics::{Health, Metrics};
 use crate::rules::invalidation::{Event, TagAction, Work};
 
@@ -892,8 +892,10 @@ impl RedisSink {
     }
 }
 
-/// With `replicas` > 0: `WAIT replicas timeout` on every primary (on the connection
-/// the batch went on, so it covers the batch); fewer acknowledgements fail the batch.
+/// With `replicas` > 0: on every primary, a write to pginval's own key (so that what
+/// follows covers everything the primary took before, also on an earlier connection:
+/// a retried batch finds its deletes done and writes nothing itself), then `WAIT
+/// replicas timeout`; fewer acknowledgements fail the batch.
 async fn wait_for_replicas(
     conn: &mut Conn,
     replicas: u32,
@@ -904,7 +906,16 @@ async fn wait_for_replicas(
     }
     let mut wait = redis::cmd("WAIT");
     wait.arg(replicas).arg(timeout.as_millis() as u64);
-    for primary in conn.primaries().await? {
+    for (primary, slot) in conn.primaries_and_slots().await? {
+        let mut mark = redis::cmd("SET");
+        mark.arg(format!(
+            "{STATE_KEY_PREFIX}wait:{{{}}}",
+            conn::slot_tag(slot)
+        ))
+        .arg(1)
+        .arg("PX")
+        .arg(60_000);
+        conn.on::<()>(&primary, &mark).await?;
         let acked: i64 = conn.on(&primary, &wait).await?;
         if acked < i64::from(replicas) {
             return Err(SinkError::TooFewReplicas {

@@ -270,8 +270,7 @@ async fn resharding_under_writes_loses_no_delete() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Valkey's replicas may show a migrated slot as importing for a moment longer.
-    cluster.wait_ok(Duration::from_secs(30));
+    cluster.wait_serving(Duration::from_secs(30));
     assert!(
         cluster.primaries().len() == 3,
         "the slots moved between the three primaries"

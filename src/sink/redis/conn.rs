@@ -222,20 +222,33 @@ impl Conn {
     /// Every primary, for commands about the whole keyspace (SCAN, INFO): `[None]` on
     /// a node; on a cluster, each primary's address as `CLUSTER SLOTS` tells it now.
     pub async fn primaries(&mut self) -> RedisResult<Vec<Primary>> {
+        Ok(self
+            .primaries_and_slots()
+            .await?
+            .into_iter()
+            .map(|(primary, _)| primary)
+            .collect())
+    }
+
+    /// Like [`Conn::primaries`], each with one hash slot it serves (0 on a node).
+    pub async fn primaries_and_slots(&mut self) -> RedisResult<Vec<(Primary, u16)>> {
         let Conn::Cluster(c) = self else {
-            return Ok(vec![None]);
+            return Ok(vec![(None, 0)]);
         };
         let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
         let mut primaries = parse_cluster_slots(&slots);
         primaries.sort();
-        primaries.dedup();
+        primaries.dedup_by(|a, b| a.0 == b.0);
         if primaries.is_empty() {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
                 "CLUSTER SLOTS names no primary",
             )));
         }
-        Ok(primaries.into_iter().map(Some).collect())
+        Ok(primaries
+            .into_iter()
+            .map(|(addr, slot)| (Some(addr), slot))
+            .collect())
     }
 
     /// Sends `cmd` to `primary` (from [`Conn::primaries`]).
@@ -299,9 +312,10 @@ pub fn slot_tag(slot: u16) -> &'static str {
     &tags[usize::from(slot % SLOTS)]
 }
 
-/// The primaries' addresses in a `CLUSTER SLOTS` reply: each entry is `[start, end,
-/// [host, port, id, ...], replicas...]`. Entries of another shape are skipped.
-fn parse_cluster_slots(reply: &Value) -> Vec<(String, u16)> {
+/// The primaries' addresses in a `CLUSTER SLOTS` reply, each with the first slot of the
+/// range: each entry is `[start, end, [host, port, id, ...], replicas...]`. Entries of
+/// another shape are skipped.
+fn parse_cluster_slots(reply: &Value) -> Vec<((String, u16), u16)> {
     let Value::Array(ranges) = reply else {
         return Vec::new();
     };
@@ -310,6 +324,10 @@ fn parse_cluster_slots(reply: &Value) -> Vec<(String, u16)> {
         .filter_map(|range| {
             let Value::Array(fields) = range else {
                 return None;
+            };
+            let start = match fields.first()? {
+                Value::Int(s) => u16::try_from(*s).ok()?,
+                _ => return None,
             };
             let Some(Value::Array(primary)) = fields.get(2) else {
                 return None;
@@ -323,7 +341,7 @@ fn parse_cluster_slots(reply: &Value) -> Vec<(String, u16)> {
                 Value::Int(p) => u16::try_from(*p).ok()?,
                 _ => return None,
             };
-            Some((host, port))
+            Some(((host, port), start))
         })
         .collect()
 }
@@ -371,7 +389,10 @@ mod tests {
         ]);
         assert_eq!(
             parse_cluster_slots(&reply),
-            vec![("10.0.0.1".to_owned(), 7000), ("10.0.0.2".to_owned(), 7001)]
+            vec![
+                (("10.0.0.1".to_owned(), 7000), 0),
+                (("10.0.0.2".to_owned(), 7001), 5461)
+            ]
         );
     }
 }
