@@ -136,7 +136,7 @@ async fn main() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut sink = RedisSink::new(
         vec![redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap()],
-        false,
+        pginval::config::Topology::Node,
         None,
         &Default::default(),
         TagLayout::Set {

@@ -562,7 +562,7 @@ async fn check_redis(config: &Config, report: &mut CheckReport) {
     let open = |seeds: Vec<redis::ConnectionInfo>| {
         RedisSink::new(
             seeds,
-            config.redis_cluster,
+            config.redis_topology(),
             config.redis_ca.as_deref(),
             &config.redis_durability,
             config.tags.clone(),

@@ -120,6 +120,15 @@ pub struct RedisConfig {
     /// How long one `WAIT` may take before the batch is retried; default "1s".
     #[serde(default)]
     pub wait_timeout: Option<Spanned<String>>,
+    /// A Sentinel-managed Redis: the master's name at the `sentinels`. pginval asks
+    /// them where the master is, connects there, and asks again after an error or
+    /// when they name another master. `url` then gives only the master's password,
+    /// database and TLS.
+    #[serde(default)]
+    pub sentinel_master: Option<Spanned<String>>,
+    /// The Sentinels' addresses (`host:port` or URLs), with `sentinel_master`.
+    #[serde(default)]
+    pub sentinels: Vec<Spanned<String>>,
 }
 
 /// `[tags]`: how cache tags are stored.
@@ -342,6 +351,8 @@ impl Default for RedisConfig {
             replay_window: None,
             wait_replicas: None,
             wait_timeout: None,
+            sentinel_master: None,
+            sentinels: Vec::new(),
         }
     }
 }
@@ -354,6 +365,26 @@ impl Default for TagsConfig {
             namespace: String::new(),
         }
     }
+}
+
+/// A Sentinel-managed Redis.
+#[derive(Debug, Clone)]
+pub struct SentinelConfig {
+    /// The master's name at the Sentinels.
+    pub master: String,
+    /// The Sentinels.
+    pub sentinels: Vec<redis::ConnectionInfo>,
+}
+
+/// How the cache's Redis is reached.
+#[derive(Debug, Clone)]
+pub enum Topology {
+    /// One server at the URL.
+    Node,
+    /// A Redis Cluster, through seed nodes.
+    Cluster,
+    /// The master the Sentinels name.
+    Sentinel(SentinelConfig),
 }
 
 /// What makes deletes survive a Redis failover.
@@ -384,6 +415,15 @@ impl Config {
         std::iter::once(self.redis.clone())
             .chain(self.redis_nodes.iter().cloned())
             .collect()
+    }
+
+    /// How the cache's Redis is reached.
+    pub fn redis_topology(&self) -> Topology {
+        match (&self.redis_sentinel, self.redis_cluster) {
+            (Some(sentinel), _) => Topology::Sentinel(sentinel.clone()),
+            (None, true) => Topology::Cluster,
+            (None, false) => Topology::Node,
+        }
     }
 
     /// The addresses of pginval's own state: its database of the cache's server, or on
@@ -420,6 +460,8 @@ pub struct Config {
     pub redis_cluster: bool,
     /// Cluster seed nodes besides `redis` (`[redis] nodes`).
     pub redis_nodes: Vec<redis::ConnectionInfo>,
+    /// A Sentinel-managed Redis (`[redis] sentinel_master`, `sentinels`).
+    pub redis_sentinel: Option<SentinelConfig>,
     /// What makes deletes survive a Redis failover (`[redis] replay_window`,
     /// `wait_replicas`, `wait_timeout`).
     pub redis_durability: Durability,
@@ -826,6 +868,7 @@ impl Config {
         let state_db = *state.redis_db.get_ref();
         let cluster = *redis.cluster.get_ref();
         let redis_nodes = cluster_seeds(&redis, redis_info.as_ref(), &lines, &mut problems);
+        let redis_sentinel = sentinel(&redis, &lines, &mut problems);
         let state_redis = redis_info.as_ref().map(|info| {
             if cluster {
                 return info.clone();
@@ -939,6 +982,7 @@ impl Config {
                 state_redis,
                 redis_cluster: cluster,
                 redis_nodes,
+                redis_sentinel,
                 redis_durability,
                 rules,
                 metrics_listen,
@@ -992,6 +1036,71 @@ fn durability(redis: &RedisConfig, lines: &LineIndex, problems: &mut Vec<Problem
         wait_replicas: redis.wait_replicas.as_ref().map_or(0, |n| *n.get_ref()),
         wait_timeout,
     }
+}
+
+/// `[redis] sentinel_master` and `sentinels`, with a problem for each address that is
+/// not one and for one without the other (or with `cluster`).
+fn sentinel(
+    redis: &RedisConfig,
+    lines: &LineIndex,
+    problems: &mut Vec<Problem>,
+) -> Option<SentinelConfig> {
+    let master = redis.sentinel_master.as_ref();
+    match (master, redis.sentinels.first()) {
+        (None, None) => return None,
+        (Some(m), None) => {
+            problems.push(Problem::new(
+                lines.line_of(&m.span()),
+                "[redis] sentinel_master is set but sentinels names no Sentinel",
+                Some(
+                    "list the Sentinels, like sentinels = [\"10.0.0.5:26379\", \"10.0.0.6:26379\"]"
+                        .into(),
+                ),
+            ));
+            return None;
+        }
+        (None, Some(first)) => {
+            problems.push(Problem::new(
+                lines.line_of(&first.span()),
+                "[redis] sentinels are listed but sentinel_master is not set",
+                Some("add the master's name, like sentinel_master = \"mymaster\"".into()),
+            ));
+            return None;
+        }
+        (Some(m), Some(_)) if *redis.cluster.get_ref() => {
+            problems.push(Problem::new(
+                lines.line_of(&m.span()),
+                "[redis] sentinel_master and cluster = true exclude each other",
+                Some("a Redis Cluster fails over by itself: remove sentinel_master and sentinels, or cluster".into()),
+            ));
+            return None;
+        }
+        (Some(_), Some(_)) => {}
+    }
+    let mut sentinels = Vec::new();
+    for node in &redis.sentinels {
+        let text = node.get_ref();
+        let full = if text.contains("://") {
+            text.clone()
+        } else {
+            format!("redis://{text}")
+        };
+        match redis::IntoConnectionInfo::into_connection_info(full.as_str()) {
+            Ok(info) => sentinels.push(info),
+            Err(e) => problems.push(Problem::new(
+                lines.line_of(&node.span()),
+                format!(
+                    "[redis] sentinels: `{text}` is not an address: {}",
+                    redact_redis_error(&e.to_string(), &full)
+                ),
+                Some("use host:port, like 10.0.0.5:26379".into()),
+            )),
+        }
+    }
+    Some(SentinelConfig {
+        master: master?.get_ref().clone(),
+        sentinels,
+    })
 }
 
 /// `[redis] nodes` as connection infos with `url`'s password and TLS; a problem for
@@ -1279,6 +1388,45 @@ keys = ["post:{id}", "user_posts:{author_id}"]
             .hints
             .refusal(&["pginval:slot-state:app:pginval".into()], &[]);
         assert!(refused.is_some_and(|r| r.contains("pginval's own state")));
+    }
+
+    #[test]
+    fn sentinel_needs_a_master_name_and_sentinels_and_excludes_cluster() {
+        let text = format!(
+            "[redis]\nsentinel_master = \"pgm\"\nsentinels = [\"10.0.0.5:26379\", \"redis://10.0.0.6:26379\"]\n{GOOD}"
+        );
+        let c = parse(&text).unwrap();
+        match c.redis_topology() {
+            Topology::Sentinel(s) => {
+                assert_eq!(s.master, "pgm");
+                let addrs: Vec<String> = s.sentinels.iter().map(|i| i.addr().to_string()).collect();
+                assert_eq!(addrs, ["10.0.0.5:26379", "10.0.0.6:26379"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (text, line, message) in [
+            (
+                "sentinel_master = \"pgm\"\n",
+                2,
+                "sentinels names no Sentinel",
+            ),
+            (
+                "sentinels = [\"10.0.0.5:26379\"]\n",
+                2,
+                "sentinel_master is not set",
+            ),
+            (
+                "cluster = true\nsentinel_master = \"pgm\"\nsentinels = [\"h:1\"]\n",
+                3,
+                "exclude each other",
+            ),
+        ] {
+            let e = parse(&format!("[redis]\n{text}{GOOD}")).unwrap_err();
+            assert!(
+                e.problems[0].line == Some(line) && e.problems[0].message.contains(message),
+                "{e}"
+            );
+        }
     }
 
     #[test]

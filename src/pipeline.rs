@@ -187,7 +187,7 @@ fn plain_sink(
     };
     RedisSink::new(
         seeds,
-        config.redis_cluster,
+        config.redis_topology(),
         config.redis_ca.as_deref(),
         &config.redis_durability,
         config.tags.clone(),
@@ -238,7 +238,7 @@ pub async fn run(
 
     let mut sink = RedisSink::new(
         config.redis_seeds(),
-        config.redis_cluster,
+        config.redis_topology(),
         config.redis_ca.as_deref(),
         &config.redis_durability,
         config.tags.clone(),

@@ -27,7 +27,7 @@ pub(super) async fn poll_stats(
     let tables: Vec<(String, String)> = config.rules.tables().into_iter().collect();
     let Ok(mut redis) = RedisSink::new(
         config.redis_seeds(),
-        config.redis_cluster,
+        config.redis_topology(),
         config.redis_ca.as_deref(),
         &config.redis_durability,
         config.tags.clone(),

@@ -186,7 +186,7 @@ async fn tell_event_consumers<'a>(
     let (metrics, health) = sink.reporting();
     let redis = match RedisSink::new(
         config.redis_seeds(),
-        config.redis_cluster,
+        config.redis_topology(),
         config.redis_ca.as_deref(),
         &config.redis_durability,
         config.tags.clone(),

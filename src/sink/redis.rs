@@ -16,7 +16,7 @@ mod conn;
 
 use conn::{Conn, Primary, Target};
 
-use crate::config::{Durability, STATE_KEY_PREFIX};
+use crate::config::{Durability, STATE_KEY_PREFIX, Topology};
 use crate::metrics::{Health, Metrics};
 use crate::rules::invalidation::{Event, TagAction, Work};
 
@@ -193,6 +193,10 @@ pub struct RedisSink {
     replay_window: Duration,
     /// On a cluster: the primaries last seen, and when.
     primaries_seen: Option<(tokio::time::Instant, Vec<Primary>)>,
+    /// Counts the failovers the watcher saw; a connection opened before the last one
+    /// is dropped (on Sentinel it may still point at the old master).
+    failovers: Arc<std::sync::atomic::AtomicU64>,
+    failovers_seen: u64,
     wait_replicas: u32,
     wait_timeout: Duration,
 }
@@ -224,7 +228,7 @@ impl RedisSink {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         seeds: Vec<ConnectionInfo>,
-        cluster: bool,
+        topology: Topology,
         ca_pem: Option<&[u8]>,
         durability: &Durability,
         tags: TagLayout,
@@ -241,9 +245,11 @@ impl RedisSink {
             replay_window: durability.replay_window,
             replay_owed: false,
             primaries_seen: None,
+            failovers: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            failovers_seen: 0,
             wait_replicas: durability.wait_replicas,
             wait_timeout: durability.wait_timeout,
-            target: Target::new(seeds, cluster, ca_pem)?,
+            target: Target::new(seeds, topology, ca_pem)?,
             conn: None,
             generation: 0,
             tags,
@@ -276,6 +282,11 @@ impl RedisSink {
     }
 
     async fn connection(&mut self) -> Result<Conn, SinkError> {
+        let failovers = self.failovers.load(std::sync::atomic::Ordering::Acquire);
+        if failovers != self.failovers_seen {
+            self.failovers_seen = failovers;
+            self.conn = None;
+        }
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
@@ -513,13 +524,15 @@ impl RedisSink {
         }
     }
 
-    /// On a cluster, a task that looks at its primaries every [`TOPOLOGY_CHECK`] and,
-    /// when one appeared that was not one before (a replica took over), applies the
+    /// On a cluster or under Sentinel, a task that looks at the primaries (the master
+    /// the Sentinels name) every [`TOPOLOGY_CHECK`] and, when one appeared that was
+    /// not one before (a replica took over), makes the sink reconnect and applies the
     /// replay window again on a connection of its own. `None` on a single node (its
     /// failovers show as errors, after which the sink replays itself) or without a
     /// replay window.
     pub fn failover_watch(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
-        if !self.target.is_cluster() || self.dry_run || self.replay_window.is_zero() {
+        let watched = self.target.is_cluster() || matches!(self.target, Target::Sentinel(_));
+        if !watched || self.dry_run || self.replay_window.is_zero() {
             return None;
         }
         let mut watcher = RedisSink {
@@ -536,6 +549,8 @@ impl RedisSink {
             replay_window: self.replay_window,
             replay_owed: false,
             primaries_seen: None,
+            failovers: self.failovers.clone(),
+            failovers_seen: 0,
             wait_replicas: self.wait_replicas,
             wait_timeout: self.wait_timeout,
         };
@@ -546,7 +561,10 @@ impl RedisSink {
                 tick.tick().await;
                 if watcher.primaries_changed().await {
                     watcher
-                        .replay_after_failover("a replica of the cluster took over")
+                        .failovers
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    watcher
+                        .replay_after_failover("a replica took over from its primary")
                         .await;
                 }
             }
@@ -557,15 +575,19 @@ impl RedisSink {
     /// over); the first look only remembers.
     async fn primaries_changed(&mut self) -> bool {
         let now = tokio::time::Instant::now();
-        let Ok(mut conn) = self.connection().await else {
-            self.conn = None;
-            return false;
+        let now_primaries: Result<Vec<Primary>, String> = match self.target.sentinel_master().await
+        {
+            Some(master) => master.map(|m| vec![Some(m)]).map_err(|e| e.to_string()),
+            None => match self.connection().await {
+                Ok(mut conn) => conn.primaries().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
         };
-        let now_primaries = match conn.primaries().await {
+        let now_primaries = match now_primaries {
             Ok(p) => p,
             Err(e) => {
                 self.conn = None;
-                tracing::debug!(error = %e, "cannot read the cluster's primaries");
+                tracing::debug!(error = %e, "cannot read the primaries");
                 return false;
             }
         };
@@ -962,6 +984,10 @@ impl Sink for RedisSink {
             && inv.key_patterns.is_empty()
             && inv.tag_patterns.is_empty();
         if !commuting || self.dry_run {
+            return None;
+        }
+        if self.failovers.load(std::sync::atomic::Ordering::Acquire) != self.failovers_seen {
+            // The connection may point at a master that is no longer one.
             return None;
         }
         let mut conn = self.conn.clone()?;

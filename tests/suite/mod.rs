@@ -5,6 +5,7 @@ mod cluster;
 mod faults;
 pub(crate) mod ops;
 mod rules;
+mod sentinel;
 mod silent;
 mod standby;
 mod tls;

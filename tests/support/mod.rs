@@ -18,8 +18,10 @@
 #![allow(dead_code)] // Each test uses a different part of the harness.
 
 mod cluster;
+mod sentinel;
 
 pub use cluster::RedisCluster;
+pub use sentinel::RedisSentinel;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;

@@ -1,11 +1,12 @@
-//! The connection to Redis as one node or as a Redis Cluster: routes what the sink
-//! sends (by hash slot on a cluster, through redis-rs' async cluster client, which
-//! follows MOVED and ASK), and reaches each primary for what has no key (SCAN, INFO).
+//! The connection to Redis as one node, as the master Redis Sentinel names, or as a
+//! Redis Cluster: routes what the sink sends (by hash slot on a cluster, through
+//! redis-rs' async cluster client, which follows MOVED and ASK), and reaches each
+//! primary for what has no key (SCAN, INFO).
 //!
 //! Decides nothing about what to send or when to retry: that is `redis`'s.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
@@ -13,7 +14,10 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionInfo, RedisFuture, RedisResult, Value};
+
+use crate::config::Topology;
 
 /// Keys per UNLINK command.
 const KEYS_PER_UNLINK: usize = 256;
@@ -32,6 +36,8 @@ pub enum Target {
         /// The first seed alone, to ask what it is.
         seed: Client,
     },
+    /// The master that Redis Sentinel names, asked at each connection.
+    Sentinel(Arc<tokio::sync::Mutex<SentinelClient>>),
 }
 
 /// An open connection to a [`Target`]. Cheap to clone: clones share the connection.
@@ -51,7 +57,7 @@ impl Target {
     /// connects lazily. `ca_pem` replaces the public roots for `rediss://`.
     pub fn new(
         seeds: Vec<ConnectionInfo>,
-        cluster: bool,
+        topology: Topology,
         ca_pem: Option<&[u8]>,
     ) -> RedisResult<Target> {
         // Pipelines are written as soon as a batch is ready: Nagle's algorithm would
@@ -72,7 +78,31 @@ impl Target {
             Some(certs) => Client::build_with_tls(info, certs.clone()),
             None => Client::open(info),
         };
-        if cluster {
+        if let Topology::Sentinel(sentinel) = topology {
+            let url = seeds.first().expect("a target has a URL");
+            let settings = url.redis_settings();
+            let addrs = sentinel.sentinels.iter().map(|s| s.addr().clone());
+            let mut builder =
+                SentinelClientBuilder::new(addrs, &sentinel.master, SentinelServerType::Master)?
+                    .set_client_to_redis_db(settings.db())
+                    .set_client_to_redis_tcp_settings(url.tcp_settings().clone());
+            if let Some(user) = settings.username() {
+                builder = builder.set_client_to_redis_username(user);
+            }
+            if let Some(password) = settings.password() {
+                builder = builder.set_client_to_redis_password(password);
+            }
+            if matches!(url.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+                builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+                if let Some(certs) = certs {
+                    builder = builder.set_client_to_redis_certificates(certs);
+                }
+            }
+            return Ok(Target::Sentinel(Arc::new(tokio::sync::Mutex::new(
+                builder.build()?,
+            ))));
+        }
+        if matches!(topology, Topology::Cluster) {
             let seed = open(seeds.first().expect("a target has a URL").clone())?;
             let mut builder = ClusterClient::builder(seeds)
                 .connection_timeout(Duration::from_secs(5))
@@ -100,10 +130,26 @@ impl Target {
         matches!(self, Target::Cluster { .. })
     }
 
-    /// Sends `cmd` to the node at the (first) configured address alone, on a
-    /// connection of its own.
+    /// The master's address as the Sentinels name it now; `None` for other targets.
+    pub async fn sentinel_master(&self) -> Option<RedisResult<(String, u16)>> {
+        let Target::Sentinel(sentinel) = self else {
+            return None;
+        };
+        let client = sentinel.lock().await.async_get_client().await;
+        Some(client.map(|c| match c.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
+            other => (other.to_string(), 0),
+        }))
+    }
+
+    /// Sends `cmd` to the node at the (first) configured address alone (for a
+    /// Sentinel target: the master it names), on a connection of its own.
     pub async fn ask_seed<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
-        let (Target::Node(client) | Target::Cluster { seed: client, .. }) = self;
+        let client = match self {
+            Target::Node(client) | Target::Cluster { seed: client, .. } => client.clone(),
+            Target::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await?,
+        };
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)));
@@ -128,6 +174,19 @@ impl Target {
             }
             Target::Cluster { client, .. } => {
                 Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+            Target::Sentinel(sentinel) => {
+                // Asked anew at every connection: after a failover the next
+                // connection goes to the new master.
+                let client = sentinel.lock().await.async_get_client().await?;
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(Duration::from_secs(30)));
+                Ok(Conn::Node(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
             }
         }
     }
