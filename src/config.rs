@@ -110,7 +110,8 @@ pub struct RedisConfig {
     pub nodes: Vec<Spanned<String>>,
     /// After Redis failed (or a cluster's primaries changed), apply what was sent in
     /// this last stretch again: a delete the old primary acknowledged but had not
-    /// replicated is otherwise lost on failover. Default "10s"; "0s" turns it off.
+    /// replicated is otherwise lost on failover. Default "30s" (Redis Cluster's default
+    /// `cluster-node-timeout` is 15 s); "0s" turns it off.
     #[serde(default)]
     pub replay_window: Option<Spanned<String>>,
     /// A batch counts as applied only once this many replicas of each primary have it
@@ -211,8 +212,8 @@ impl HintsConfig {
         if let Some(k) = keys.iter().find(|k| !allowed(k, &self.key_prefixes)) {
             return Some(format!("key {k:?} has none of the [hints] key_prefixes"));
         }
-        // On a Redis Cluster pginval's markers share the cache's database: whatever
-        // the prefixes allow, a hint never deletes them.
+        // Whatever the prefixes allow, a hint never deletes pginval's own keys (on a
+        // Redis Cluster they share the cache's one database).
         if let Some(k) = keys.iter().find(|k| k.starts_with(STATE_KEY_PREFIX)) {
             return Some(format!(
                 "key {k:?} is in pginval's own state ({STATE_KEY_PREFIX}*)"
@@ -401,7 +402,7 @@ pub struct Durability {
 impl Default for Durability {
     fn default() -> Durability {
         Durability {
-            replay_window: Duration::from_secs(10),
+            replay_window: Duration::from_secs(30),
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
         }
@@ -1016,19 +1017,28 @@ fn durability(redis: &RedisConfig, lines: &LineIndex, problems: &mut Vec<Problem
     let replay_window = duration(
         &redis.replay_window,
         "replay_window",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
     );
     let wait_timeout = duration(&redis.wait_timeout, "wait_timeout", Duration::from_secs(1));
+    let span = redis
+        .wait_timeout
+        .as_ref()
+        .map(|v| v.span())
+        .unwrap_or(0..0);
     if wait_timeout.is_zero() {
-        let span = redis
-            .wait_timeout
-            .as_ref()
-            .map(|v| v.span())
-            .unwrap_or(0..0);
         problems.push(Problem::new(
             lines.line_of(&span),
             "[redis] wait_timeout is 0, which makes WAIT block until the replicas answer, however long",
             Some("give a bound like \"1s\"".into()),
+        ));
+    } else if wait_timeout >= Duration::from_secs(5) {
+        problems.push(Problem::new(
+            lines.line_of(&span),
+            format!(
+                "[redis] wait_timeout {} is not under 5 s, the longest pginval waits for any one Redis answer on a cluster",
+                humantime::format_duration(wait_timeout)
+            ),
+            Some("give a bound under 5 s, like \"1s\"".into()),
         ));
     }
     Durability {

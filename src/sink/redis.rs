@@ -197,6 +197,8 @@ pub struct RedisSink {
     /// is dropped (on Sentinel it may still point at the old master).
     failovers: Arc<std::sync::atomic::AtomicU64>,
     failovers_seen: u64,
+    /// Held while a unit is applied (shared with the failover watcher).
+    flusher: Arc<tokio::sync::Mutex<()>>,
     wait_replicas: u32,
     wait_timeout: Duration,
 }
@@ -247,6 +249,7 @@ impl RedisSink {
             primaries_seen: None,
             failovers: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             failovers_seen: 0,
+            flusher: Arc::new(tokio::sync::Mutex::new(())),
             wait_replicas: durability.wait_replicas,
             wait_timeout: durability.wait_timeout,
             target: Target::new(seeds, topology, ca_pem)?,
@@ -444,12 +447,12 @@ impl RedisSink {
         Ok(false)
     }
 
-    /// Checks that Redis answers (PING).
     /// The metrics and health this sink reports to.
     pub fn reporting(&self) -> (Arc<Metrics>, Arc<Health>) {
         (self.metrics.clone(), self.health.clone())
     }
 
+    /// Checks that Redis answers (PING).
     pub async fn ping(&mut self) -> Result<(), SinkError> {
         let mut conn = self.connection().await?;
         let r: Result<(), _> = redis::cmd("PING").query_async(&mut conn).await;
@@ -515,7 +518,9 @@ impl RedisSink {
             "applying the replay window again: a failed-over Redis may have lost deletes its old primary acknowledged"
         );
         let mut backoff = MIN_BACKOFF;
-        while let Err(e) = self.try_apply(&work, &[]).await {
+        // Without WAIT: a promoted primary may have no replica yet, and a repair that
+        // waited for one would stop the watcher.
+        while let Err(e) = self.apply_once(&work, &[], false).await {
             self.conn = None;
             self.metrics.redis_errors.inc();
             tracing::debug!(error = %e, ?backoff, "replaying the window failed; retrying");
@@ -551,6 +556,7 @@ impl RedisSink {
             primaries_seen: None,
             failovers: self.failovers.clone(),
             failovers_seen: 0,
+            flusher: self.flusher.clone(),
             wait_replicas: self.wait_replicas,
             wait_timeout: self.wait_timeout,
         };
@@ -653,6 +659,21 @@ impl RedisSink {
     }
 
     async fn try_apply(&mut self, inv: &Work, events: &[Event]) -> Result<(), SinkError> {
+        self.apply_once(inv, events, true).await
+    }
+
+    /// Applies `inv` and publishes `events` once; with `wait`, then waits for the
+    /// replicas (`wait_replicas`).
+    async fn apply_once(
+        &mut self,
+        inv: &Work,
+        events: &[Event],
+        wait: bool,
+    ) -> Result<(), SinkError> {
+        // One flusher at a time: the failover watcher's replay and the sink both move
+        // tags into the same spill keys, and two flushes of one spill key at once may
+        // each miss members the other merged in.
+        let _one_flusher = self.flusher.clone().lock_owned().await;
         let mut conn = self.connection().await?;
         let cluster = conn.is_cluster();
         let tags: Vec<(String, TagAction)> = inv
@@ -673,58 +694,20 @@ impl RedisSink {
                     .await?;
             }
         }
-        let primaries = if inv.key_patterns.is_empty() && inv.tag_patterns.is_empty() {
-            Vec::new()
-        } else {
-            conn.primaries().await?
-        };
-        for pattern in &inv.key_patterns {
-            for primary in &primaries {
-                self.scan_each(&mut conn, primary, "SCAN", None, pattern, |key| {
-                    let mut cmd = redis::cmd("UNLINK");
-                    cmd.arg(key);
-                    cmd
-                })
-                .await?;
-            }
-        }
-        for tag_pattern in &inv.tag_patterns {
-            let pattern = self.tags.tag_key_pattern(tag_pattern);
-            // Tags whose chunked flush was interrupted exist only as spill keys now:
-            // those are flushed under their tag's name too (the script finishes them).
-            let spills = spill_pattern(&pattern, cluster);
-            for primary in &primaries {
-                for (pattern, of_spill) in [(&pattern, false), (&spills, true)] {
-                    // Page by page: each SCAN page's tags are flushed at once before the
-                    // next page is read, so memory and round trips do not grow with the
-                    // number of tags.
-                    let mut cursor = 0;
-                    loop {
-                        let (next, page) =
-                            self.scan_page(&mut conn, primary, cursor, pattern).await?;
-                        let tag_keys: Vec<&str> = page
-                            .iter()
-                            .filter_map(|key| match of_spill {
-                                true => spilled_tag(key, cluster),
-                                false => spilled_tag(key, cluster).is_none().then_some(key),
-                            })
-                            .collect();
-                        let cmds: Vec<Cmd> = tag_keys
-                            .iter()
-                            .map(|tag_key| self.flush_command(tag_key, TagAction::Delete, cluster))
-                            .collect();
-                        self.metrics.redis_commands.inc_by(cmds.len() as u64);
-                        let results = conn.run(cmds).await?;
-                        for (tag_key, result) in tag_keys.iter().zip(&results) {
-                            self.after_flush(&mut conn, tag_key, TagAction::Delete, result)
-                                .await?;
-                        }
-                        if next == 0 {
-                            break;
-                        }
-                        cursor = next;
-                    }
+        if !inv.key_patterns.is_empty() || !inv.tag_patterns.is_empty() {
+            // A key that moves between two primaries' scans is seen by neither: scan
+            // until the slots stood still (and no slot was migrating) from before the
+            // first primary's scan to after the last one's.
+            loop {
+                let before = conn.topology().await?;
+                self.scan_patterns(&mut conn, inv, &before.primaries)
+                    .await?;
+                let after = conn.topology().await?;
+                if before == after && after.settled {
+                    break;
                 }
+                tracing::debug!("the cluster's slots moved during a pattern scan; scanning again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
         if let Some(cfg) = &self.events
@@ -762,7 +745,70 @@ impl RedisSink {
             }
             self.metrics.events.inc_by(events.len() as u64);
         }
+        if !wait {
+            return Ok(());
+        }
         wait_for_replicas(&mut conn, self.wait_replicas, self.wait_timeout).await
+    }
+
+    /// Deletes the keys of `inv`'s key patterns and flushes the tags of its tag
+    /// patterns, scanning each of `primaries`.
+    async fn scan_patterns(
+        &self,
+        conn: &mut Conn,
+        inv: &Work,
+        primaries: &[Primary],
+    ) -> Result<(), SinkError> {
+        let cluster = conn.is_cluster();
+        for pattern in &inv.key_patterns {
+            for primary in primaries {
+                self.scan_each(conn, primary, "SCAN", None, pattern, |key| {
+                    let mut cmd = redis::cmd("UNLINK");
+                    cmd.arg(key);
+                    cmd
+                })
+                .await?;
+            }
+        }
+        for tag_pattern in &inv.tag_patterns {
+            let pattern = self.tags.tag_key_pattern(tag_pattern);
+            // Tags whose chunked flush was interrupted exist only as spill keys now:
+            // those are flushed under their tag's name too (the script finishes them).
+            let spills = spill_pattern(&pattern, cluster);
+            for primary in primaries {
+                for (pattern, of_spill) in [(&pattern, false), (&spills, true)] {
+                    // Page by page: each SCAN page's tags are flushed at once before the
+                    // next page is read, so memory and round trips do not grow with the
+                    // number of tags.
+                    let mut cursor = 0;
+                    loop {
+                        let (next, page) = self.scan_page(conn, primary, cursor, pattern).await?;
+                        let tag_keys: Vec<&str> = page
+                            .iter()
+                            .filter_map(|key| match of_spill {
+                                true => spilled_tag(key, cluster),
+                                false => spilled_tag(key, cluster).is_none().then_some(key),
+                            })
+                            .collect();
+                        let cmds: Vec<Cmd> = tag_keys
+                            .iter()
+                            .map(|tag_key| self.flush_command(tag_key, TagAction::Delete, cluster))
+                            .collect();
+                        self.metrics.redis_commands.inc_by(cmds.len() as u64);
+                        let results = conn.run(cmds).await?;
+                        for (tag_key, result) in tag_keys.iter().zip(&results) {
+                            self.after_flush(conn, tag_key, TagAction::Delete, result)
+                                .await?;
+                        }
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The script call flushing one tag. On a cluster the script only moves the

@@ -99,6 +99,18 @@ mod tests {
     }
 
     #[test]
+    fn nothing_ages_out_while_nothing_new_is_sent() {
+        // A failing batch is recorded once: however long the outage, what was sent
+        // before it stays for the replay after it.
+        let t0 = Instant::now();
+        let mut window = ReplayWindow::new(Duration::from_secs(5), 100);
+        window.record(t0, &keys(&["before"]));
+        window.record(t0 + Duration::from_secs(1), &keys(&["failing"]));
+        let replay = window.replay().unwrap();
+        assert!(replay.keys.contains("before") && replay.keys.contains("failing"));
+    }
+
+    #[test]
     fn a_full_window_drops_its_oldest_and_says_how_many() {
         let t0 = Instant::now();
         let mut window = ReplayWindow::new(Duration::from_secs(60), 3);

@@ -642,7 +642,7 @@ async fn after_redis_failed_the_replay_window_deletes_again_what_a_replica_may_l
     })
     .await;
     redis.unlock().await;
-    // Once Redis answers again, the window (10 s by default) is applied again.
+    // Once Redis answers again, the window (30 s by default) is applied again.
     wait_gone(&redis, &["user:1"]).await;
     let metrics = crate::suite::ops::get(port, "/metrics").await.unwrap().1;
     assert!(

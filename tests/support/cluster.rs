@@ -160,6 +160,30 @@ impl RedisCluster {
         (port_of(primary), port_of(replica))
     }
 
+    /// How many slots the node on `port` serves, as it says itself.
+    pub fn slot_count(&self, port: u16) -> usize {
+        cluster_command(port, &["nodes"])
+            .lines()
+            .find(|l| {
+                l.split_whitespace()
+                    .nth(2)
+                    .is_some_and(|f| f.contains("myself"))
+            })
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(8)
+                    .filter(|r| !r.starts_with('['))
+                    .map(|r| match r.split_once('-') {
+                        Some((a, b)) => {
+                            b.parse::<usize>().unwrap_or(0) + 1 - a.parse::<usize>().unwrap_or(0)
+                        }
+                        None => 1,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// Whether the node on `port` is a primary serving slots and sees the cluster ok.
     pub fn serves_as_primary(&self, port: u16) -> bool {
         let out = cluster_command(port, &["info"]);

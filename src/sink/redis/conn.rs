@@ -17,7 +17,7 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionInfo, RedisFuture, RedisResult, Value};
 
-use crate::config::Topology;
+use crate::config;
 
 /// Keys per UNLINK command.
 const KEYS_PER_UNLINK: usize = 256;
@@ -49,6 +49,17 @@ pub enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// The slots of a cluster at one moment (see [`Conn::topology`]).
+#[derive(Debug, PartialEq)]
+pub struct Topology {
+    /// The primaries.
+    pub primaries: Vec<Primary>,
+    /// Each primary's own account of its slots.
+    pub slots: Vec<String>,
+    /// No slot was migrating or importing.
+    pub settled: bool,
+}
+
 /// One primary of the target: `None` for a single node, its address on a cluster.
 pub type Primary = Option<(String, u16)>;
 
@@ -57,7 +68,7 @@ impl Target {
     /// connects lazily. `ca_pem` replaces the public roots for `rediss://`.
     pub fn new(
         seeds: Vec<ConnectionInfo>,
-        topology: Topology,
+        topology: config::Topology,
         ca_pem: Option<&[u8]>,
     ) -> RedisResult<Target> {
         // Pipelines are written as soon as a batch is ready: Nagle's algorithm would
@@ -78,7 +89,7 @@ impl Target {
             Some(certs) => Client::build_with_tls(info, certs.clone()),
             None => Client::open(info),
         };
-        if let Topology::Sentinel(sentinel) = topology {
+        if let config::Topology::Sentinel(sentinel) = topology {
             let url = seeds.first().expect("a target has a URL");
             let settings = url.redis_settings();
             let addrs = sentinel.sentinels.iter().map(|s| s.addr().clone());
@@ -102,7 +113,7 @@ impl Target {
                 builder.build()?,
             ))));
         }
-        if matches!(topology, Topology::Cluster) {
+        if matches!(topology, config::Topology::Cluster) {
             let seed = open(seeds.first().expect("a target has a URL").clone())?;
             let mut builder = ClusterClient::builder(seeds)
                 .connection_timeout(Duration::from_secs(5))
@@ -227,7 +238,8 @@ impl Conn {
     }
 
     /// Runs `cmds` and returns their replies in order; the first error fails the
-    /// whole (every command the sink sends is safe to repeat). On a node: one
+    /// whole (what the sink sends is safe to repeat: deletes and TTLs are idempotent,
+    /// events are delivered at least once). On a node: one
     /// pipeline. On a cluster: each command alone, routed by its key (a command's keys
     /// must share a slot), all at once — the client pipelines them per node.
     pub async fn run(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
@@ -308,6 +320,42 @@ impl Conn {
             .into_iter()
             .map(|(addr, slot)| (Some(addr), slot))
             .collect())
+    }
+
+    /// Where the slots are: every primary with its slots as it tells them itself
+    /// (`CLUSTER NODES`, with the markers of slots migrating or importing), and whether
+    /// no slot is on the move. On a node: one primary, settled.
+    pub async fn topology(&mut self) -> RedisResult<Topology> {
+        if !self.is_cluster() {
+            return Ok(Topology {
+                primaries: vec![None],
+                slots: Vec::new(),
+                settled: true,
+            });
+        }
+        let primaries = self.primaries().await?;
+        let mut slots = Vec::new();
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("NODES");
+        for primary in &primaries {
+            let nodes: String = self.on(primary, &cmd).await?;
+            let own = nodes
+                .lines()
+                .find(|l| {
+                    l.split_whitespace()
+                        .nth(2)
+                        .is_some_and(|f| f.contains("myself"))
+                })
+                .map(|l| l.split_whitespace().skip(8).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default();
+            slots.push(own);
+        }
+        let settled = !slots.iter().any(|s| s.contains("->-") || s.contains("-<-"));
+        Ok(Topology {
+            primaries,
+            slots,
+            settled,
+        })
     }
 
     /// Sends `cmd` to `primary` (from [`Conn::primaries`]).
