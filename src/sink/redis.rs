@@ -191,7 +191,8 @@ pub struct RedisSink {
     /// A unit failed since the last replay: the next success replays the window.
     replay_owed: bool,
     replay_window: Duration,
-    /// On a cluster: the primaries last seen, and when.
+    /// On a cluster or under Sentinel (the watcher's): the primaries last seen, and
+    /// when.
     primaries_seen: Option<(tokio::time::Instant, Vec<Primary>)>,
     /// Counts the failovers the watcher saw; a connection opened before the last one
     /// is dropped (on Sentinel it may still point at the old master).
@@ -203,8 +204,8 @@ pub struct RedisSink {
     wait_timeout: Duration,
 }
 
-/// How often a cluster's primaries are compared with the last ones seen (a replica
-/// that took over means a failover).
+/// How often the failover watcher compares a cluster's primaries (or the master the
+/// Sentinels name) with the last ones seen.
 const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for RedisSink {
@@ -224,9 +225,9 @@ enum Flushed {
 }
 
 impl RedisSink {
-    /// A sink for the server at `seeds` (one URL; or a cluster's seed nodes with
-    /// `cluster`); connects lazily. `ca_pem` replaces the public roots for
-    /// `rediss://`. With `dry_run` it logs instead of writing.
+    /// A sink for the Redis at `seeds` (the URL, then a cluster's further seed nodes),
+    /// reached as `topology` says; connects lazily. `ca_pem` replaces the public roots
+    /// for `rediss://`. With `dry_run` it logs instead of writing.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         seeds: Vec<ConnectionInfo>,
