@@ -101,14 +101,7 @@ impl RedisCluster {
 
     /// A plain connection to the node on `port`.
     pub async fn node(&self, port: u16) -> redis::aio::MultiplexedConnection {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(10)))
-            .set_response_timeout(Some(Duration::from_secs(10)));
-        redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .expect("a valid URL")
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .unwrap_or_else(|e| panic!("connecting to node {port}: {e}"))
+        node_connection(port).await
     }
 
     /// Ports of the nodes that are primaries serving slots now, as `CLUSTER NODES` of
@@ -229,30 +222,12 @@ impl RedisCluster {
 
     /// Kills the node on `port` (SIGKILL: what it had not replicated is lost).
     pub fn kill(&mut self, port: u16) {
-        for (p, child) in &mut self.nodes {
-            if *p == port
-                && let Some(mut c) = child.take()
-            {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
+        kill_server(&mut self.nodes, port);
     }
 
     /// Sends `signal` (like "STOP" or "CONT") to the node on `port`.
     pub fn signal(&self, port: u16, signal: &str) {
-        let (_, child) = self
-            .nodes
-            .iter()
-            .find(|(p, _)| *p == port)
-            .expect("a node of this cluster");
-        let pid = child.as_ref().expect("the node runs").id();
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -{signal} {pid}");
+        signal_server(&self.nodes, port, signal);
     }
 
     /// Waits until every running node says `cluster_state:ok` and agrees on the
@@ -348,14 +323,50 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for (_, child) in &mut self.nodes {
-            if let Some(mut c) = child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        for port in self.nodes.iter().map(|(p, _)| *p).collect::<Vec<_>>() {
+            kill_server(&mut self.nodes, port);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A plain connection to the server on `port`, with generous timeouts.
+pub(super) async fn node_connection(port: u16) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .expect("a valid URL")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {port}: {e}"))
+}
+
+/// Kills (SIGKILL) and reaps the server on `port` among `servers`, if it runs.
+pub(super) fn kill_server(servers: &mut [(u16, Option<Child>)], port: u16) {
+    for (p, child) in servers {
+        if *p == port
+            && let Some(mut c) = child.take()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sends `signal` (like "STOP" or "CONT") to the running server on `port`.
+pub(super) fn signal_server(servers: &[(u16, Option<Child>)], port: u16, signal: &str) {
+    let (_, child) = servers
+        .iter()
+        .find(|(p, _)| *p == port)
+        .expect("a server of this set");
+    let pid = child.as_ref().expect("the server runs").id();
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// `redis-cli -p port CLUSTER <args>`: what it printed ("" when it could not run).

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use super::cluster::{kill_server, node_connection, signal_server};
 use super::{free_port, ping, tail};
 
 /// The master's name at the Sentinels.
@@ -117,42 +118,17 @@ impl RedisSentinel {
 
     /// A plain connection to the server on `port`.
     pub async fn node(&self, port: u16) -> redis::aio::MultiplexedConnection {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(10)))
-            .set_response_timeout(Some(Duration::from_secs(10)));
-        redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .expect("a valid URL")
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .unwrap_or_else(|e| panic!("connecting to {port}: {e}"))
+        node_connection(port).await
     }
 
     /// Kills the server on `port` (SIGKILL).
     pub fn kill(&mut self, port: u16) {
-        for (p, child) in &mut self.nodes {
-            if *p == port
-                && let Some(mut c) = child.take()
-            {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
+        kill_server(&mut self.nodes, port);
     }
 
     /// Sends `signal` (like "STOP" or "CONT") to the server on `port`.
     pub fn signal(&self, port: u16, signal: &str) {
-        let (_, child) = self
-            .nodes
-            .iter()
-            .find(|(p, _)| *p == port)
-            .expect("a server of this set");
-        let pid = child.as_ref().expect("the server runs").id();
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -{signal} {pid}");
+        signal_server(&self.nodes, port, signal);
     }
 
     fn program() -> PathBuf {
@@ -200,11 +176,8 @@ impl RedisSentinel {
 
 impl Drop for RedisSentinel {
     fn drop(&mut self) {
-        for (_, child) in &mut self.nodes {
-            if let Some(mut c) = child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        for port in self.nodes.iter().map(|(p, _)| *p).collect::<Vec<_>>() {
+            kill_server(&mut self.nodes, port);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -173,16 +173,7 @@ impl Target {
     /// Opens a connection.
     pub async fn connect(&self) -> RedisResult<Conn> {
         match self {
-            Target::Node(client) => {
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(5)))
-                    .set_response_timeout(Some(Duration::from_secs(30)));
-                Ok(Conn::Node(
-                    client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await?,
-                ))
-            }
+            Target::Node(client) => open_node(client).await,
             Target::Cluster { client, .. } => {
                 Ok(Conn::Cluster(client.get_async_connection().await?))
             }
@@ -190,17 +181,22 @@ impl Target {
                 // Asked anew at every connection: after a failover the next
                 // connection goes to the new master.
                 let client = sentinel.lock().await.async_get_client().await?;
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(5)))
-                    .set_response_timeout(Some(Duration::from_secs(30)));
-                Ok(Conn::Node(
-                    client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await?,
-                ))
+                open_node(&client).await
             }
         }
     }
+}
+
+/// A multiplexed connection to one server.
+async fn open_node(client: &Client) -> RedisResult<Conn> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    Ok(Conn::Node(
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?,
+    ))
 }
 
 impl ConnectionLike for Conn {
