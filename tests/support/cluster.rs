@@ -59,6 +59,11 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_ok(Duration::from_secs(60));
+        // A replica listed in CLUSTER NODES may not have its first copy yet (WAIT
+        // then counts none): the tests that lose a delete on purpose need it online.
+        for primary in cluster.primaries() {
+            wait_replicas_online(primary, 1, Duration::from_secs(60));
+        }
         cluster
     }
 
@@ -295,6 +300,8 @@ impl RedisCluster {
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
             .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+            // Replicas get their first copy at once, not after Redis' default 5 s.
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -367,6 +374,31 @@ pub(super) fn signal_server(servers: &[(u16, Option<Child>)], port: u16, signal:
         .status()
         .expect("running kill");
     assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Waits until the primary on `port` reports `count` replicas online, that is past
+/// their first full copy (`INFO replication`).
+pub(super) fn wait_replicas_online(port: u16, count: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "info", "replication"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let online = out
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .count();
+        if online >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary on {port} has {online} of {count} replicas online after {timeout:?}:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `redis-cli -p port CLUSTER <args>`: what it printed ("" when it could not run).

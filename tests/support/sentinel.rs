@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::cluster::{kill_server, node_connection, signal_server};
+use super::cluster::{kill_server, node_connection, signal_server, wait_replicas_online};
 use super::{free_port, ping, tail};
 
 /// The master's name at the Sentinels.
@@ -47,6 +47,7 @@ impl RedisSentinel {
             ],
         );
         set.nodes.push((replica, Some(child)));
+        wait_replicas_online(primary, 1, Duration::from_secs(60));
         for _ in 0..3 {
             let port = free_port();
             let conf = set.dir.join(format!("sentinel-{port}.conf"));
@@ -146,6 +147,8 @@ impl RedisSentinel {
             .args(["--save", ""])
             .args(["--appendonly", "no"])
             .args(["--daemonize", "no"])
+            // The replica gets its first copy at once, not after Redis' default 5 s.
+            .args(["--repl-diskless-sync-delay", "0"])
             .args(extra)
             .arg("--dir")
             .arg(&self.dir)
