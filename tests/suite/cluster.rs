@@ -435,3 +435,151 @@ async fn wait_replicas_holds_the_flush_position_until_a_replica_has_the_delete()
     .await;
     daemon.stop().await.unwrap();
 }
+
+/// A primary killed under a steady write load after its replica stopped copying, the
+/// replica promoted while the writes go on: once the load stops and pginval has
+/// confirmed the last commit, no key of an updated row is left anywhere. `redis_extra`
+/// picks the answer under test (the replay window, or `wait_replicas`).
+async fn failover_under_load_leaves_no_stale_key(hint: &str, redis_extra: &str) {
+    let _one = CLUSTER.lock().await;
+    let (db, mut cluster) = setup(hint).await;
+    let config = cluster_config(&db, &cluster, &format!("{redis_extra}{RULES}"));
+    let daemon = Daemon::start(&db, config).await;
+    let mut conn = cluster.connection().await;
+    let keys: Vec<String> = (1..=300)
+        .flat_map(|id| [format!("user:{id}"), format!("user_full:{id}")])
+        .collect();
+    set_all(&mut conn, &keys).await;
+    let (primary, replica) = cluster.owner_of("user:1");
+    let mut on_primary = cluster.node(primary).await;
+    let replicated: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5_000)
+        .query_async(&mut on_primary)
+        .await
+        .unwrap();
+    assert_eq!(replicated, 1, "the replica has every cached key");
+    let on_dying_primary: Vec<String> = redis::cmd("KEYS")
+        .arg("user*")
+        .query_async(&mut on_primary)
+        .await
+        .unwrap();
+    assert!(!on_dying_primary.is_empty());
+
+    // The writer: single-row UPDATEs of users 1..300 in turn, ~200 a second, until told.
+    let updates = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (stop_writer, mut stopped) = tokio::sync::watch::channel(false);
+    let writer = {
+        let client = db.client().await;
+        let updates = updates.clone();
+        tokio::spawn(async move {
+            let mut id: i64 = 0;
+            while !*stopped.borrow() {
+                id = id % 300 + 1;
+                client
+                    .execute("UPDATE users SET name = 'load' || $1 WHERE id = $1", &[&id])
+                    .await
+                    .expect("the writer's UPDATE");
+                updates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+        })
+    };
+    let count = || updates.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until("the load runs", WAIT, || async { count() >= 100 }).await;
+
+    // The replica stops copying: what pginval deletes on the primary from now on, the
+    // replica never gets.
+    cluster.signal(replica, "STOP");
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("slave")
+        .query_async(&mut on_primary)
+        .await
+        .unwrap();
+    let at_stop = count();
+    wait_until(
+        "pginval deleted on the primary keys its replica still holds",
+        WAIT,
+        || async {
+            let left: Vec<String> = redis::cmd("KEYS")
+                .arg("user*")
+                .query_async(&mut cluster.node(primary).await)
+                .await
+                .unwrap_or_default();
+            count() >= at_stop + 300 && left.len() + 20 <= on_dying_primary.len()
+        },
+    )
+    .await;
+
+    // The primary dies; its replica takes over while the writes go on.
+    cluster.kill(primary);
+    cluster.signal(replica, "CONT");
+    let mut on_replica = cluster.node(replica).await;
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .arg("TAKEOVER")
+        .query_async(&mut on_replica)
+        .await
+        .unwrap();
+    wait_until("the replica took over", WAIT, || async {
+        cluster.serves_as_primary(replica)
+    })
+    .await;
+    let promoted_holds: Vec<String> = redis::cmd("KEYS")
+        .arg("user*")
+        .query_async(&mut on_replica)
+        .await
+        .unwrap();
+    // The old primary comes back as the new one's replica (without one, WAIT could
+    // never be satisfied again).
+    cluster.restart(primary);
+    cluster.wait_replicas_online(replica, 1);
+    let after_takeover = count();
+    wait_until("the load goes on after the takeover", WAIT, || async {
+        count() >= after_takeover + 100
+    })
+    .await;
+    let _ = stop_writer.send(true);
+    writer.await.expect("the writer did not panic");
+    // Users 1..300 in turn: every row was updated since the keys were cached.
+    assert!(count() >= 300, "{} updates", count());
+
+    // Quiescence: pginval confirmed the last commit.
+    let end = crate::current_lsn(&db).await;
+    wait_until("pginval confirmed the last commit", WAIT, || async {
+        crate::confirmed_lsn(&db).await >= end
+    })
+    .await;
+    let stale = existing(&mut conn, &keys).await;
+    if stale > 0 {
+        // The replay window acts on its own clock (a watcher looks every second):
+        // give it that, then no key may be left.
+        wait_all_gone(&conn, &keys, "no key of an updated row is left").await;
+    }
+    eprintln!(
+        "{hint}: {} updates; the promoted replica held {} keys at takeover; {stale} left at quiescence",
+        count(),
+        promoted_holds.len()
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_under_load_with_the_replay_window_leaves_no_stale_key() {
+    failover_under_load_leaves_no_stale_key("cluster_load_replay", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_under_load_with_wait_replicas_leaves_no_stale_key() {
+    // No replay window: WAIT alone must keep every delete.
+    failover_under_load_leaves_no_stale_key(
+        "cluster_load_wait",
+        "replay_window = \"0s\"\nwait_replicas = 1\nwait_timeout = \"200ms\"\n",
+    )
+    .await;
+}

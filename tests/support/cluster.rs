@@ -230,6 +230,23 @@ impl RedisCluster {
         kill_server(&mut self.nodes, port);
     }
 
+    /// Starts the killed node on `port` again with its cluster configuration: a former
+    /// primary whose slots were taken over comes back as a replica of the new owner.
+    /// Returns once the node answers.
+    pub fn restart(&mut self, port: u16) {
+        let at = self
+            .nodes
+            .iter()
+            .position(|(p, _)| *p == port)
+            .expect("a node of this cluster");
+        self.nodes[at].1 = Some(self.spawn(port));
+    }
+
+    /// Waits until the primary on `port` has `count` replicas past their first copy.
+    pub fn wait_replicas_online(&self, port: u16, count: usize) {
+        wait_replicas_online(port, count, Duration::from_secs(60));
+    }
+
     /// Sends `signal` (like "STOP" or "CONT") to the node on `port`.
     pub fn signal(&self, port: u16, signal: &str) {
         signal_server(&self.nodes, port, signal);
