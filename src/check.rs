@@ -622,6 +622,9 @@ async fn check_redis(config: &Config, report: &mut CheckReport) {
             return;
         }
     }
+    if let Ok(Ok(version)) = tokio::time::timeout(five_secs, cache.major_version()).await {
+        check_redis_version(config, version, report);
+    }
     let policies = own.config_get("maxmemory-policy").await;
     let evicting = policies.as_ref().map(|p| {
         p.iter()
@@ -660,6 +663,35 @@ async fn check_redis(config: &Config, report: &mut CheckReport) {
             None,
             format!("redis holds no tag of the configured {layout} layout ({}) but holds tags of another form ({}): tag flushes would find nothing", escape(&config.tags.tag_key_pattern("*")), escape(&other.tag_key_pattern("*"))),
             Some(fix.into()),
+        ));
+    }
+}
+
+/// What this Redis major can do: 6 is needed (6.2 is the oldest tested), and rules with
+/// `action = "expire"` need 7 (`PEXPIRE ... LT`). Valkey reports `redis_version:7.2.4`
+/// whatever its own version, so it passes as the 7 it is compatible with.
+fn check_redis_version(config: &Config, major: u32, report: &mut CheckReport) {
+    if major < 6 {
+        report.problems.push(Problem::new(
+            None,
+            format!("redis is version {major}; pginval needs Redis 6 or newer (SCAN ... TYPE for tag wildcards and patterns; 6.2 is the oldest tested)"),
+            Some("upgrade Redis to 6.2 or newer (7 for rules with action = \"expire\"), or use Valkey".into()),
+        ));
+        return;
+    }
+    if major >= 7 {
+        return;
+    }
+    for rule in config
+        .rules
+        .rules
+        .iter()
+        .filter(|r| matches!(r.action, crate::rules::compile::Action::Expire(_)))
+    {
+        report.problems.push(Problem::new(
+            Some(rule.line),
+            format!("rule #{} has action = \"expire\", which needs Redis 7 or newer (PEXPIRE ... LT, never extending a TTL); this Redis is {major} (run would refuse to start)", rule.number),
+            Some("use action = \"delete\" on Redis 6, or upgrade Redis to 7 or newer (or Valkey)".into()),
         ));
     }
 }

@@ -753,6 +753,20 @@ impl Redis {
             .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url()))
     }
 
+    /// The major of `redis_version` in `INFO server` (Valkey reports 7).
+    pub async fn major_version(&self) -> u32 {
+        let mut conn = self.connection().await;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO server");
+        info.lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .and_then(|v| v.split('.').next()?.trim().parse().ok())
+            .expect("INFO server names redis_version")
+    }
+
     /// TCP port of this server; it stays the same across [`Redis::restart`].
     pub fn port(&self) -> u16 {
         self.port
