@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, SlotLost};
 use crate::diagnostics::{Problem, write_problem};
-use crate::replication::catalog::{self, quote_ident, quote_table};
+use crate::replication::catalog::{self, ManagedService, quote_ident, quote_table};
 use crate::replication::relation::ReplicaIdentity;
 use crate::rules::template::ImageSelector;
 use crate::sink::amqp::{AmqpSink, Failure};
@@ -79,6 +79,13 @@ pub async fn check_with(
     let mut report = CheckReport::default();
     let problems = &mut report.problems;
 
+    let service = catalog::managed_service(client).await?;
+    if let Some(service) = service {
+        report.notes.push(format!(
+            "managed service: {} (docs/sources.md says what it needs)",
+            service_name(service)
+        ));
+    }
     let wal_level = catalog::wal_level(client).await?;
     if wal_level == "logical" {
         report.notes.push("wal_level = logical".into());
@@ -88,7 +95,7 @@ pub async fn check_with(
             format!(
                 "the server runs with wal_level = {wal_level}; logical replication needs logical"
             ),
-            Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into()),
+            Some(wal_level_fix(service).into()),
         ));
     }
     let server_version = catalog::server_version(client).await?;
@@ -110,8 +117,13 @@ pub async fn check_with(
     if !catalog::can_replicate(client).await? {
         problems.push(Problem::new(
             None,
-            "the configured role has neither REPLICATION nor SUPERUSER".to_string(),
-            Some("ALTER ROLE <the role in [source] url> WITH REPLICATION;".into()),
+            match service {
+                Some(ManagedService::Rds) => {
+                    "the configured role has neither REPLICATION nor SUPERUSER nor membership in rds_replication".to_string()
+                }
+                _ => "the configured role has neither REPLICATION nor SUPERUSER".to_string(),
+            },
+            Some(replication_fix(service).into()),
         ));
     }
 
@@ -664,6 +676,59 @@ async fn check_redis(config: &Config, report: &mut CheckReport) {
             format!("redis holds no tag of the configured {layout} layout ({}) but holds tags of another form ({}): tag flushes would find nothing", escape(&config.tags.tag_key_pattern("*")), escape(&other.tag_key_pattern("*"))),
             Some(fix.into()),
         ));
+    }
+}
+
+/// The service's name as its users know it.
+fn service_name(service: ManagedService) -> &'static str {
+    match service {
+        ManagedService::Rds => "Amazon RDS or Aurora PostgreSQL",
+        ManagedService::CloudSql => "Google Cloud SQL for PostgreSQL",
+        ManagedService::Azure => "Azure Database for PostgreSQL flexible server",
+        ManagedService::Supabase => "Supabase",
+        ManagedService::Neon => "Neon",
+    }
+}
+
+/// How to turn on logical decoding where `ALTER SYSTEM` is not allowed.
+fn wal_level_fix(service: Option<ManagedService>) -> &'static str {
+    match service {
+        None => "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL",
+        Some(ManagedService::Rds) => {
+            "set rds.logical_replication = 1 in the instance's DB parameter group (Aurora: the DB cluster parameter group), then reboot the instance (Aurora: the writer)"
+        }
+        Some(ManagedService::CloudSql) => {
+            "set the database flag cloudsql.logical_decoding = on (gcloud sql instances patch <instance> --database-flags=cloudsql.logical_decoding=on)"
+        }
+        Some(ManagedService::Azure) => {
+            "set the server parameter wal_level = logical (portal: Server parameters, or az postgres flexible-server parameter set --name wal_level --value logical), then restart the server"
+        }
+        Some(ManagedService::Supabase) => {
+            "Supabase runs with wal_level = logical: make sure [source] url is the direct connection (db.<project>.supabase.co:5432), not the pooler"
+        }
+        Some(ManagedService::Neon) => {
+            "enable logical replication in the Neon project's Settings (Logical Replication), which restarts its computes"
+        }
+    }
+}
+
+/// How to give pginval's role the right to replicate.
+fn replication_fix(service: Option<ManagedService>) -> &'static str {
+    match service {
+        None => "ALTER ROLE <the role in [source] url> WITH REPLICATION;",
+        Some(ManagedService::Rds) => "GRANT rds_replication TO <the role in [source] url>;",
+        Some(ManagedService::CloudSql) => {
+            "as a cloudsqlsuperuser member: ALTER ROLE <the role in [source] url> WITH REPLICATION;"
+        }
+        Some(ManagedService::Azure) => {
+            "as the server admin (azure_pg_admin): ALTER ROLE <the role in [source] url> WITH REPLICATION;"
+        }
+        Some(ManagedService::Supabase) => {
+            "use the postgres role, or as postgres: ALTER ROLE <the role in [source] url> WITH REPLICATION;"
+        }
+        Some(ManagedService::Neon) => {
+            "use a role created in the Neon Console, CLI or API (a neon_superuser member, which has REPLICATION)"
+        }
     }
 }
 

@@ -211,13 +211,67 @@ pub async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgr
 
 /// Whether the current role may start replication (REPLICATION or superuser).
 pub async fn can_replicate(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    // Amazon RDS and Aurora give the right through membership in rds_replication (their
+    // roles have neither attribute); the role exists only there. CASE keeps
+    // pg_has_role from being asked about a role that does not exist.
     Ok(client
         .query_one(
-            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            "SELECT rolreplication OR rolsuper OR CASE
+                 WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_superuser')
+                  AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication')
+                 THEN pg_has_role(current_user, 'rds_replication', 'MEMBER')
+                 ELSE false END
+               FROM pg_roles WHERE rolname = current_user",
             &[],
         )
         .await?
         .get(0))
+}
+
+/// A managed PostgreSQL service, told by the administrative role it creates on every
+/// server, so that `check` can name its own setting instead of `ALTER SYSTEM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManagedService {
+    /// Amazon RDS for PostgreSQL or Aurora PostgreSQL (`rds_superuser`).
+    Rds,
+    /// Google Cloud SQL for PostgreSQL (`cloudsqlsuperuser`).
+    CloudSql,
+    /// Azure Database for PostgreSQL flexible server (`azure_pg_admin`).
+    Azure,
+    /// Supabase (`supabase_admin`).
+    Supabase,
+    /// Neon (`neon_superuser`).
+    Neon,
+}
+
+/// Which managed service this server is, if any.
+pub async fn managed_service(
+    client: &Client,
+) -> Result<Option<ManagedService>, tokio_postgres::Error> {
+    let roles: Vec<String> = client
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE rolname IN
+               ('rds_superuser', 'cloudsqlsuperuser', 'azure_pg_admin', 'supabase_admin', 'neon_superuser')",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let has = |name: &str| roles.iter().any(|r| r == name);
+    Ok(if has("rds_superuser") {
+        Some(ManagedService::Rds)
+    } else if has("cloudsqlsuperuser") {
+        Some(ManagedService::CloudSql)
+    } else if has("azure_pg_admin") {
+        Some(ManagedService::Azure)
+    } else if has("supabase_admin") {
+        Some(ManagedService::Supabase)
+    } else if has("neon_superuser") {
+        Some(ManagedService::Neon)
+    } else {
+        None
+    })
 }
 
 /// A table's columns and replica identity, or `None` when it does not exist. For a

@@ -470,6 +470,61 @@ async fn least_privilege_role_is_told_exactly_what_is_missing() {
     daemon.stop().await.unwrap();
 }
 
+/// On Amazon RDS and Aurora no role has REPLICATION: membership in rds_replication
+/// gives the right. A server with RDS' administrative roles (made here by hand: the
+/// roles are what pginval tells the service by) gets RDS' fix, and a member passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_rds_replication_on_amazon_rds() {
+    let pg = PrivatePostgres::start();
+    let db = pg.create_database("rds").await;
+    db.execute_batch(crate::SCHEMA).await;
+    db.execute_batch(
+        "CREATE ROLE rds_superuser NOLOGIN; CREATE ROLE rds_replication NOLOGIN;
+         CREATE ROLE rds_app LOGIN NOREPLICATION;
+         CREATE PUBLICATION pginval FOR TABLE users, posts;
+         GRANT SELECT ON users, posts TO rds_app;",
+    )
+    .await;
+    let redis = Redis::start();
+    let url = db
+        .url
+        .replacen("postgres://postgres@", "postgres://rds_app@", 1);
+    let path = config_file(&db, &config_text(&db, &redis, RULES).replace(&db.url, &url));
+    let check = || {
+        let out = Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, text) = check();
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("managed service: Amazon RDS or Aurora"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nor membership in rds_replication")
+            && text.contains("fix: GRANT rds_replication TO <the role in [source] url>;"),
+        "{text}"
+    );
+    db.execute_batch("GRANT rds_replication TO rds_app").await;
+    let (code, text) = check();
+    assert!(
+        !text.contains("nor membership in rds_replication"),
+        "{text}"
+    );
+    assert_eq!(code, Some(0), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bad_configuration_names_its_line_and_fix() {
     let dir = std::env::temp_dir().join(format!("pginval-badcfgs-{}", std::process::id()));
