@@ -12,8 +12,10 @@
 #   --rates LIST      fixed pgbench rates for the latency test (default 2000,5000)
 #   --big-scale S     pgbench scale of the big-transaction database (default 10: 1,000,000 rows)
 #   --big-runs N      big-transaction runs (default: --runs)
-#   --only LIST       phases to run, of catchup,cluster,events,latency,big (default all;
-#                     cluster starts a 3-primary Redis Cluster (redis-cli --cluster create); events
+#   --only LIST       phases to run, of catchup,cluster,events,latency,clusterlatency,big (default
+#                     all; cluster and clusterlatency start a 3-primary Redis Cluster (redis-cli
+#                     --cluster create) and compare pginval against it with pginval against one
+#                     Redis, same runs; events
 #                     needs RabbitMQ, --amqp-url, default amqp://guest:guest@127.0.0.1:5672/%2f)
 #   --confirm-wait S  after the last key is deleted, how long to watch the slot's
 #                     confirmed_flush_lsn reach the end (diagnostic; default 1)
@@ -53,7 +55,7 @@ BACKLOG=40000
 LATENCY_SECS=15
 RATES=2000,5000
 BIG_SCALE=10
-ONLY=catchup,cluster,events,latency,big
+ONLY=catchup,cluster,events,latency,clusterlatency,big
 JSON=''
 CONFIRM_WAIT=1
 KEEP_FILES=false
@@ -72,7 +74,7 @@ while (($#)); do
     --latency-secs) number "$1" "${2:-}"; LATENCY_SECS=$2; shift ;;
     --rates) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--rates needs a list like 2000,5000"; RATES=$2; shift ;;
     --big-scale) number "$1" "${2:-}"; BIG_SCALE=$2; shift ;;
-    --only) [[ ${2:-} =~ ^(catchup|cluster|events|latency|big)(,(catchup|cluster|events|latency|big))*$ ]] || die "--only needs a list of catchup,cluster,events,latency,big"; ONLY=$2; shift ;;
+    --only) [[ ${2:-} =~ ^(catchup|cluster|events|latency|clusterlatency|big)(,(catchup|cluster|events|latency|clusterlatency|big))*$ ]] || die "--only needs a list of catchup,cluster,events,latency,clusterlatency,big"; ONLY=$2; shift ;;
     --confirm-wait) number "$1" "${2:-}"; CONFIRM_WAIT=$2; shift ;;
     --json) [[ -n ${2:-} ]] || die "--json needs a file name"; JSON=$(realpath -m -- "$2"); shift ;;
     --quick) RUNS=1 BACKLOG=4000 LATENCY_SECS=5 BIG_SCALE=1 ;;

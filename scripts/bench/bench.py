@@ -1041,9 +1041,35 @@ class Bench:
         self.results["latency"] = results
         conn.close()
 
-    def latency_pass(self, consumer, db, conn, script, marker, probe_first, naccounts):
+    def clusterlatency(self):
+        """Commit -> invalidated for pginval against a 3-primary Redis Cluster (one
+        replica each), next to pginval against the single Redis in the same invocation
+        (same load, same probes)."""
         a = self.a
-        slot = "bench_lat_recv" if consumer == "recv" else "bench_lat"
+        db = "bench"
+        conn = self.connect(db)
+        naccounts, _, _, marker, _ = self.prepare_db(conn, db)
+        self.ensure_own_publication(db, conn)
+        probe_first = max(1, naccounts - 10000 + 1)
+        script = os.path.join(a.work, "update-one.sql")
+        with open(script, "w") as f:
+            f.write(f"\\set aid random(1, {probe_first - 1})\n"
+                    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n")
+        self.redis.cmd("FLUSHALL")
+        self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Eg")
+        cl = Cluster(a.work)
+        for port in cl.ports:
+            Redis("127.0.0.1", port).cmd("CONFIG", "SET", "notify-keyspace-events", "Eg")
+        results = {}
+        for consumer in ("pginval", "pginval-cluster"):
+            results[consumer] = self.latency_pass(consumer, db, conn, script, marker, probe_first, naccounts,
+                                                  cluster=cl if consumer == "pginval-cluster" else None)
+        self.results["clusterlatency"] = results
+        conn.close()
+
+    def latency_pass(self, consumer, db, conn, script, marker, probe_first, naccounts, cluster=None):
+        a = self.a
+        slot = {"recv": "bench_lat_recv", "pginval": "bench_lat", "pginval-cluster": "bench_lat_cluster"}[consumer]
         self.reset_slots(conn, [slot])
         cur = conn.cursor()
         update = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s"
@@ -1065,7 +1091,7 @@ class Bench:
 
             def idle(secs):
                 watch.drain(secs)
-        else:
+        elif cluster is None:
             watch = Subscriber("127.0.0.1", a.redis_port, "__keyevent@0__:del")
             metrics_port = free_port()
             p = self.start_pginval(db, self.pginval_config("latency", slot, "pginval_own", metrics_port=metrics_port), "latency")
@@ -1078,6 +1104,31 @@ class Bench:
 
             def idle(secs):
                 time.sleep(secs)
+        else:
+            # A key's deletion is notified by the primary that owns its slot.
+            watches = {port: Subscriber("127.0.0.1", port, "__keyevent@0__:del") for port in cluster.conns}
+            metrics_port = free_port()
+            config = self.pginval_config("latency-cluster", slot, "pginval_own", metrics_port=metrics_port,
+                                         redis_extra=cluster.redis_section())
+            p = self.start_pginval(db, config, "latency-cluster", redis_url=cluster.url())
+
+            def arm(aid):
+                key = f"acct:{aid}"
+                cluster.conns[cluster.owner(key)].cmd("SET", key, "x")
+
+            def seen(aid, timeout):
+                key = f"acct:{aid}"
+                return watches[cluster.owner(key)].wait_for_key(key.encode(), timeout, alive=p.alive)
+
+            def idle(secs):
+                time.sleep(secs)
+
+            class _All:
+                def close(self):
+                    for w in watches.values():
+                        w.close()
+
+            watch = _All()
 
         results = {}
         bg = None
@@ -1092,7 +1143,7 @@ class Bench:
                     raise RuntimeError(f"{consumer} did not start streaming (status {p.status})")
             aid = probe_first
             for rate in a.rates:
-                own0 = read_histogram(metrics_port, READ_TO_INVALIDATION) if consumer == "pginval" else None
+                own0 = read_histogram(metrics_port, READ_TO_INVALIDATION) if consumer != "recv" else None
                 cpu0 = p.proc_cpu()
                 meter = self.cpu_sample()
                 walsender = self.q1(conn, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
@@ -1166,7 +1217,7 @@ class Bench:
                     f"schedule lag avg {r['pgbench_lag_avg_ms']} ms; {consumer} CPU {cpu_pct:.0f}% of a core, walsender {ws_pct:.0f}%; "
                     f"other programs {r['other_cpu_pct']:.0f}%, steal {r['steal_pct']:.0f}%; all {os.cpu_count()} cores {r['machine_busy_pct']:.0f}% busy")
                 if own0 is not None:
-                    log(f"latency, pginval, {rate} tps: its own share (read -> Redis ack) over {r['own_transactions']:.0f} transactions: "
+                    log(f"latency, {consumer}, {rate} tps: its own share (read -> Redis ack) over {r['own_transactions']:.0f} transactions: "
                         f"p50 <= {r['own_p50_ms']:.3f} ms, p99 <= {r['own_p99_ms']:.3f} ms (histogram bucket bounds)")
                 idle(1)
         finally:
@@ -1185,8 +1236,8 @@ class Bench:
             else:
                 status = p.stop()
                 watch.close()
-        if consumer == "pginval":
-            results["log_warnings"] = self.scan_log(p, "latency")
+        if consumer != "recv":
+            results["log_warnings"] = self.scan_log(p, consumer)
         if status != 0:
             raise RuntimeError(f"{consumer} exited with {status} after SIGTERM")
         results["rss_mb"] = p.rss_mb()
@@ -1372,6 +1423,26 @@ class Bench:
                 out("   other: CPU used by other programs on the machine meanwhile (noise). busy: the whole machine's CPU use,")
                 out("   in % of all its cores. sched lag: pgbench's own schedule lag.")
 
+        cl = self.results.get("clusterlatency")
+        if cl:
+            out("")
+            out(f"2b. Latency against a Redis Cluster (3 primaries, a replica each) next to one Redis, same invocation:")
+            out(f"   commit returned -> key deleted, single-row UPDATEs by pgbench at a fixed rate, {a.latency_secs} s per rate")
+            out(f"   {'consumer':<24}{'rate':>6}{'probes':>8}{'p50 ms':>9}{'target':>8}{'p99 ms':>9}{'target':>8}{'max ms':>9}"
+                f"{'own p99':>9}{'CPU':>6}{'steal':>7}")
+            targets = {2000: (0.6, 2.0)}
+            for rate in a.rates:
+                for consumer, label in (("pginval", "pginval, one Redis"), ("pginval-cluster", "pginval, Redis Cluster")):
+                    r = cl.get(consumer, {}).get(str(rate))
+                    if not r:
+                        continue
+                    t50, t99 = targets.get(rate, (None, None)) if consumer == "pginval-cluster" else (None, None)
+                    out(f"   {label:<24}{rate:>6}{r['probes']:>8}{f(r['p50_ms']):>9}{f(t50, '≤{:g}') if t50 else '':>8}{f(r['p99_ms']):>9}"
+                        f"{f(t99, '≤{:g}') if t99 else '':>8}{f(r['max_ms'], '{:.2f}'):>9}{f(r.get('own_p99_ms')):>9}"
+                        f"{f(r['cpu_pct'], '{:.0f}') + '%':>6}{f(r['steal_pct'], '{:.0f}') + '%':>7}"
+                        + (f"   p50 {verdict(r['p50_ms'], t50)}, p99 {verdict(r['p99_ms'], t99)}" if t50 else ""))
+            out("   own p99: pginval's own share (socket read of the commit -> Redis ack), histogram bucket bound.")
+
         b = self.results.get("big")
         if b:
             runs = b["runs"]
@@ -1444,7 +1515,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     b = Bench(a)
     try:
-        for phase in ("catchup", "cluster", "events", "latency", "big"):
+        for phase in ("catchup", "cluster", "events", "latency", "clusterlatency", "big"):
             if phase in a.only:
                 getattr(b, phase)()
     finally:

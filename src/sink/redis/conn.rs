@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -23,6 +23,9 @@ use crate::config;
 const KEYS_PER_UNLINK: usize = 256;
 /// Hash slots of a Redis Cluster.
 const SLOTS: u16 = 16384;
+/// From this many commands on, a batch goes to a cluster as one pipeline per primary
+/// (reading the slot map first costs a round trip, which a few commands do not repay).
+const PIPELINE_FROM: usize = 32;
 
 /// Where the cache lives: one node, or the seed nodes of a cluster.
 #[derive(Clone)]
@@ -235,9 +238,10 @@ impl Conn {
 
     /// Runs `cmds` and returns their replies in order; the first error fails the
     /// whole (what the sink sends is safe to repeat: deletes and TTLs are idempotent,
-    /// events are delivered at least once). On a node: one
-    /// pipeline. On a cluster: each command alone, routed by its key (a command's keys
-    /// must share a slot), all at once — the client pipelines them per node.
+    /// events are delivered at least once). On a node: one pipeline. On a cluster
+    /// (a command's keys must share a slot): from [`PIPELINE_FROM`] commands on, one
+    /// pipeline per primary; fewer, or when that fails, each command alone, routed by
+    /// its key by the cluster client (which follows MOVED and ASK), all at once.
     pub async fn run(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
         if cmds.is_empty() {
             return Ok(Vec::new());
@@ -251,6 +255,13 @@ impl Conn {
                 pipe.query_async(c).await
             }
             Conn::Cluster(c) => {
+                // A big batch (a catch-up) goes as one pipeline per primary: a future,
+                // a routing and a channel message per command cost five times the CPU.
+                if cmds.len() >= PIPELINE_FROM
+                    && let Some(values) = per_primary_pipelines(c, &cmds).await
+                {
+                    return Ok(values);
+                }
                 try_join_all(cmds.into_iter().map(|cmd| {
                     let mut c = c.clone();
                     async move { cmd.query_async::<Value>(&mut c).await }
@@ -381,7 +392,11 @@ impl Conn {
 
 /// The hash slot of `key` (its `{hash tag}` if it has one).
 pub fn slot_of(key: &str) -> u16 {
-    let key = key.as_bytes();
+    slot_of_bytes(key.as_bytes())
+}
+
+/// [`slot_of`] for a key as bytes.
+fn slot_of_bytes(key: &[u8]) -> u16 {
     let hashed = key
         .iter()
         .position(|b| *b == b'{')
@@ -419,6 +434,15 @@ pub fn slot_tag(slot: u16) -> &'static str {
 /// range: each entry is `[start, end, [host, port, id, ...], replicas...]`. Entries of
 /// another shape are skipped.
 fn parse_cluster_slots(reply: &Value) -> Vec<((String, u16), u16)> {
+    parse_slot_ranges(reply)
+        .into_iter()
+        .map(|(start, _, addr)| (addr, start))
+        .collect()
+}
+
+/// Each slot range of a `CLUSTER SLOTS` reply with its primary's address: (first slot,
+/// last slot, address).
+fn parse_slot_ranges(reply: &Value) -> Vec<(u16, u16, (String, u16))> {
     let Value::Array(ranges) = reply else {
         return Vec::new();
     };
@@ -428,10 +452,12 @@ fn parse_cluster_slots(reply: &Value) -> Vec<((String, u16), u16)> {
             let Value::Array(fields) = range else {
                 return None;
             };
-            let start = match fields.first()? {
-                Value::Int(s) => u16::try_from(*s).ok()?,
-                _ => return None,
+            let slot = |v: &Value| match v {
+                Value::Int(s) => u16::try_from(*s).ok(),
+                _ => None,
             };
+            let start = slot(fields.first()?)?;
+            let end = slot(fields.get(1)?)?;
             let Some(Value::Array(primary)) = fields.get(2) else {
                 return None;
             };
@@ -444,9 +470,104 @@ fn parse_cluster_slots(reply: &Value) -> Vec<((String, u16), u16)> {
                 Value::Int(p) => u16::try_from(*p).ok()?,
                 _ => return None,
             };
-            Some(((host, port), start))
+            Some((start, end, (host, port)))
         })
         .collect()
+}
+
+/// The key a command is routed by, for the commands the sink sends in batches; `None`
+/// for any other (such a batch goes command by command).
+fn routing_key(cmd: &Cmd) -> Option<&[u8]> {
+    let mut args = cmd.args_iter().map(|a| match a {
+        redis::Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    });
+    let name = args.next()??;
+    if [&b"UNLINK"[..], b"DEL", b"PEXPIRE", b"XADD", b"SET"]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n))
+    {
+        return args.next()?;
+    }
+    if name.eq_ignore_ascii_case(b"EVAL") || name.eq_ignore_ascii_case(b"EVALSHA") {
+        let _script = args.next()??;
+        let numkeys = args.next()??;
+        if numkeys == b"0" {
+            return None;
+        }
+        return args.next()?;
+    }
+    None
+}
+
+/// Sends `cmds` as one pipeline per primary, all at once, each primary found by the
+/// slot of the command's key in the slot map `CLUSTER SLOTS` gives now. `None` when
+/// that is not possible or did not work: a command without a key to route it by, a slot
+/// without a primary, a node that failed or answered a command with an error (a
+/// redirect while slots move, say); the caller then sends them one by one through the
+/// cluster client, which follows redirects. What was sent is safe to send again.
+async fn per_primary_pipelines(c: &ClusterConnection, cmds: &[Cmd]) -> Option<Vec<Value>> {
+    let mut c0 = c.clone();
+    let slots: Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut c0)
+        .await
+        .ok()?;
+    let mut owner: Vec<Option<usize>> = vec![None; usize::from(SLOTS)];
+    let mut primaries: Vec<(String, u16)> = Vec::new();
+    for (start, end, addr) in parse_slot_ranges(&slots) {
+        let at = match primaries.iter().position(|p| *p == addr) {
+            Some(at) => at,
+            None => {
+                primaries.push(addr);
+                primaries.len() - 1
+            }
+        };
+        for slot in start..=end.min(SLOTS - 1) {
+            owner[usize::from(slot)] = Some(at);
+        }
+    }
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); primaries.len()];
+    for (i, cmd) in cmds.iter().enumerate() {
+        let slot = slot_of_bytes(routing_key(cmd)?);
+        groups[owner[usize::from(slot)]?].push(i);
+    }
+    let sends = groups
+        .iter()
+        .enumerate()
+        .filter(|(_, members)| !members.is_empty())
+        .map(|(at, members)| {
+            let mut pipe = redis::pipe();
+            for &i in members {
+                pipe.add_command(cmds[i].clone());
+            }
+            let (host, port) = primaries[at].clone();
+            let mut c = c.clone();
+            async move {
+                c.route_pipeline(
+                    pipe,
+                    0,
+                    members.len(),
+                    SingleNodeRoutingInfo::ByAddress { host, port },
+                )
+                .await
+            }
+        });
+    let replies = join_all(sends).await;
+    let mut out = vec![Value::Nil; cmds.len()];
+    for (members, values) in groups.iter().filter(|m| !m.is_empty()).zip(replies) {
+        let values = values.ok()?;
+        if values.len() != members.len() {
+            return None;
+        }
+        for (&i, value) in members.iter().zip(values) {
+            if matches!(value, Value::ServerError(_)) {
+                return None;
+            }
+            out[i] = value;
+        }
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -497,5 +618,37 @@ mod tests {
                 (("10.0.0.2".to_owned(), 7001), 5461)
             ]
         );
+        assert_eq!(
+            parse_slot_ranges(&reply),
+            vec![
+                (0, 5460, ("10.0.0.1".to_owned(), 7000)),
+                (5461, 16383, ("10.0.0.2".to_owned(), 7001))
+            ]
+        );
+    }
+
+    #[test]
+    fn batched_commands_are_routed_by_their_first_key() {
+        let key = |cmd: &Cmd| routing_key(cmd).map(|k| String::from_utf8_lossy(k).into_owned());
+        let mut unlink = redis::cmd("UNLINK");
+        unlink.arg("a").arg("b");
+        assert_eq!(key(&unlink).as_deref(), Some("a"));
+        let mut pexpire = redis::cmd("pexpire");
+        pexpire.arg("k").arg(30_000).arg("LT");
+        assert_eq!(key(&pexpire).as_deref(), Some("k"));
+        let mut eval = redis::cmd("EVAL");
+        eval.arg("return 1").arg(2).arg("tag").arg("spill");
+        assert_eq!(key(&eval).as_deref(), Some("tag"));
+        let mut keyless = redis::cmd("EVAL");
+        keyless.arg("return 1").arg(0);
+        assert_eq!(key(&keyless), None);
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg("channel").arg("message");
+        assert_eq!(
+            key(&publish),
+            None,
+            "PUBLISH has no key: not batched per primary"
+        );
+        assert_eq!(key(&redis::cmd("UNLINK")), None);
     }
 }
