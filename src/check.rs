@@ -419,6 +419,10 @@ pub async fn check_with(
         }
     }
 
+    if config.source.failover_slot {
+        check_failover_slot(client, config, server_version, standby, &mut report).await?;
+    }
+    let problems = &mut report.problems;
     let slot_name = &config.source.slot;
     let database = catalog::current_database(client).await?;
     match catalog::slot(client, slot_name).await? {
@@ -677,6 +681,62 @@ async fn check_redis(config: &Config, report: &mut CheckReport) {
             Some(fix.into()),
         ));
     }
+}
+
+/// `failover_slot = true`: PostgreSQL 17+, on a primary, a slot that has (or will get)
+/// the failover flag, and a standby that could keep a copy of it.
+async fn check_failover_slot(
+    client: &Client,
+    config: &Config,
+    server_version: u32,
+    standby: bool,
+    report: &mut CheckReport,
+) -> Result<(), tokio_postgres::Error> {
+    let slot = &config.source.slot;
+    if server_version < 170000 {
+        report.problems.push(Problem::new(
+            None,
+            format!("failover_slot = true needs PostgreSQL 17 or newer (this server is {}); before 17 a failover loses the slot and pginval applies every rule's fallback", server_version / 10000),
+            Some("remove failover_slot from [source]".into()),
+        ));
+        return Ok(());
+    }
+    if standby {
+        report.problems.push(Problem::new(
+            None,
+            "failover_slot = true on a standby: PostgreSQL creates failover slots only on a primary (a standby source already follows its primary)",
+            Some("remove failover_slot from [source], or point url at the primary".into()),
+        ));
+        return Ok(());
+    }
+    if catalog::slot_failover(client, slot).await? == Some(false) {
+        report.problems.push(Problem::new(
+            None,
+            format!("slot {slot} exists without the failover flag: a standby keeps no copy of it"),
+            Some(format!(
+                "psql \"<the [source] url> replication=database\" -c 'ALTER_REPLICATION_SLOT \"{slot}\" (FAILOVER true)'"
+            )),
+        ));
+    }
+    if !catalog::has_physical_standby_slot(client).await? {
+        report.warnings.push(Problem::new(
+            None,
+            "failover_slot = true, but no standby streams through a physical slot here: nothing keeps a copy of pginval's slot",
+            Some("on the standby: primary_slot_name set, sync_replication_slots = on, hot_standby_feedback = on, and dbname in primary_conninfo".into()),
+        ));
+    } else {
+        report.notes.push(
+            "failover slot: the standby needs sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name and dbname in primary_conninfo (check it there); list both servers in url with target_session_attrs=read-write".into(),
+        );
+    }
+    if config.source.pg.get_hosts().len() < 2 {
+        report.warnings.push(Problem::new(
+            None,
+            "failover_slot = true with one host in url: after a failover pginval keeps trying the old primary",
+            Some("list the standby too, like host=a,b target_session_attrs=read-write (or use an address that follows the primary)".into()),
+        ));
+    }
+    Ok(())
 }
 
 /// The service's name as its users know it.

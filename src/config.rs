@@ -79,6 +79,13 @@ pub struct SourceConfig {
     /// DELETE on that table fail.
     #[serde(default)]
     pub column_lists: bool,
+    /// PostgreSQL 17+: create the slot with `failover = true`, so that a standby with
+    /// `sync_replication_slots = on` keeps a copy of it and pginval resumes on the
+    /// promoted standby without a gap (list both servers in `url`, like
+    /// `host=a,b target_session_attrs=read-write`). Off by default: without it a
+    /// failover loses the slot, and pginval applies every rule's fallback there.
+    #[serde(default)]
+    pub failover_slot: bool,
 }
 
 fn default_on_slot_lost() -> Spanned<String> {
@@ -338,6 +345,7 @@ impl Default for SourceConfig {
             on_slot_lost: default_on_slot_lost(),
             heartbeat_secs: 0,
             column_lists: false,
+            failover_slot: false,
         }
     }
 }
@@ -973,6 +981,7 @@ impl Config {
                         .then(|| Duration::from_secs(source.heartbeat_secs)),
                     tls: source_tls,
                     column_lists: source.column_lists,
+                    failover_slot: source.failover_slot,
                     tls_config,
                 },
                 redis_ca,

@@ -81,11 +81,15 @@ pub(super) async fn sync_publication(
 /// Creates the slot. On a standby PostgreSQL waits for the primary to log its running
 /// transactions, which an idle primary may not do for minutes: pginval says so, with
 /// the statement that ends the wait, at once and every 15 s while it lasts.
-async fn create_slot(control: &tokio_postgres::Client, slot: &str) -> Result<(), RunError> {
+async fn create_slot(
+    control: &tokio_postgres::Client,
+    slot: &str,
+    failover: bool,
+) -> Result<(), RunError> {
     if !catalog::in_recovery(control).await? {
-        return Ok(catalog::create_slot(control, slot).await?);
+        return Ok(catalog::create_slot(control, slot, failover).await?);
     }
-    let create = catalog::create_slot(control, slot);
+    let create = catalog::create_slot(control, slot, failover);
     tokio::pin!(create);
     let mut ticks = tokio::time::interval(std::time::Duration::from_secs(15));
     loop {
@@ -309,7 +313,7 @@ pub(super) async fn prepare(
             recover_lost_slot(control, config, sink, own, slot.is_some()).await?;
         } else {
             if slot.is_none() {
-                create_slot(control, &source.slot).await?;
+                create_slot(control, &source.slot, source.failover_slot).await?;
                 tracing::info!(slot = %source.slot, "created replication slot (pgoutput)");
             }
             if marker.is_none() {
@@ -359,7 +363,7 @@ pub(super) async fn recover_lost_slot(
         catalog::drop_slot(control, &source.slot).await?;
     }
     if catalog::slot(control, &source.slot).await?.is_none() {
-        create_slot(control, &source.slot).await?;
+        create_slot(control, &source.slot, source.failover_slot).await?;
         tracing::info!(slot = %source.slot, "recreated replication slot (pgoutput)");
     }
     let mut inv = Invalidation::default();

@@ -539,6 +539,32 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, tokio
         }))
 }
 
+/// Whether the slot has the failover flag (PostgreSQL 17+); `None` when it does not
+/// exist.
+pub async fn slot_failover(
+    client: &Client,
+    name: &str,
+) -> Result<Option<bool>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// Whether an active physical slot exists: a standby streams through it.
+pub async fn has_physical_standby_slot(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_type = 'physical' AND active)",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 /// Bytes of WAL the slot retains on the server (current WAL position minus the
 /// slot's restart position), or `None` when the slot does not exist.
 pub async fn slot_retained_wal(
@@ -782,13 +808,18 @@ pub async fn heartbeat(client: &Client) -> Result<(), tokio_postgres::Error> {
         .map(drop)
 }
 
-/// Creates a logical slot with the pgoutput plugin.
-pub async fn create_slot(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&name],
-        )
-        .await
-        .map(drop)
+/// Creates a logical slot with the pgoutput plugin; with `failover` (PostgreSQL 17+) one
+/// that standbys with `sync_replication_slots` keep a copy of.
+pub async fn create_slot(
+    client: &Client,
+    name: &str,
+    failover: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let sql = if failover {
+        // (name, plugin, temporary, twophase, failover)
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    client.execute(sql, &[&name]).await.map(drop)
 }

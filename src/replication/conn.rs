@@ -17,7 +17,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, TargetSessionAttrs};
 
 use super::source::Source;
 use super::tls::{self, SslMode};
@@ -205,6 +205,24 @@ impl ReplicationConnection {
                 backend_pid: None,
             };
             match conn.startup(pg, user, application_name).await {
+                // With several hosts and target_session_attrs=read-write (libpq's way
+                // to name a primary and its standbys), a server in recovery is passed
+                // over: after a failover the promoted standby is the one to stream from.
+                Ok(())
+                    if pg.get_target_session_attrs() == TargetSessionAttrs::ReadWrite
+                        && hosts.len() > 1 =>
+                {
+                    match conn.read_only().await {
+                        Ok(false) => return Ok(conn),
+                        Ok(true) => {
+                            last_err = Some(ReplicationError::Unsupported(format!(
+                                "{} is read-only (target_session_attrs=read-write)",
+                                conn.target
+                            )));
+                        }
+                        Err(e) => last_err = Some(e),
+                    }
+                }
                 Ok(()) => return Ok(conn),
                 Err(e) => last_err = Some(e),
             }
@@ -313,6 +331,34 @@ impl ReplicationConnection {
     /// The walsender's process id, as the server announced it at start-up.
     pub fn backend_pid(&self) -> Option<i32> {
         self.backend_pid
+    }
+
+    /// Whether the server takes only read-only transactions (`transaction_read_only`,
+    /// as libpq asks it for target_session_attrs=read-write): a standby, or a primary
+    /// set read-only.
+    async fn read_only(&mut self) -> Result<bool, ReplicationError> {
+        frontend::query("SHOW transaction_read_only", &mut self.wbuf)
+            .map_err(|e| self.io_err(e))?;
+        self.flush().await?;
+        let mut value = None;
+        loop {
+            match self.next_message().await? {
+                Backend::Other(backend::Message::DataRow(row)) => {
+                    let mut ranges = row.ranges();
+                    if let Ok(Some(Some(range))) = ranges.next() {
+                        value = Some(row.buffer()[range] == *b"on");
+                    }
+                }
+                Backend::Other(backend::Message::ReadyForQuery(_)) => {
+                    return value.ok_or_else(|| {
+                        ReplicationError::Unsupported(
+                            "SHOW transaction_read_only returned no row".into(),
+                        )
+                    });
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Creates a temporary pgoutput slot, dropped by the server when this connection

@@ -27,6 +27,8 @@ pub struct Source {
     pub tls: TlsSettings,
     /// Column lists in a publication pginval creates or manages.
     pub column_lists: bool,
+    /// Create the slot with `failover = true` (PostgreSQL 17+).
+    pub failover_slot: bool,
     /// The rustls configuration for those settings (`None` with sslmode=disable).
     pub tls_config: Option<std::sync::Arc<rustls::ClientConfig>>,
 }

@@ -470,6 +470,48 @@ async fn least_privilege_role_is_told_exactly_what_is_missing() {
     daemon.stop().await.unwrap();
 }
 
+/// `failover_slot = true` where PostgreSQL cannot keep a copy of the slot: before 17
+/// check refuses it; on 17+ it refuses a slot made without the flag, naming the
+/// replication command that sets it, and warns of a lone host and of no standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_failover_slot_where_postgresql_cannot_keep_it() {
+    let (db, redis) = setup("failover_check").await;
+    let text = config_text(&db, &redis, RULES).replace(
+        "status_interval_secs = 1",
+        "status_interval_secs = 1\nfailover_slot = true",
+    );
+    let path = config_file(&db, &text);
+    if crate::support::postgres().major_version() < 17 {
+        let (code, out) = crate::check_file(&path);
+        assert_eq!(code, Some(2), "{out}");
+        assert!(
+            out.contains("failover_slot = true needs PostgreSQL 17 or newer"),
+            "{out}"
+        );
+        return;
+    }
+    db.execute_batch(&format!(
+        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+        db.name
+    ))
+    .await;
+    let (code, out) = crate::check_file(&path);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("exists without the failover flag")
+            && out.contains(&format!(
+                "ALTER_REPLICATION_SLOT \"{}\" (FAILOVER true)",
+                db.name
+            )),
+        "{out}"
+    );
+    assert!(
+        out.contains("no standby streams through a physical slot"),
+        "{out}"
+    );
+    assert!(out.contains("with one host in url"), "{out}");
+}
+
 /// On Amazon RDS and Aurora no role has REPLICATION: membership in rds_replication
 /// gives the right. A server with RDS' administrative roles (made here by hand: the
 /// roles are what pginval tells the service by) gets RDS' fix, and a member passes.

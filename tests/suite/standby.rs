@@ -155,3 +155,135 @@ async fn standby_source_is_checked_for_what_run_needs_then_streams() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+/// A primary that fails over to its standby (PostgreSQL 17+ failover slots): with
+/// `failover_slot = true` the standby keeps a copy of pginval's slot and pginval, given
+/// both servers in its URL, resumes on the promoted standby where it was: a change made
+/// there is invalidated exactly, with no fallback. Without it the promoted standby has
+/// no slot: pginval takes that for a lost slot and applies every rule's fallback (no
+/// gap either, at the cost of flushing).
+async fn primary_failover(failover_slot: bool) {
+    if !crate::support::requires_pg(17, "failover slots") {
+        return;
+    }
+    let primary = PrivatePostgres::start();
+    connect(&primary.url("postgres"))
+        .await
+        .batch_execute("CREATE DATABASE app")
+        .await
+        .unwrap();
+    let app = connect(&primary.url("app")).await;
+    app.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text);
+         INSERT INTO users SELECT g, 'u' FROM generate_series(1, 10) g;
+         CREATE PUBLICATION pginval FOR TABLE users;",
+    )
+    .await
+    .unwrap();
+    let standby = primary
+        .start_standby(&format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres'\nsync_replication_slots = on\nhot_standby_feedback = on",
+            primary.port()
+        ))
+        .await;
+    let redis = Redis::start();
+    // The standby first: pginval must pass it over (read-only) for the primary, then
+    // after the failover find the promoted standby.
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=app target_session_attrs=read-write",
+        standby.port(),
+        primary.port()
+    );
+    let text = standby_config(&url, &redis).replace(
+        "status_interval_secs = 1",
+        &format!("status_interval_secs = 1\nfailover_slot = {failover_slot}"),
+    );
+    if failover_slot {
+        let (code, out) = check(&text);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("failover slot: the standby needs"), "{out}");
+    }
+    let path = std::env::temp_dir().join(format!(
+        "pginval-test-failover-{failover_slot}-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, &text).unwrap();
+    let log = path.with_extension("log");
+    let mut child = crate::spawn_run(&path, &log);
+    let on_primary = connect(&primary.url("app")).await;
+    wait_until("pginval streams from the primary", WAIT, || async {
+        on_primary
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = 'from_standby'",
+                &[],
+            )
+            .await
+            .map(|r| r.is_some())
+            .unwrap_or(false)
+    })
+    .await;
+    cache(&redis, &["user:1"]).await;
+    app.batch_execute("UPDATE users SET name = 'before' WHERE id = 1")
+        .await
+        .unwrap();
+    wait_gone(&redis, &["user:1"]).await;
+    let on_standby = connect(&standby.url("app")).await;
+    if failover_slot {
+        // The standby's copy of the slot has caught up with what pginval confirmed.
+        let confirmed: String = on_primary
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        // The slot sync worker naps up to 30 s between rounds.
+        let sync_wait = std::time::Duration::from_secs(90);
+        wait_until("the standby's copy of the slot caught up", sync_wait, || async {
+            let _ = app.execute("SELECT pg_log_standby_snapshot()", &[]).await;
+            on_standby
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'from_standby' AND synced AND NOT temporary AND confirmed_flush_lsn >= $1::text::pg_lsn",
+                    &[&confirmed],
+                )
+                .await
+                .map(|r| r.is_some())
+                .unwrap_or(false)
+        })
+        .await;
+    }
+    // The primary dies; its standby is promoted.
+    drop(on_primary);
+    primary.crash();
+    standby.promote();
+    // Cached after the failover: an exact invalidation leaves user:5 alone, the
+    // lost-slot fallback (user:*) takes it too.
+    cache(&redis, &["user:2", "user:5"]).await;
+    let new_primary = connect(&standby.url("app")).await;
+    new_primary
+        .batch_execute("UPDATE users SET name = 'after' WHERE id = 2")
+        .await
+        .unwrap();
+    wait_gone(&redis, &["user:2"]).await;
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    if failover_slot {
+        crate::assert_cached(&redis, &["user:5"]).await;
+        assert!(
+            !log_text.contains("fallback"),
+            "no fallback after a failover with a synchronized slot:\n{log_text}"
+        );
+    } else {
+        wait_gone(&redis, &["user:5"]).await;
+        assert!(log_text.contains("slot"), "{log_text}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_slot_resumes_on_the_promoted_standby_without_a_fallback() {
+    primary_failover(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_failover_slot_the_promoted_standby_costs_the_lost_slot_fallback() {
+    primary_failover(false).await;
+}

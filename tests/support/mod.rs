@@ -354,6 +354,33 @@ impl PrivatePostgres {
         )
     }
 
+    /// `pg_ctl stop -m immediate`: the server is gone as after a crash (its directory
+    /// stays until drop).
+    pub fn crash(&self) {
+        self.pg_ctl(&["-m", "immediate", "stop"]);
+    }
+
+    /// `pg_ctl promote` of a standby, waiting until it takes writes.
+    pub fn promote(&self) {
+        self.pg_ctl(&["promote"]);
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let out = pg_command(&self.0.bin_dir.join("pg_ctl"))
+            .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-D"])
+            .arg(&self.0.data_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `pg_ctl restart -m <mode>` (e.g. "fast"), waiting until it accepts connections.
     pub fn restart(&self, mode: &str) {
         let out = pg_command(&self.0.bin_dir.join("pg_ctl"))
