@@ -171,8 +171,14 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
         }
     }
     if catalog::slot(client, &config.source.slot).await?.is_none() {
+        // (name, plugin, temporary, twophase, failover): as run creates it.
+        let failover = if config.source.failover_slot {
+            ", false, false, true"
+        } else {
+            ""
+        };
         plan.statements.push(format!(
-            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
+            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput'{failover});",
             config.source.slot
         ));
     }
