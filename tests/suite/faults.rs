@@ -490,6 +490,20 @@ async fn check_refuses_failover_slot_where_postgresql_cannot_keep_it() {
         );
         return;
     }
+    // setup plans the slot as run creates it.
+    let planned = Command::new(bin())
+        .args(["setup", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let planned = String::from_utf8_lossy(&planned.stdout);
+    assert!(
+        planned.contains(&format!(
+            "pg_create_logical_replication_slot('{}', 'pgoutput', false, false, true)",
+            db.name
+        )),
+        "{planned}"
+    );
     db.execute_batch(&format!(
         "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
         db.name
