@@ -531,7 +531,78 @@ async fn check_standby(
             Some("on the standby: ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf();".into()),
         ));
     }
+    if let Some(primary) = &config.source.standby_primary {
+        check_standby_primary(config, primary, report).await;
+    }
     Ok(())
+}
+
+/// `standby_primary_url`: reachable, a primary, with `wal_level = logical` (which the
+/// standby cannot tell), and a role that may run `pg_log_standby_snapshot()`.
+async fn check_standby_primary(
+    config: &Config,
+    primary: &tokio_postgres::Config,
+    report: &mut CheckReport,
+) {
+    let mut source = config.source.clone();
+    source.pg = primary.clone();
+    let client = match catalog::connect(&source).await {
+        Ok(client) => client,
+        Err(e) => {
+            report.warnings.push(Problem::new(
+                None,
+                format!("cannot connect to [source] standby_primary_url: {}; creating the slot may then wait for the primary", catalog::describe_error(&e)),
+                None,
+            ));
+            return;
+        }
+    };
+    let facts = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('wal_level'),
+                    has_function_privilege('pg_log_standby_snapshot()', 'EXECUTE')",
+            &[],
+        )
+        .await;
+    match facts {
+        Ok(row) => {
+            let (in_recovery, wal_level, may_snapshot): (bool, String, bool) =
+                (row.get(0), row.get(1), row.get(2));
+            if in_recovery {
+                report.problems.push(Problem::new(
+                    None,
+                    "[source] standby_primary_url names a server in recovery, not the primary",
+                    Some(
+                        "point standby_primary_url at the primary the standby streams from".into(),
+                    ),
+                ));
+            } else if wal_level != "logical" {
+                report.problems.push(Problem::new(
+                    None,
+                    format!("the primary runs with wal_level = {wal_level}: a standby can decode only what a primary with wal_level = logical writes"),
+                    Some("on the primary: ALTER SYSTEM SET wal_level = logical; then restart it".into()),
+                ));
+            } else if !may_snapshot {
+                report.problems.push(Problem::new(
+                    None,
+                    "the role of [source] standby_primary_url may not run pg_log_standby_snapshot()",
+                    Some("on the primary: GRANT EXECUTE ON FUNCTION pg_log_standby_snapshot() TO <that role>;".into()),
+                ));
+            } else {
+                report.notes.push(
+                    "the primary (standby_primary_url) runs with wal_level = logical; pginval ends the slot creation's wait there".into(),
+                );
+            }
+        }
+        Err(e) => report.warnings.push(Problem::new(
+            None,
+            format!(
+                "cannot read the primary's settings: {}",
+                catalog::describe_error(&e)
+            ),
+            None,
+        )),
+    }
 }
 
 /// The event brokers, connected to as the first publish would (the AMQP exchange is

@@ -86,6 +86,14 @@ pub struct SourceConfig {
     /// failover loses the slot, and pginval applies every rule's fallback there.
     #[serde(default)]
     pub failover_slot: bool,
+    /// With a standby as the source: a connection string of its primary. While pginval
+    /// creates its slot on the standby (PostgreSQL waits there for the primary to log
+    /// its running transactions, which an idle primary may not do for minutes), it runs
+    /// `SELECT pg_log_standby_snapshot()` on the primary every second; and `check`
+    /// reads the primary's `wal_level` and publication there. Needs a role allowed to
+    /// run that function (superuser, or `GRANT EXECUTE ON FUNCTION
+    /// pg_log_standby_snapshot() TO ...`); connected with the source's TLS settings.
+    pub standby_primary_url: Option<Spanned<String>>,
 }
 
 fn default_on_slot_lost() -> Spanned<String> {
@@ -346,6 +354,7 @@ impl Default for SourceConfig {
             heartbeat_secs: 0,
             column_lists: false,
             failover_slot: false,
+            standby_primary_url: None,
         }
     }
 }
@@ -695,6 +704,28 @@ impl Config {
                 }
             }
         };
+        let standby_primary = source.standby_primary_url.as_ref().and_then(|url| {
+            let line = lines.line_of(&url.span());
+            let parsed = split_tls_params(url.get_ref())
+                .map_err(|e| e.to_string())
+                .and_then(|(plain, tls)| {
+                    let mut pg =
+                        tokio_postgres::Config::from_str(&plain).map_err(|e| e.to_string())?;
+                    pg.ssl_mode(tokio_postgres_mode(tls.mode));
+                    Ok(pg)
+                });
+            match parsed {
+                Ok(pg) => Some(pg),
+                Err(e) => {
+                    problems.push(Problem::new(
+                        line,
+                        format!("[source] standby_primary_url is not a valid PostgreSQL connection string: {e}"),
+                        Some("use postgres://user:password@primary:5432/dbname or host=... dbname=...".into()),
+                    ));
+                    None
+                }
+            }
+        });
         for (what, name) in [("slot", &source.slot), ("publication", &source.publication)] {
             if !valid_identifier(name.get_ref()) {
                 problems.push(Problem::new(
@@ -982,6 +1013,7 @@ impl Config {
                     tls: source_tls,
                     column_lists: source.column_lists,
                     failover_slot: source.failover_slot,
+                    standby_primary,
                     tls_config,
                 },
                 redis_ca,

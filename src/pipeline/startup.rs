@@ -7,6 +7,7 @@ use crate::replication::catalog;
 use crate::replication::conn::ReplicationError;
 use crate::replication::pgoutput::Lsn;
 use crate::replication::protocol::parse_lsn;
+use crate::replication::source::Source;
 use crate::rules::invalidation::{Event, FallbackReason, Invalidation, PendingEvent, Work};
 use crate::sink::Sink;
 use crate::sink::events::Fanout;
@@ -81,23 +82,50 @@ pub(super) async fn sync_publication(
 /// Creates the slot. On a standby PostgreSQL waits for the primary to log its running
 /// transactions, which an idle primary may not do for minutes: pginval says so, with
 /// the statement that ends the wait, at once and every 15 s while it lasts.
-async fn create_slot(
-    control: &tokio_postgres::Client,
-    slot: &str,
-    failover: bool,
-) -> Result<(), RunError> {
+async fn create_slot(control: &tokio_postgres::Client, source: &Source) -> Result<(), RunError> {
+    let slot = source.slot.as_str();
     if !catalog::in_recovery(control).await? {
-        return Ok(catalog::create_slot(control, slot, failover).await?);
+        return Ok(catalog::create_slot(control, slot, source.failover_slot).await?);
     }
-    let create = catalog::create_slot(control, slot, failover);
+    let create = catalog::create_slot(control, slot, source.failover_slot);
     tokio::pin!(create);
     let mut ticks = tokio::time::interval(std::time::Duration::from_secs(15));
+    let Some(primary) = &source.standby_primary else {
+        loop {
+            tokio::select! {
+                done = &mut create => return Ok(done?),
+                _ = ticks.tick() => tracing::warn!(
+                    slot,
+                    "creating the slot on a standby: PostgreSQL waits for the primary to log its running transactions; to end the wait now, run on the primary: SELECT pg_log_standby_snapshot(); (or set [source] standby_primary_url)"
+                ),
+            }
+        }
+    };
+    // The primary is asked to log its running transactions every second until the
+    // standby has replayed one and the creation ends.
+    let mut on_primary = source.clone();
+    on_primary.pg = primary.clone();
+    let mut snapshots = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut client = None;
     loop {
         tokio::select! {
             done = &mut create => return Ok(done?),
-            _ = ticks.tick() => tracing::warn!(
+            _ = snapshots.tick() => {
+                if client.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
+                    client = catalog::connect(&on_primary).await.map_err(|e| {
+                        tracing::warn!(error = %catalog::describe_error(&e), "cannot reach [source] standby_primary_url to end the slot creation's wait; retrying");
+                    }).ok();
+                }
+                if let Some(c) = &client
+                    && let Err(e) = c.execute("SELECT pg_log_standby_snapshot()", &[]).await
+                {
+                    tracing::warn!(error = %catalog::describe_error(&e), "SELECT pg_log_standby_snapshot() on [source] standby_primary_url failed; retrying");
+                    client = None;
+                }
+            }
+            _ = ticks.tick() => tracing::info!(
                 slot,
-                "creating the slot on a standby: PostgreSQL waits for the primary to log its running transactions; to end the wait now, run on the primary: SELECT pg_log_standby_snapshot();"
+                "creating the slot on a standby: waiting for it to replay the running transactions pginval has the primary log every second"
             ),
         }
     }
@@ -313,7 +341,7 @@ pub(super) async fn prepare(
             recover_lost_slot(control, config, sink, own, slot.is_some()).await?;
         } else {
             if slot.is_none() {
-                create_slot(control, &source.slot, source.failover_slot).await?;
+                create_slot(control, source).await?;
                 tracing::info!(slot = %source.slot, "created replication slot (pgoutput)");
             }
             if marker.is_none() {
@@ -363,7 +391,7 @@ pub(super) async fn recover_lost_slot(
         catalog::drop_slot(control, &source.slot).await?;
     }
     if catalog::slot(control, &source.slot).await?.is_none() {
-        create_slot(control, &source.slot, source.failover_slot).await?;
+        create_slot(control, source).await?;
         tracing::info!(slot = %source.slot, "recreated replication slot (pgoutput)");
     }
     let mut inv = Invalidation::default();

@@ -29,6 +29,9 @@ pub struct Source {
     pub column_lists: bool,
     /// Create the slot with `failover = true` (PostgreSQL 17+).
     pub failover_slot: bool,
+    /// With a standby as the source: its primary, to end the wait of a slot creation
+    /// (`pg_log_standby_snapshot()`) and for `check` to read there.
+    pub standby_primary: Option<tokio_postgres::Config>,
     /// The rustls configuration for those settings (`None` with sslmode=disable).
     pub tls_config: Option<std::sync::Arc<rustls::ClientConfig>>,
 }

@@ -287,3 +287,95 @@ async fn failover_slot_resumes_on_the_promoted_standby_without_a_fallback() {
 async fn without_failover_slot_the_promoted_standby_costs_the_lost_slot_fallback() {
     primary_failover(false).await;
 }
+
+/// With `standby_primary_url`, pginval ends the slot creation's wait itself: an idle
+/// primary logs its running transactions only when asked (or every 15 s while WAL is
+/// written), so without it creating the slot on the standby waits; with it pginval
+/// asks every second and streams within a few seconds. `check` reads the primary's
+/// settings there and refuses a URL that names a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_primary_url_ends_the_slot_creation_wait() {
+    if !crate::support::requires_pg(16, "logical decoding on a standby") {
+        return;
+    }
+    let primary = PrivatePostgres::start();
+    let admin = connect(&primary.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE app").await.unwrap();
+    for sql in [
+        "ALTER SYSTEM SET autovacuum = off",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let app = connect(&primary.url("app")).await;
+    app.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text);
+         INSERT INTO users SELECT g, 'u' FROM generate_series(1, 10) g;
+         CREATE PUBLICATION pginval FOR TABLE users;",
+    )
+    .await
+    .unwrap();
+    let standby = primary.start_standby("hot_standby_feedback = on").await;
+    let on_standby = connect(&standby.url("app")).await;
+    wait_until("the standby has the publication", WAIT, || async {
+        on_standby
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = 'pginval'",
+                &[],
+            )
+            .await
+            .map(|r| r.is_some())
+            .unwrap_or(false)
+    })
+    .await;
+    let redis = Redis::start();
+    let with_primary = |url: &str| {
+        standby_config(&standby.url("app"), &redis).replace(
+            "status_interval_secs = 1",
+            &format!("status_interval_secs = 1\nstandby_primary_url = \"{url}\""),
+        )
+    };
+    let (code, out) = check(&with_primary(&standby.url("app")));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("names a server in recovery, not the primary"),
+        "{out}"
+    );
+    let text = with_primary(&primary.url("app"));
+    let (code, out) = check(&text);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("the primary (standby_primary_url) runs with wal_level = logical"),
+        "{out}"
+    );
+
+    let path = std::env::temp_dir().join(format!(
+        "pginval-test-standby-primary-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, &text).unwrap();
+    let mut child = crate::spawn_run(&path, &path.with_extension("log"));
+    // Nothing here asks the primary for a snapshot: pginval does, every second.
+    wait_until(
+        "pginval streams from the standby",
+        std::time::Duration::from_secs(10),
+        || async {
+            on_standby
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = 'from_standby'",
+                    &[],
+                )
+                .await
+                .map(|r| r.is_some())
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    cache(&redis, &["user:3"]).await;
+    app.batch_execute("UPDATE users SET name = 'x' WHERE id = 3")
+        .await
+        .unwrap();
+    wait_gone(&redis, &["user:3"]).await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
