@@ -13,8 +13,13 @@ fn standby_config(url: &str, redis: &Redis) -> String {
 }
 
 fn check(text: &str) -> (Option<i32>, String) {
-    let path =
-        std::env::temp_dir().join(format!("pginval-test-standby-{}.toml", std::process::id()));
+    // A file per call: the tests of this file run at once.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "pginval-test-standby-{}-{n}.toml",
+        std::process::id()
+    ));
     std::fs::write(&path, text).unwrap();
     crate::check_file(&path)
 }
@@ -376,6 +381,109 @@ async fn standby_primary_url_ends_the_slot_creation_wait() {
         .await
         .unwrap();
     wait_gone(&redis, &["user:3"]).await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Streaming from a standby through what happens to real deployments: pginval killed
+/// (SIGKILL) while the primary writes, the standby restarted, then the standby promoted.
+/// Each time the change made meanwhile is invalidated once pginval is back, and the
+/// promoted standby keeps pginval's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_source_survives_a_kill_a_restart_and_its_promotion() {
+    if !crate::support::requires_pg(16, "logical decoding on a standby") {
+        return;
+    }
+    let primary = PrivatePostgres::start();
+    connect(&primary.url("postgres"))
+        .await
+        .batch_execute("CREATE DATABASE app")
+        .await
+        .unwrap();
+    let app = connect(&primary.url("app")).await;
+    app.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text);
+         INSERT INTO users SELECT g, 'u' FROM generate_series(1, 10) g;
+         CREATE PUBLICATION pginval FOR TABLE users;",
+    )
+    .await
+    .unwrap();
+    let standby = primary.start_standby("hot_standby_feedback = on").await;
+    let redis = Redis::start();
+    let text = standby_config(&standby.url("app"), &redis).replace(
+        "status_interval_secs = 1",
+        &format!(
+            "status_interval_secs = 1\nstandby_primary_url = \"{}\"",
+            primary.url("app")
+        ),
+    );
+    let path = std::env::temp_dir().join(format!(
+        "pginval-test-standby-faults-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, &text).unwrap();
+    let log = path.with_extension("log");
+    let streaming = || async {
+        match tokio_postgres::connect(&standby.url("app"), tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                client
+                    .query_opt(
+                        "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = 'from_standby'",
+                        &[],
+                    )
+                    .await
+                    .map(|r| r.is_some())
+                    .unwrap_or(false)
+            }
+            Err(_) => false,
+        }
+    };
+    let mut child = crate::spawn_run(&path, &log);
+    wait_until("pginval streams from the standby", WAIT, streaming).await;
+    cache(&redis, &["user:1"]).await;
+    app.batch_execute("UPDATE users SET name = 'a' WHERE id = 1")
+        .await
+        .unwrap();
+    wait_gone(&redis, &["user:1"]).await;
+
+    // SIGKILL; a change while pginval is down is invalidated once it is back.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    cache(&redis, &["user:2"]).await;
+    app.batch_execute("UPDATE users SET name = 'b' WHERE id = 2")
+        .await
+        .unwrap();
+    let mut child = crate::spawn_run(&path, &log);
+    wait_gone(&redis, &["user:2"]).await;
+
+    // The standby restarts; pginval reconnects and goes on.
+    standby.restart("fast");
+    wait_until(
+        "pginval streams from the restarted standby",
+        WAIT,
+        streaming,
+    )
+    .await;
+    cache(&redis, &["user:3"]).await;
+    app.batch_execute("UPDATE users SET name = 'c' WHERE id = 3")
+        .await
+        .unwrap();
+    wait_gone(&redis, &["user:3"]).await;
+
+    // The primary goes away and the standby is promoted: its slot stays, and pginval
+    // streams the new primary's changes.
+    drop(app);
+    primary.crash();
+    standby.promote();
+    let promoted = connect(&standby.url("app")).await;
+    cache(&redis, &["user:4", "user:5"]).await;
+    promoted
+        .batch_execute("UPDATE users SET name = 'd' WHERE id = 4")
+        .await
+        .unwrap();
+    wait_gone(&redis, &["user:4"]).await;
+    crate::assert_cached(&redis, &["user:5"]).await;
     let _ = child.kill();
     let _ = child.wait();
 }
