@@ -789,6 +789,16 @@ async fn check_failover_slot(
             )),
         ));
     }
+    if catalog::setting(client, "synchronized_standby_slots")
+        .await?
+        .is_empty()
+    {
+        report.warnings.push(Problem::new(
+            None,
+            "synchronized_standby_slots is empty: pginval may confirm changes the standby has not received yet, and the standby's copy of the slot is then synchronized late (a failover before that costs the lost-slot fallback)",
+            Some("on the primary: ALTER SYSTEM SET synchronized_standby_slots = '<the standby's physical slot>'; SELECT pg_reload_conf();".into()),
+        ));
+    }
     if !catalog::has_physical_standby_slot(client).await? {
         report.warnings.push(Problem::new(
             None,

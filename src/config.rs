@@ -90,7 +90,7 @@ pub struct SourceConfig {
     /// creates its slot on the standby (PostgreSQL waits there for the primary to log
     /// its running transactions, which an idle primary may not do for minutes), it runs
     /// `SELECT pg_log_standby_snapshot()` on the primary every second; and `check`
-    /// reads the primary's `wal_level` and publication there. Needs a role allowed to
+    /// reads there whether it is a primary with `wal_level = logical`. Needs a role allowed to
     /// run that function (superuser, or `GRANT EXECUTE ON FUNCTION
     /// pg_log_standby_snapshot() TO ...`); connected with the source's TLS settings.
     pub standby_primary_url: Option<Spanned<String>>,

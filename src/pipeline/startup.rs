@@ -112,9 +112,23 @@ async fn create_slot(control: &tokio_postgres::Client, source: &Source) -> Resul
             done = &mut create => return Ok(done?),
             _ = snapshots.tick() => {
                 if client.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
-                    client = catalog::connect(&on_primary).await.map_err(|e| {
-                        tracing::warn!(error = %catalog::describe_error(&e), "cannot reach [source] standby_primary_url to end the slot creation's wait; retrying");
-                    }).ok();
+                    // Bounded: a primary that drops packets must not hold up the
+                    // creation's own end.
+                    let connecting = tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        catalog::connect(&on_primary),
+                    );
+                    client = match connecting.await {
+                        Ok(Ok(c)) => Some(c),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %catalog::describe_error(&e), "cannot reach [source] standby_primary_url to end the slot creation's wait; retrying");
+                            None
+                        }
+                        Err(_) => {
+                            tracing::warn!("[source] standby_primary_url did not answer within 5 s; retrying");
+                            None
+                        }
+                    };
                 }
                 if let Some(c) = &client
                     && let Err(e) = c.execute("SELECT pg_log_standby_snapshot()", &[]).await

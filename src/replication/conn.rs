@@ -69,6 +69,12 @@ pub enum ReplicationError {
     /// The server ended the stream (CopyDone) without being asked to.
     #[error("the server ended the replication stream")]
     StreamEnded,
+    /// Every host takes only read-only transactions while target_session_attrs asks
+    /// for read-write: during a failover, until a standby is promoted.
+    #[error(
+        "replication connection to {0}: the server is read-only (target_session_attrs=read-write); waiting for a primary"
+    )]
+    ReadOnly(String),
 }
 
 impl ReplicationError {
@@ -102,7 +108,9 @@ impl ReplicationError {
     /// configuration errors are final.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ReplicationError::Io { .. } | ReplicationError::StreamEnded => true,
+            ReplicationError::Io { .. }
+            | ReplicationError::StreamEnded
+            | ReplicationError::ReadOnly(_) => true,
             ReplicationError::Server { code, .. } => {
                 code.starts_with("08")
                     || code.starts_with("57P")
@@ -163,6 +171,7 @@ impl ReplicationConnection {
             ReplicationError::Unsupported("the connection string names no user".into())
         })?;
         let mut last_err = None;
+        let mut read_only = None;
         let hosts = pg.get_hosts();
         if hosts.is_empty() {
             return Err(ReplicationError::Unsupported(
@@ -205,27 +214,23 @@ impl ReplicationConnection {
                 backend_pid: None,
             };
             match conn.startup(pg, user, application_name).await {
-                // With several hosts and target_session_attrs=read-write (libpq's way
-                // to name a primary and its standbys), a server in recovery is passed
-                // over: after a failover the promoted standby is the one to stream from.
-                Ok(())
-                    if pg.get_target_session_attrs() == TargetSessionAttrs::ReadWrite
-                        && hosts.len() > 1 =>
-                {
+                // With target_session_attrs=read-write (libpq's way to name a primary
+                // among its standbys), a server in recovery is passed over: after a
+                // failover the promoted standby is the one to stream from. Read-only
+                // everywhere is worth retrying: a promotion may be under way.
+                Ok(()) if pg.get_target_session_attrs() == TargetSessionAttrs::ReadWrite => {
                     match conn.read_only().await {
                         Ok(false) => return Ok(conn),
-                        Ok(true) => {
-                            last_err = Some(ReplicationError::Unsupported(format!(
-                                "{} is read-only (target_session_attrs=read-write)",
-                                conn.target
-                            )));
-                        }
+                        Ok(true) => read_only = Some(conn.target.clone()),
                         Err(e) => last_err = Some(e),
                     }
                 }
                 Ok(()) => return Ok(conn),
                 Err(e) => last_err = Some(e),
             }
+        }
+        if let Some(target) = read_only {
+            return Err(ReplicationError::ReadOnly(target));
         }
         Err(last_err.unwrap_or_else(|| ReplicationError::Unsupported("no host".into())))
     }

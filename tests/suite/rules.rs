@@ -384,7 +384,11 @@ async fn expire_action_lowers_ttls_and_never_extends_them() {
                 "{:?}",
                 report.problems
             ),
-            other => panic!("run must refuse with check's problem, not {other:?}"),
+            // Check's version query is bounded (5 s): under load run may find the
+            // version only when it prepares, and refuses there.
+            Err(pginval::pipeline::RunError::Replication(e))
+                if e.to_string().contains("need Redis 7 or newer") => {}
+            other => panic!("run must refuse the expire rule, not {other:?}"),
         }
         skipped("PEXPIRE ... LT needs Redis 7: checked the refusals instead");
         return;

@@ -192,12 +192,17 @@ async fn primary_failover(failover_slot: bool) {
         ))
         .await;
     let redis = Redis::start();
-    // The standby first: pginval must pass it over (read-only) for the primary, then
-    // after the failover find the promoted standby.
+    // With the failover slot the standby comes first: pginval must pass it over
+    // (read-only) for the primary. Without, the primary comes first: after the crash
+    // pginval finds only a read-only server until the promotion, and must keep trying.
+    let ports = if failover_slot {
+        (standby.port(), primary.port())
+    } else {
+        (primary.port(), standby.port())
+    };
     let url = format!(
         "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=app target_session_attrs=read-write",
-        standby.port(),
-        primary.port()
+        ports.0, ports.1
     );
     let text = standby_config(&url, &redis).replace(
         "status_interval_secs = 1",
@@ -206,7 +211,30 @@ async fn primary_failover(failover_slot: bool) {
     if failover_slot {
         let (code, out) = check(&text);
         assert_eq!(code, Some(0), "{out}");
-        assert!(out.contains("failover slot: the standby needs"), "{out}");
+        assert!(out.contains("synchronized_standby_slots is empty"), "{out}");
+        // As check advises: pginval never gets ahead of the standby.
+        let admin = connect(&primary.url("postgres")).await;
+        let physical: String = admin
+            .query_one(
+                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        for sql in [
+            format!("ALTER SYSTEM SET synchronized_standby_slots = '{physical}'"),
+            "SELECT pg_reload_conf()".to_owned(),
+        ] {
+            admin.batch_execute(&sql).await.unwrap();
+        }
+        wait_until("check sees the setting", WAIT, || async {
+            let (code, out) = check(&text);
+            code == Some(0)
+                && !out.contains("synchronized_standby_slots is empty")
+                && out.contains("failover slot: the standby needs")
+        })
+        .await;
     }
     let path = std::env::temp_dir().join(format!(
         "pginval-test-failover-{failover_slot}-{}.toml",
@@ -258,6 +286,13 @@ async fn primary_failover(failover_slot: bool) {
     // The primary dies; its standby is promoted.
     drop(on_primary);
     primary.crash();
+    if !failover_slot {
+        // Until the promotion only a read-only server answers: pginval keeps trying.
+        wait_until("pginval finds only a read-only server", WAIT, || async {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("the server is read-only"))
+        })
+        .await;
+    }
     standby.promote();
     // Cached after the failover: an exact invalidation leaves user:5 alone, the
     // lost-slot fallback (user:*) takes it too.
@@ -277,7 +312,11 @@ async fn primary_failover(failover_slot: bool) {
         );
     } else {
         wait_gone(&redis, &["user:5"]).await;
-        assert!(log_text.contains("slot"), "{log_text}");
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            log_text.contains("the replication slot was lost"),
+            "{log_text}"
+        );
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -359,7 +398,8 @@ async fn standby_primary_url_ends_the_slot_creation_wait() {
         std::process::id()
     ));
     std::fs::write(&path, &text).unwrap();
-    let mut child = crate::spawn_run(&path, &path.with_extension("log"));
+    let log = path.with_extension("log");
+    let mut child = crate::spawn_run(&path, &log);
     // Nothing here asks the primary for a snapshot: pginval does, every second.
     wait_until(
         "pginval streams from the standby",
@@ -376,6 +416,11 @@ async fn standby_primary_url_ends_the_slot_creation_wait() {
         },
     )
     .await;
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        log_text.contains("pginval has the primary log every second"),
+        "{log_text}"
+    );
     cache(&redis, &["user:3"]).await;
     app.batch_execute("UPDATE users SET name = 'x' WHERE id = 3")
         .await

@@ -257,10 +257,14 @@ impl Conn {
             Conn::Cluster(c) => {
                 // A big batch (a catch-up) goes as one pipeline per primary: a future,
                 // a routing and a channel message per command cost five times the CPU.
-                if cmds.len() >= PIPELINE_FROM
-                    && let Some(values) = per_primary_pipelines(c, &cmds).await
-                {
-                    return Ok(values);
+                if cmds.len() >= PIPELINE_FROM {
+                    match per_primary_pipelines(c, &cmds).await {
+                        Some(values) => return Ok(values),
+                        None => tracing::debug!(
+                            commands = cmds.len(),
+                            "a batch could not go as one pipeline per primary; sending its commands one by one"
+                        ),
+                    }
                 }
                 try_join_all(cmds.into_iter().map(|cmd| {
                     let mut c = c.clone();
@@ -561,10 +565,9 @@ async fn per_primary_pipelines(c: &ClusterConnection, cmds: &[Cmd]) -> Option<Ve
             return None;
         }
         for (&i, value) in members.iter().zip(values) {
-            if matches!(value, Value::ServerError(_)) {
-                return None;
-            }
-            out[i] = value;
+            // An error anywhere in a reply (nested ones too) sends the batch the
+            // other way, where the error is retried or reported as such.
+            out[i] = value.extract_error().ok()?;
         }
     }
     Some(out)
