@@ -38,8 +38,8 @@ mod startup;
 
 use ack::Ack;
 use apply::apply_batches;
-use background::{heartbeat, poll_stats};
-use startup::{prepare, publication_marker, recover_lost_slot};
+use background::{heartbeat, poll_stats, publish_applied};
+use startup::{applied_key, prepare, publication_marker, recover_lost_slot};
 
 /// Stop reading WAL once this many keys, tags, patterns and events wait for Redis:
 /// Postgres keeps the WAL meanwhile, pginval's memory stays bounded.
@@ -289,13 +289,24 @@ pub async fn run(
         health.clone(),
     );
     let sink_task = tokio::spawn(apply_batches(sink, batch_rx, acked_tx, metrics.clone()));
+    let (applied_tx, applied_rx) = watch::channel(start);
+    if !config.dry_run {
+        background.push(tokio::spawn(publish_applied(
+            own,
+            applied_key(&config),
+            applied_rx,
+        )));
+    }
 
     let mut state = Stream::new(
         Arc::new(config),
         report,
         unpublished_rx,
-        batch_tx,
-        acked_rx,
+        Channels {
+            batches: batch_tx,
+            acked: acked_rx,
+            applied: applied_tx,
+        },
         metrics.clone(),
         health.clone(),
     );
@@ -434,6 +445,14 @@ enum Wake {
     Deaf,
 }
 
+/// The stream's ends of its channels: batches to the sink task, the sink's
+/// acknowledgements back, and positions to the publisher of the applied position.
+struct Channels {
+    batches: mpsc::Sender<Batch>,
+    acked: watch::Receiver<Applied>,
+    applied: watch::Sender<Lsn>,
+}
+
 /// Streaming state that survives reconnections.
 struct Stream {
     config: Arc<Config>,
@@ -452,6 +471,9 @@ struct Stream {
     identity_logged: HashSet<(u32, ReplicaIdentity)>,
     batches: mpsc::Sender<Batch>,
     acked: watch::Receiver<Applied>,
+    /// The newest position the ack rule allowed, for [`publish_applied`] to write to
+    /// Redis.
+    applied: watch::Sender<Lsn>,
     relations: RelationCache,
     bound: HashMap<u32, TableRules>,
     /// The open transaction's invalidations (None between COMMIT and BEGIN).
@@ -491,11 +513,15 @@ impl Stream {
         config: Arc<Config>,
         report: CheckReport,
         unpublished: watch::Receiver<Vec<(String, String)>>,
-        batches: mpsc::Sender<Batch>,
-        acked: watch::Receiver<Applied>,
+        channels: Channels,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Stream {
+        let Channels {
+            batches,
+            acked,
+            applied,
+        } = channels;
         // Streaming resumes where the sink starts out: the slot's confirmed position.
         let start = acked.borrow().lsn;
         let ack = Ack::new(start, config.dry_run);
@@ -522,6 +548,7 @@ impl Stream {
             identity_logged: HashSet::new(),
             batches,
             acked,
+            applied,
             relations: RelationCache::default(),
             bound: HashMap::new(),
             tx: None,
@@ -553,6 +580,19 @@ impl Stream {
     fn confirmable(&mut self) -> Lsn {
         self.ack.acknowledged(self.acked.borrow().batches);
         self.ack.confirmable(self.holding())
+    }
+
+    /// Hands `lsn` (a position the ack rule allows) to [`publish_applied`] when it is
+    /// newer than the last one: writers waiting to read their own writes need not wait
+    /// for the next status update.
+    fn publish(&self, lsn: Lsn) {
+        self.applied.send_if_modified(|published| {
+            let newer = lsn > *published;
+            if newer {
+                *published = lsn;
+            }
+            newer
+        });
     }
 
     /// One replication session: connect, stream until shutdown or an error.
@@ -700,8 +740,9 @@ impl Stream {
                     last_status = Instant::now();
                 }
                 Wake::Acked(true) => {
-                    if self.confirmable() > self.ack.confirmed()
-                        && last_status.elapsed() >= MIN_STATUS_GAP
+                    let confirmable = self.confirmable();
+                    self.publish(confirmable);
+                    if confirmable > self.ack.confirmed() && last_status.elapsed() >= MIN_STATUS_GAP
                     {
                         self.send_status().await?;
                         last_status = Instant::now();
@@ -827,6 +868,7 @@ impl Stream {
             tracing::trace!(lsn = %format_lsn(lsn), "confirming");
         }
         self.metrics.confirmed_lsn.set(lsn as i64);
+        self.publish(lsn);
         self.metrics
             .lag_bytes
             .set(self.server_wal_end.saturating_sub(lsn) as i64);

@@ -1,5 +1,6 @@
-//! Background jobs beside the stream: the heartbeat, and the poll of the slot's
-//! retained WAL, Redis' keyspace statistics and the rule tables' publication.
+//! Background jobs beside the stream: the heartbeat, the poll of the slot's retained
+//! WAL, Redis' keyspace statistics and the rule tables' publication, and the
+//! publication of the confirmed position in Redis.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,20 @@ use crate::config::{Config, Source};
 use crate::metrics::{Health, Metrics};
 use crate::replication::catalog;
 use crate::sink::redis::RedisSink;
+
+/// Writes each newly confirmed position to `key` in pginval's state database (the
+/// latest one when several came meanwhile; retried while Redis is away). Runs until
+/// the stream's end drops the sender.
+pub(super) async fn publish_applied(
+    mut own: RedisSink,
+    key: String,
+    mut applied: watch::Receiver<crate::replication::pgoutput::Lsn>,
+) {
+    while applied.changed().await.is_ok() {
+        let lsn = *applied.borrow_and_update();
+        own.set_until_ok(&key, &lsn.to_string()).await;
+    }
+}
 
 /// Every few seconds: the slot's retained WAL, and Redis' keyspace hits and misses
 /// (which also tell `/readyz` whether Redis answers while no change flows).

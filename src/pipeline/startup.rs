@@ -29,6 +29,18 @@ pub(super) fn slot_marker(config: &Config) -> String {
     )
 }
 
+/// Redis key (in pginval's state database) holding the WAL position pginval confirmed
+/// last, as a decimal number: every commit before it has been invalidated. A writer
+/// that reads `pg_current_wal_insert_lsn()` after its commit waits until this passes
+/// it (read-your-writes through the cache).
+pub(super) fn applied_key(config: &Config) -> String {
+    format!(
+        "pginval:applied:{}:{}",
+        config.source.pg.get_dbname().unwrap_or(""),
+        config.source.slot
+    )
+}
+
 /// Redis key naming the tables whose rules' fallbacks are owed after a change of the
 /// managed publication (set before the change, removed once the fallbacks applied).
 pub(super) fn publication_marker(config: &Config) -> String {

@@ -347,7 +347,7 @@ impl RedisSink {
                 Ok(()) => return,
                 Err(e) => {
                     self.conn = None;
-                    tracing::warn!(error = %e, "waiting for redis to write pginval's slot state");
+                    tracing::warn!(error = %e, key, "waiting for redis to write pginval's state");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

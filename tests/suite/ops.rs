@@ -267,3 +267,50 @@ async fn managed_publication_carries_only_the_columns_rules_need() {
     wait_gone(&redis, &["by_name:renamed"]).await;
     daemon.stop().await.unwrap();
 }
+
+/// Read-your-writes through the cache: a writer reads `pg_current_wal_insert_lsn()`
+/// after its commit and waits until the position pginval publishes in its state
+/// database passes it; by then the commit's keys are gone, with no other wait. (Not
+/// `pg_current_wal_lsn()`: with `synchronous_commit = off`, as on the test server, the
+/// write position may still be short of the commit record.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_position_lets_a_writer_wait_for_its_invalidation() {
+    let (db, redis) = setup("applied").await;
+    let daemon = Daemon::start(&db, crate::config(&db, &redis, RULES)).await;
+    let key = format!("pginval:applied:{}:{}", db.name, db.name);
+    let writer = db.client().await;
+    let state = redis.state_connection().await;
+    for id in 1..=5 {
+        cache(&redis, &[&format!("user:{id}")]).await;
+        writer
+            .execute(
+                "UPDATE users SET name = 'ryw' WHERE id = $1",
+                &[&(id as i64)],
+            )
+            .await
+            .unwrap();
+        let after_commit: i64 = writer
+            .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
+            .await
+            .unwrap()
+            .get(0);
+        wait_until("pginval published a position past the commit", WAIT, || {
+            let mut state = state.clone();
+            let key = key.clone();
+            async move {
+                let published: Option<String> = redis::AsyncCommands::get(&mut state, &key)
+                    .await
+                    .unwrap_or(None);
+                published
+                    .and_then(|p| p.parse::<i64>().ok())
+                    .is_some_and(|p| p >= after_commit)
+            }
+        })
+        .await;
+        assert!(
+            !crate::exists(&redis, &format!("user:{id}")).await,
+            "user:{id} is gone once the published position passed its commit"
+        );
+    }
+    daemon.stop().await.unwrap();
+}
