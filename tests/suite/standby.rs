@@ -24,8 +24,9 @@ fn check(text: &str) -> (Option<i32>, String) {
     crate::check_file(&path)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn standby_source_is_checked_for_what_run_needs_then_streams() {
+/// A private primary with a database `app` holding `users` (ids 1..10) and, with
+/// `publication`, the publication pginval streams; and a client of `app`.
+async fn primary_with_app(publication: bool) -> (PrivatePostgres, tokio_postgres::Client) {
     let primary = PrivatePostgres::start();
     connect(&primary.url("postgres"))
         .await
@@ -39,6 +40,29 @@ async fn standby_source_is_checked_for_what_run_needs_then_streams() {
     )
     .await
     .unwrap();
+    if publication {
+        app.batch_execute("CREATE PUBLICATION pginval FOR TABLE users")
+            .await
+            .unwrap();
+    }
+    (primary, app)
+}
+
+/// Whether pginval streams from its slot on the server `client` is connected to.
+async fn streams_from(client: &tokio_postgres::Client) -> bool {
+    client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = 'from_standby'",
+            &[],
+        )
+        .await
+        .map(|r| r.is_some())
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_source_is_checked_for_what_run_needs_then_streams() {
+    let (primary, app) = primary_with_app(false).await;
     let standby = primary.start_standby("hot_standby_feedback = off").await;
     let on_standby = connect(&standby.url("app")).await;
     wait_until("the standby has the table", WAIT, || async {
@@ -132,14 +156,7 @@ async fn standby_source_is_checked_for_what_run_needs_then_streams() {
     .await;
     wait_until("pginval streams from the standby", WAIT, || async {
         let _ = app.execute("SELECT pg_log_standby_snapshot()", &[]).await;
-        on_standby
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = 'from_standby'",
-                &[],
-            )
-            .await
-            .map(|r| r.is_some())
-            .unwrap_or(false)
+        streams_from(&on_standby).await
     })
     .await;
     cache(&redis, &["user:3", "user:4"]).await;
@@ -171,20 +188,7 @@ async fn primary_failover(failover_slot: bool) {
     if !crate::support::requires_pg(17, "failover slots") {
         return;
     }
-    let primary = PrivatePostgres::start();
-    connect(&primary.url("postgres"))
-        .await
-        .batch_execute("CREATE DATABASE app")
-        .await
-        .unwrap();
-    let app = connect(&primary.url("app")).await;
-    app.batch_execute(
-        "CREATE TABLE users (id bigint PRIMARY KEY, name text);
-         INSERT INTO users SELECT g, 'u' FROM generate_series(1, 10) g;
-         CREATE PUBLICATION pginval FOR TABLE users;",
-    )
-    .await
-    .unwrap();
+    let (primary, app) = primary_with_app(true).await;
     let standby = primary
         .start_standby(&format!(
             "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres'\nsync_replication_slots = on\nhot_standby_feedback = on",
@@ -244,15 +248,8 @@ async fn primary_failover(failover_slot: bool) {
     let log = path.with_extension("log");
     let mut child = crate::spawn_run(&path, &log);
     let on_primary = connect(&primary.url("app")).await;
-    wait_until("pginval streams from the primary", WAIT, || async {
-        on_primary
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = 'from_standby'",
-                &[],
-            )
-            .await
-            .map(|r| r.is_some())
-            .unwrap_or(false)
+    wait_until("pginval streams from the primary", WAIT, || {
+        streams_from(&on_primary)
     })
     .await;
     cache(&redis, &["user:1"]).await;
@@ -342,23 +339,14 @@ async fn standby_primary_url_ends_the_slot_creation_wait() {
     if !crate::support::requires_pg(16, "logical decoding on a standby") {
         return;
     }
-    let primary = PrivatePostgres::start();
-    let admin = connect(&primary.url("postgres")).await;
-    admin.batch_execute("CREATE DATABASE app").await.unwrap();
+    let (primary, app) = primary_with_app(true).await;
+    // An idle primary: no autovacuum writing WAL (and so standby snapshots) meanwhile.
     for sql in [
         "ALTER SYSTEM SET autovacuum = off",
         "SELECT pg_reload_conf()",
     ] {
-        admin.batch_execute(sql).await.unwrap();
+        app.batch_execute(sql).await.unwrap();
     }
-    let app = connect(&primary.url("app")).await;
-    app.batch_execute(
-        "CREATE TABLE users (id bigint PRIMARY KEY, name text);
-         INSERT INTO users SELECT g, 'u' FROM generate_series(1, 10) g;
-         CREATE PUBLICATION pginval FOR TABLE users;",
-    )
-    .await
-    .unwrap();
     let standby = primary.start_standby("hot_standby_feedback = on").await;
     let on_standby = connect(&standby.url("app")).await;
     wait_until("the standby has the publication", WAIT, || async {
@@ -404,16 +392,7 @@ async fn standby_primary_url_ends_the_slot_creation_wait() {
     wait_until(
         "pginval streams from the standby",
         std::time::Duration::from_secs(10),
-        || async {
-            on_standby
-                .query_opt(
-                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = 'from_standby'",
-                    &[],
-                )
-                .await
-                .map(|r| r.is_some())
-                .unwrap_or(false)
-        },
+        || streams_from(&on_standby),
     )
     .await;
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -439,20 +418,7 @@ async fn standby_source_survives_a_kill_a_restart_and_its_promotion() {
     if !crate::support::requires_pg(16, "logical decoding on a standby") {
         return;
     }
-    let primary = PrivatePostgres::start();
-    connect(&primary.url("postgres"))
-        .await
-        .batch_execute("CREATE DATABASE app")
-        .await
-        .unwrap();
-    let app = connect(&primary.url("app")).await;
-    app.batch_execute(
-        "CREATE TABLE users (id bigint PRIMARY KEY, name text);
-         INSERT INTO users SELECT g, 'u' FROM generate_series(1, 10) g;
-         CREATE PUBLICATION pginval FOR TABLE users;",
-    )
-    .await
-    .unwrap();
+    let (primary, app) = primary_with_app(true).await;
     let standby = primary.start_standby("hot_standby_feedback = on").await;
     let redis = Redis::start();
     let text = standby_config(&standby.url("app"), &redis).replace(
@@ -472,14 +438,7 @@ async fn standby_source_survives_a_kill_a_restart_and_its_promotion() {
         match tokio_postgres::connect(&standby.url("app"), tokio_postgres::NoTls).await {
             Ok((client, conn)) => {
                 tokio::spawn(conn);
-                client
-                    .query_opt(
-                        "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = 'from_standby'",
-                        &[],
-                    )
-                    .await
-                    .map(|r| r.is_some())
-                    .unwrap_or(false)
+                streams_from(&client).await
             }
             Err(_) => false,
         }
