@@ -276,6 +276,46 @@ async fn resharding_under_writes_loses_no_delete() {
     daemon.stop().await.unwrap();
 }
 
+/// The replica on `replica` stops (SIGSTOP) and its primary drops the replication
+/// link: what the primary takes from now on, the replica never gets.
+async fn cut_replication(
+    cluster: &RedisCluster,
+    replica: u16,
+    on_primary: &mut redis::aio::MultiplexedConnection,
+) {
+    cluster.signal(replica, "STOP");
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("slave")
+        .query_async(on_primary)
+        .await
+        .unwrap();
+}
+
+/// The primary on `primary` dies (SIGKILL) and its stopped replica, resumed, takes over
+/// (`CLUSTER FAILOVER TAKEOVER`); returns a connection to the new primary.
+async fn kill_and_take_over(
+    cluster: &mut RedisCluster,
+    primary: u16,
+    replica: u16,
+) -> redis::aio::MultiplexedConnection {
+    cluster.kill(primary);
+    cluster.signal(replica, "CONT");
+    let mut on_replica = cluster.node(replica).await;
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .arg("TAKEOVER")
+        .query_async(&mut on_replica)
+        .await
+        .unwrap();
+    wait_until("the replica took over", WAIT, || async {
+        cluster.serves_as_primary(replica)
+    })
+    .await;
+    on_replica
+}
+
 /// `EXISTS key` asked of the node on `port` alone.
 async fn exists_on(cluster: &RedisCluster, port: u16, key: &str) -> bool {
     let mut node = cluster.node(port).await;
@@ -305,33 +345,14 @@ async fn a_failover_that_loses_an_acknowledged_delete_is_repaired_by_the_replay_
     // The replica stops, and the primary drops its replication link: the delete
     // pginval is about to make stays with the primary, which acknowledges it and dies
     // before replicating it.
-    cluster.signal(replica, "STOP");
-    let _: () = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("slave")
-        .query_async(&mut on_primary)
-        .await
-        .unwrap();
+    cut_replication(&cluster, replica, &mut on_primary).await;
     db.execute_batch("UPDATE users SET name = 'x' WHERE id = 1")
         .await;
     wait_until("pginval deleted user:1 on its primary", WAIT, || async {
         !exists_on(&cluster, primary, "user:1").await
     })
     .await;
-    cluster.kill(primary);
-    cluster.signal(replica, "CONT");
-    let mut on_replica = cluster.node(replica).await;
-    let _: () = redis::cmd("CLUSTER")
-        .arg("FAILOVER")
-        .arg("TAKEOVER")
-        .query_async(&mut on_replica)
-        .await
-        .unwrap();
-    wait_until("the replica took over", WAIT, || async {
-        cluster.serves_as_primary(replica)
-    })
-    .await;
+    kill_and_take_over(&mut cluster, primary, replica).await;
     assert!(
         exists_on(&cluster, replica, "user:1").await,
         "the promoted replica lacks the delete (the loss this test is about)"
@@ -502,14 +523,7 @@ async fn failover_under_load_leaves_no_stale_key(hint: &str, redis_extra: &str) 
 
     // The replica stops copying: what pginval deletes on the primary from now on, the
     // replica never gets.
-    cluster.signal(replica, "STOP");
-    let _: () = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("slave")
-        .query_async(&mut on_primary)
-        .await
-        .unwrap();
+    cut_replication(&cluster, replica, &mut on_primary).await;
     let primary_keys = || async {
         let mut node = cluster.node(primary).await;
         redis::cmd("KEYS")
@@ -530,20 +544,8 @@ async fn failover_under_load_leaves_no_stale_key(hint: &str, redis_extra: &str) 
     .await;
 
     // The primary dies; its replica takes over while the writes go on (on other rows).
-    cluster.kill(primary);
     after_takeover.store(true, Ordering::Relaxed);
-    cluster.signal(replica, "CONT");
-    let mut on_replica = cluster.node(replica).await;
-    let _: () = redis::cmd("CLUSTER")
-        .arg("FAILOVER")
-        .arg("TAKEOVER")
-        .query_async(&mut on_replica)
-        .await
-        .unwrap();
-    wait_until("the replica took over", WAIT, || async {
-        cluster.serves_as_primary(replica)
-    })
-    .await;
+    let mut on_replica = kill_and_take_over(&mut cluster, primary, replica).await;
     // What the promoted replica holds of rows updated before the takeover is stale:
     // the loss this test is about.
     let promoted_holds: BTreeSet<String> = redis::cmd("KEYS")
