@@ -91,9 +91,11 @@ pub(super) async fn sync_publication(
     Ok(())
 }
 
-/// Creates the slot. On a standby PostgreSQL waits for the primary to log its running
-/// transactions, which an idle primary may not do for minutes: pginval says so, with
-/// the statement that ends the wait, at once and every 15 s while it lasts.
+/// Creates the slot (with the failover flag when configured). On a standby PostgreSQL
+/// waits for the primary to log its running transactions, which an idle primary may
+/// not do for minutes: with `standby_primary_url` pginval asks the primary for that
+/// every second; without, it says so, with the statement that ends the wait, at once
+/// and every 15 s while it lasts.
 async fn create_slot(control: &tokio_postgres::Client, source: &Source) -> Result<(), RunError> {
     let slot = source.slot.as_str();
     if !catalog::in_recovery(control).await? {
