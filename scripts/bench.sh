@@ -12,11 +12,15 @@
 #   --rates LIST      fixed pgbench rates for the latency test (default 2000,5000)
 #   --big-scale S     pgbench scale of the big-transaction database (default 10: 1,000,000 rows)
 #   --big-runs N      big-transaction runs (default: --runs)
-#   --only LIST       phases to run, of catchup,cluster,events,latency,clusterlatency,big (default
-#                     all; cluster and clusterlatency start a 3-primary Redis Cluster (redis-cli
-#                     --cluster create) and compare pginval against it with pginval against one
-#                     Redis, same runs; events
+#   --only LIST       phases to run, of catchup,cluster,events,latency,clusterlatency,race,big
+#                     (default all; cluster and clusterlatency start a 3-primary Redis Cluster
+#                     (redis-cli --cluster create) and compare pginval against it with pginval
+#                     against one Redis, same runs; race: cache-aside readers against writers,
+#                     TTL only / the app deleting / pginval / pginval + redelete_after; events
 #                     needs RabbitMQ, --amqp-url, default amqp://guest:guest@127.0.0.1:5672/%2f)
+#   --race-secs S     seconds of load per race run (default 10)
+#   --race-runs N     race runs per mode and reader delay (default 3)
+#   --race-delays L   the race readers' processing delays in ms (default 0,10)
 #   --confirm-wait S  after the last key is deleted, how long to watch the slot's
 #                     confirmed_flush_lsn reach the end (diagnostic; default 1)
 #   --perf            profile pginval's catch-up and big-transaction runs (perf record
@@ -55,9 +59,12 @@ BACKLOG=40000
 LATENCY_SECS=15
 RATES=2000,5000
 BIG_SCALE=10
-ONLY=catchup,cluster,events,latency,clusterlatency,big
+ONLY=catchup,cluster,events,latency,clusterlatency,race,big
 JSON=''
 CONFIRM_WAIT=1
+RACE_SECS=10
+RACE_RUNS=3
+RACE_DELAYS=0,10
 KEEP_FILES=false
 PERF=false
 
@@ -74,7 +81,10 @@ while (($#)); do
     --latency-secs) number "$1" "${2:-}"; LATENCY_SECS=$2; shift ;;
     --rates) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--rates needs a list like 2000,5000"; RATES=$2; shift ;;
     --big-scale) number "$1" "${2:-}"; BIG_SCALE=$2; shift ;;
-    --only) [[ ${2:-} =~ ^(catchup|cluster|events|latency|clusterlatency|big)(,(catchup|cluster|events|latency|clusterlatency|big))*$ ]] || die "--only needs a list of catchup,cluster,events,latency,clusterlatency,big"; ONLY=$2; shift ;;
+    --only) [[ ${2:-} =~ ^(catchup|cluster|events|latency|clusterlatency|race|big)(,(catchup|cluster|events|latency|clusterlatency|race|big))*$ ]] || die "--only needs a list of catchup,cluster,events,latency,clusterlatency,race,big"; ONLY=$2; shift ;;
+    --race-secs) number "$1" "${2:-}"; RACE_SECS=$2; shift ;;
+    --race-runs) number "$1" "${2:-}"; RACE_RUNS=$2; shift ;;
+    --race-delays) [[ ${2:-} =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--race-delays needs a list like 0,10"; RACE_DELAYS=$2; shift ;;
     --confirm-wait) number "$1" "${2:-}"; CONFIRM_WAIT=$2; shift ;;
     --json) [[ -n ${2:-} ]] || die "--json needs a file name"; JSON=$(realpath -m -- "$2"); shift ;;
     --quick) RUNS=1 BACKLOG=4000 LATENCY_SECS=5 BIG_SCALE=1 ;;
@@ -276,7 +286,8 @@ printf 'pginval: %s (%s); runs %s, backlog %s transactions, big transaction scal
 
 args=(--pg-bindir "$PG_BINDIR" --pg-data "$PG_DIR/data" --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" --redis-pid "$REDIS_PID"
   --pginval "$BIN" --work "$WORK" --runs "$RUNS" --big-runs "$BIG_RUNS" --backlog "$BACKLOG"
-  --latency-secs "$LATENCY_SECS" --rates "$RATES" --only "$ONLY" --confirm-wait "$CONFIRM_WAIT")
+  --latency-secs "$LATENCY_SECS" --rates "$RATES" --only "$ONLY" --confirm-wait "$CONFIRM_WAIT"
+  --race-secs "$RACE_SECS" --race-runs "$RACE_RUNS" --race-delays "$RACE_DELAYS")
 [[ -n $JSON ]] && args+=(--json "$JSON")
 [[ -n $CEILING ]] && args+=(--amqp-ceiling "$CEILING")
 if $PERF; then

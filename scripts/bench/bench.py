@@ -144,6 +144,11 @@ def key_slot(key):
     return crc16(k) % 16384
 
 
+RACE_ROWS = 1000  # rows the race's writers and readers pick from (skewed towards low ids)
+RACE_READERS = 8
+RACE_WRITERS = 4
+
+
 class Cluster:
     """A Redis Cluster of 3 primaries with a replica each, on free ports, for the
     cluster phase; a plain connection per node, keys routed by CLUSTER SLOTS."""
@@ -1245,6 +1250,161 @@ class Bench:
         self.reset_slots(conn, [slot])
         return results
 
+    # -- 4. the read-then-set race
+
+    def race(self):
+        """Cache-aside under concurrent writes: readers GET, on a miss SELECT, wait a
+        processing delay, then SET with a 1 h TTL; writers UPDATE skewed rows at a
+        fixed rate. Modes, side by side in each run: no invalidation (TTL only), the
+        application deleting after its own commit, pginval, pginval with
+        redelete_after = 50ms. After the writes stop and every invalidation is done,
+        every cached key is audited against the database: a stale key then stays stale
+        for its whole TTL."""
+        a = self.a
+        admin = self.connect("postgres")
+        if not self.q(admin, "SELECT 1 FROM pg_database WHERE datname = 'race'"):
+            self.q(admin, "CREATE DATABASE race")
+        admin.close()
+        db = "race"
+        conn = self.connect(db)
+        self.q(conn, "DROP TABLE IF EXISTS race_items")
+        self.q(conn, f"CREATE TABLE race_items (id int PRIMARY KEY, v bigint NOT NULL DEFAULT 0)")
+        self.q(conn, f"INSERT INTO race_items SELECT g FROM generate_series(1, {RACE_ROWS}) g")
+        modes = ["ttl", "app", "pginval", "redelete"]
+        results = {}
+        for delay_ms in a.race_delays:
+            for i in range(a.race_runs):
+                rot = modes[i % len(modes):] + modes[: i % len(modes)]
+                for mode in rot:
+                    r = self.race_run(db, conn, mode, delay_ms)
+                    results.setdefault(str(delay_ms), {}).setdefault(mode, []).append(r)
+                    log(f"race, reader delay {delay_ms} ms, {mode:>8}: {r['stale_keys']} stale keys of {r['keys']} "
+                        f"after quiescence; stale reads {r['stale_reads']}/{r['sampled_reads']} sampled "
+                        f"({100 * r['stale_read_ratio']:.1f} %); {r['fills']} fills, {r['hits']} hits, {r['writes']} writes")
+        conn.close()
+        self.results["race"] = results
+
+    def race_run(self, db, conn, mode, delay_ms):
+        import threading
+        a = self.a
+        self.redis.cmd("FLUSHDB")
+        self.q(conn, "UPDATE race_items SET v = 0")
+        p = None
+        slot = "bench_race"
+        if mode in ("pginval", "redelete"):
+            self.reset_slots(conn, [slot])
+            # And pginval's state (database 15), or the dropped slot counts as lost.
+            state = Redis("127.0.0.1", a.redis_port)
+            state.cmd("SELECT", 15)
+            state.cmd("FLUSHDB")
+            state.sock.close()
+            config = os.path.join(a.work, f"race-{mode}.toml")
+            redelete = 'redelete_after = "50ms"\n' if mode == "redelete" else ""
+            with open(config, "w") as f:
+                f.write(f'[source]\nslot = "{slot}"\npublication = "pginval_race"\n\n'
+                        f'[[rules]]\ntable = "race_items"\nkeys = ["item:{{id}}"]\n{redelete}')
+            p = self.start_pginval(db, config, f"race-{mode}")
+            # Streaming once a committed change reaches Redis.
+            deadline = time.time() + 60
+            while True:
+                self.redis.cmd("SET", "item:1", "probe")
+                self.q(conn, "UPDATE race_items SET v = v WHERE id = 1")
+                t = time.time() + 1
+                while time.time() < t and self.redis.cmd("EXISTS", "item:1"):
+                    time.sleep(0.005)
+                if not self.redis.cmd("EXISTS", "item:1"):
+                    break
+                if not p.alive() or time.time() > deadline:
+                    raise RuntimeError(f"pginval did not start streaming for the race ({mode})")
+        stop = threading.Event()
+        counts = {"fills": 0, "hits": 0, "writes": 0, "sampled": 0, "stale": 0}
+        lock = threading.Lock()
+        rng_seed = random.randrange(1 << 30)
+
+        def skewed(rng):
+            return 1 + int(RACE_ROWS * rng.random() ** 3)
+
+        def reader(n):
+            rng = random.Random(rng_seed + n)
+            pg = self.connect(db)
+            rd = Redis("127.0.0.1", a.redis_port)
+            fills = hits = sampled = stale = 0
+            while not stop.is_set():
+                i = skewed(rng)
+                cached = rd.cmd("GET", f"item:{i}")
+                if cached is None:
+                    v = self.q1(pg, "SELECT v FROM race_items WHERE id = %s", (i,))
+                    if delay_ms:
+                        time.sleep(delay_ms / 1000)
+                    rd.cmd("SET", f"item:{i}", v, "EX", 3600)
+                    fills += 1
+                else:
+                    hits += 1
+                    if rng.random() < 0.1:
+                        # A sampled hit: older than the row as committed when read?
+                        v = self.q1(pg, "SELECT v FROM race_items WHERE id = %s", (i,))
+                        sampled += 1
+                        stale += int(cached) < v
+            with lock:
+                counts["fills"] += fills
+                counts["hits"] += hits
+                counts["sampled"] += sampled
+                counts["stale"] += stale
+            pg.close()
+
+        def writer(n):
+            rng = random.Random(rng_seed + 1000 + n)
+            pg = self.connect(db)
+            rd = Redis("127.0.0.1", a.redis_port)
+            per_writer = a.race_tps / RACE_WRITERS
+            next_at = time.perf_counter()
+            writes = 0
+            while not stop.is_set():
+                i = skewed(rng)
+                self.q(pg, "UPDATE race_items SET v = v + 1 WHERE id = %s", (i,))
+                if mode == "app":
+                    rd.cmd("DEL", f"item:{i}")
+                writes += 1
+                next_at += 1 / per_writer
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+            with lock:
+                counts["writes"] += writes
+            pg.close()
+
+        threads = [threading.Thread(target=reader, args=(n,)) for n in range(RACE_READERS)]
+        threads += [threading.Thread(target=writer, args=(n,)) for n in range(RACE_WRITERS)]
+        for t in threads:
+            t.start()
+        time.sleep(a.race_secs)  # the run's length: load for a fixed time
+        stop.set()
+        for t in threads:
+            t.join()
+        # Quiescence: every commit invalidated (pginval confirmed the WAL end), and
+        # second deletes done.
+        if p is not None:
+            end = self.q1(conn, "SELECT pg_current_wal_insert_lsn() - '0/0'")
+            deadline = time.time() + 60
+            while True:
+                rows = self.q(conn, "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+                if rows and rows[0][0] is not None and rows[0][0] >= end:
+                    break
+                if time.time() > deadline:
+                    raise RuntimeError(f"pginval did not confirm the race's last commit ({mode})")
+                time.sleep(0.01)
+            if mode == "redelete":
+                time.sleep(0.2)  # the 50 ms second deletes of the last commits
+            p.stop()
+            self.scan_log(p, f"race-{mode}")
+        keys = [k.decode() for k in self.redis.cmd("KEYS", "item:*")]
+        values = self.redis.pipeline([["GET", k] for k in keys]) if keys else []
+        truth = dict(self.q(conn, "SELECT id, v FROM race_items"))
+        stale_keys = sum(1 for k, v in zip(keys, values) if v is not None and int(v) != truth[int(k.split(":")[1])])
+        return {
+            "keys": len(keys), "stale_keys": stale_keys, "fills": counts["fills"], "hits": counts["hits"],
+            "writes": counts["writes"], "sampled_reads": counts["sampled"], "stale_reads": counts["stale"],
+            "stale_read_ratio": counts["stale"] / counts["sampled"] if counts["sampled"] else 0.0,
+        }
+
     # -- 3. big transaction
 
     def big(self):
@@ -1443,6 +1603,25 @@ class Bench:
                         + (f"   p50 {verdict(r['p50_ms'], t50)}, p99 {verdict(r['p99_ms'], t99)}" if t50 else ""))
             out("   own p99: pginval's own share (socket read of the commit -> Redis ack), histogram bucket bound.")
 
+        race = self.results.get("race")
+        if race:
+            out("")
+            out(f"4. The read-then-set race: {RACE_READERS} cache-aside readers (GET, on a miss SELECT + delay + SET EX 3600),")
+            out(f"   {RACE_WRITERS} writers at {a.race_tps} UPDATEs/s on {RACE_ROWS} skewed rows, {a.race_secs:g} s per run, medians of {a.race_runs} runs")
+            out(f"   {'delay':>6} {'mode':<22}{'stale keys':>11}{'of keys':>9}{'stale reads':>13}{'fills':>8}{'hits':>9}{'writes':>8}")
+            labels = {"ttl": "TTL only", "app": "app deletes", "pginval": "pginval", "redelete": "pginval + redelete 50ms"}
+            for delay, modes in race.items():
+                for mode in ("ttl", "app", "pginval", "redelete"):
+                    runs = modes.get(mode)
+                    if not runs:
+                        continue
+                    med = lambda k: median([r[k] for r in runs])
+                    out(f"   {delay + ' ms':>6} {labels[mode]:<22}{med('stale_keys'):>11g}{med('keys'):>9g}"
+                        f"{100 * med('stale_read_ratio'):>12.1f}%{med('fills'):>8g}{med('hits'):>9g}{med('writes'):>8g}"
+                        f"   (stale keys per run: {', '.join(str(r['stale_keys']) for r in runs)})")
+            out("   stale keys: cached values that differ from the row once every invalidation is done (stale for the TTL).")
+            out("   stale reads: sampled hits (10 %) whose value is older than the row read right after.")
+
         b = self.results.get("big")
         if b:
             runs = b["runs"]
@@ -1506,8 +1685,13 @@ def main():
     ap.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2f", help="RabbitMQ for the events phase")
     ap.add_argument("--amqp-ceiling", help="examples/amqp_ceiling binary: RabbitMQ's own rate, the events phase's reference")
     ap.add_argument("--perf", action="store_true", help="profile pginval's catch-up runs with perf record")
+    ap.add_argument("--race-secs", type=float, default=10, help="seconds of load per race run")
+    ap.add_argument("--race-runs", type=int, default=3, help="race runs per mode and reader delay")
+    ap.add_argument("--race-delays", default="0,10", help="readers' processing delays in ms, for the race")
+    ap.add_argument("--race-tps", type=int, default=500, help="the race's writes per second (all writers)")
     a = ap.parse_args()
     a.rates = [int(x) for x in a.rates.split(",") if x]
+    a.race_delays = [int(x) for x in a.race_delays.split(",") if x]
     a.only = [x for x in a.only.split(",") if x]
     if a.big_runs is None:
         a.big_runs = a.runs
@@ -1515,7 +1699,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     b = Bench(a)
     try:
-        for phase in ("catchup", "cluster", "events", "latency", "clusterlatency", "big"):
+        for phase in ("catchup", "cluster", "events", "latency", "clusterlatency", "race", "big"):
             if phase in a.only:
                 getattr(b, phase)()
     finally:
