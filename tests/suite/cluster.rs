@@ -335,13 +335,7 @@ async fn a_failover_that_loses_an_acknowledged_delete_is_repaired_by_the_replay_
     // user:1 is cached, and its replica has it.
     let mut on_primary = cluster.node(primary).await;
     let _: () = on_primary.set("user:1", "cached").await.unwrap();
-    let replicated: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(5_000)
-        .query_async(&mut on_primary)
-        .await
-        .unwrap();
-    assert_eq!(replicated, 1, "the replica has user:1");
+    crate::support::assert_replicated(&mut on_primary, "user:1").await;
     // The replica stops, and the primary drops its replication link: the delete
     // pginval is about to make stays with the primary, which acknowledges it and dies
     // before replicating it.
@@ -478,13 +472,7 @@ async fn failover_under_load_leaves_no_stale_key(hint: &str, redis_extra: &str) 
     set_all(&mut conn, &keys).await;
     let (primary, replica) = cluster.owner_of("user:1");
     let mut on_primary = cluster.node(primary).await;
-    let replicated: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(5_000)
-        .query_async(&mut on_primary)
-        .await
-        .unwrap();
-    assert_eq!(replicated, 1, "the replica has every cached key");
+    crate::support::assert_replicated(&mut on_primary, "every cached key").await;
 
     // The writer: single-row UPDATEs in turn, one about every 5 ms, until told; it
     // notes every row it updated.

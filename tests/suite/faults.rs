@@ -546,21 +546,7 @@ async fn check_names_rds_replication_on_amazon_rds() {
         .url
         .replacen("postgres://postgres@", "postgres://rds_app@", 1);
     let path = config_file(&db, &config_text(&db, &redis, RULES).replace(&db.url, &url));
-    let check = || {
-        let out = Command::new(bin())
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let check = || crate::check_file(&path);
     let (code, text) = check();
     assert_eq!(code, Some(2), "{text}");
     assert!(

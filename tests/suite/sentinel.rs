@@ -43,13 +43,7 @@ async fn sentinel_failover_is_followed_and_the_lost_delete_replayed() {
         !exists_on(&set, primary, "user:1").await
     })
     .await;
-    let replicated: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(5_000)
-        .query_async(&mut on_primary)
-        .await
-        .unwrap();
-    assert_eq!(replicated, 1, "the replica has user:2");
+    crate::support::assert_replicated(&mut on_primary, "user:2").await;
 
     // The replica stops and the master drops its link: the next delete stays with
     // the master, which acknowledges it and dies.

@@ -366,6 +366,18 @@ pub(super) async fn node_connection(port: u16) -> redis::aio::MultiplexedConnect
         .unwrap_or_else(|e| panic!("connecting to {port}: {e}"))
 }
 
+/// Waits (5 s at most) until one replica has every write made so far on `primary`
+/// (`WAIT 1`), and asserts it did: `what` says what the replica must hold.
+pub async fn assert_replicated(primary: &mut redis::aio::MultiplexedConnection, what: &str) {
+    let replicated: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5_000)
+        .query_async(primary)
+        .await
+        .unwrap();
+    assert_eq!(replicated, 1, "the replica has {what}");
+}
+
 /// Kills (SIGKILL) and reaps the server on `port` among `servers`, if it runs.
 pub(super) fn kill_server(servers: &mut [(u16, Option<Child>)], port: u16) {
     for (p, child) in servers {

@@ -20,7 +20,7 @@
 mod cluster;
 mod sentinel;
 
-pub use cluster::RedisCluster;
+pub use cluster::{RedisCluster, assert_replicated};
 pub use sentinel::RedisSentinel;
 
 use std::collections::HashSet;
