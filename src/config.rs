@@ -94,6 +94,18 @@ pub struct SourceConfig {
     /// run that function (superuser, or `GRANT EXECUTE ON FUNCTION
     /// pg_log_standby_snapshot() TO ...`); connected with the source's TLS settings.
     pub standby_primary_url: Option<Spanned<String>>,
+    /// PostgreSQL 14+: ask for transactions to be streamed while they run (protocol
+    /// version 2, `streaming = on`) once they outgrow the server's
+    /// `logical_decoding_work_mem`. pginval holds a streamed transaction's work until
+    /// its commit (see `[limits] max_streamed_entries`), so a million-row UPDATE is
+    /// invalidated right after its commit instead of after the walsender decoded it
+    /// all. On by default; `false` keeps protocol version 1.
+    #[serde(default = "yes")]
+    pub streaming: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_on_slot_lost() -> Spanned<String> {
@@ -309,6 +321,17 @@ pub struct LimitsConfig {
     /// applied exactly, in parts, with flat memory.
     #[serde(default = "default_max_keys")]
     pub max_keys_per_transaction: Spanned<usize>,
+    /// Entries (keys, tags, patterns, events) pginval holds, over all transactions
+    /// PostgreSQL streams before their commit (`[source] streaming`), until those
+    /// commit. Past it, the growing transaction's rules switch to their fallbacks for
+    /// its remaining rows, as past `max_keys_per_transaction`. Default 1,000,000
+    /// (about 100 MB).
+    #[serde(default = "default_max_streamed")]
+    pub max_streamed_entries: Spanned<usize>,
+}
+
+fn default_max_streamed() -> Spanned<usize> {
+    Spanned::new(0..0, 1_000_000)
 }
 
 fn default_layout() -> Spanned<String> {
@@ -321,6 +344,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_keys_per_transaction: default_max_keys(),
+            max_streamed_entries: default_max_streamed(),
         }
     }
 }
@@ -355,6 +379,7 @@ impl Default for SourceConfig {
             column_lists: false,
             failover_slot: false,
             standby_primary_url: None,
+            streaming: true,
         }
     }
 }
@@ -487,6 +512,8 @@ pub struct Config {
     pub rules: RuleSet,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `[limits] max_streamed_entries`.
+    pub max_streamed_entries: usize,
     /// The readiness lag threshold.
     pub max_lag: Duration,
     /// Log what would be invalidated instead of doing it, and never move the slot
@@ -1013,6 +1040,7 @@ impl Config {
                     tls: source_tls,
                     column_lists: source.column_lists,
                     failover_slot: source.failover_slot,
+                    streaming: source.streaming,
                     standby_primary,
                     tls_config,
                 },
@@ -1029,6 +1057,7 @@ impl Config {
                 rules,
                 metrics_listen,
                 max_lag: Duration::from_secs(metrics.max_lag_secs.max(1)),
+                max_streamed_entries: *limits.max_streamed_entries.get_ref(),
                 dry_run: false,
             }),
             _ => Err(fail(problems)),

@@ -35,6 +35,7 @@ mod apply;
 mod background;
 mod changes;
 mod startup;
+mod streamed;
 
 use ack::Ack;
 use apply::apply_batches;
@@ -482,6 +483,11 @@ struct Stream {
     tx_commit: (Lsn, i64),
     /// Events the open transaction has queued so far: the next one's position.
     tx_events: u64,
+    /// Transactions streamed before their commit (protocol version 2), held.
+    streams: streamed::Streams,
+    /// Committed batches ready for the sink, ahead of `pending` (a streamed
+    /// transaction's parts).
+    ready: streamed::Ready,
     /// Committed, not yet handed to the sink.
     pending: Option<Batch>,
     /// The ack rule: what was handed to the sink, acknowledged, kept alive, and
@@ -554,6 +560,8 @@ impl Stream {
             tx: None,
             tx_commit: (0, 0),
             tx_events: 0,
+            streams: streamed::Streams::default(),
+            ready: streamed::Ready::new(),
             pending: None,
             ack,
             server_wal_end: start,
@@ -570,9 +578,18 @@ impl Stream {
         }
     }
 
-    /// Work not yet handed to the sink: an open transaction or an unsent batch.
+    /// Work not yet handed to the sink: an open or streamed transaction, or an unsent
+    /// batch.
     fn holding(&self) -> bool {
-        self.tx.is_some() || self.pending.is_some()
+        self.tx.is_some()
+            || !self.streams.is_empty()
+            || !self.ready.is_empty()
+            || self.pending.is_some()
+    }
+
+    /// Keys, tags, patterns and events committed and not yet handed to the sink.
+    fn backlog(&self) -> usize {
+        self.ready.iter().map(Batch::len).sum::<usize>() + self.pending.as_ref().map_or(0, Batch::len)
     }
 
     /// The highest position the ack rule allows now (after taking in the sink's
@@ -611,11 +628,17 @@ impl Stream {
         } else {
             source.slot.clone()
         };
-        let options = [
-            ("proto_version", "1"),
+        // Protocol version 2 streams a transaction while it runs once it outgrows the
+        // server's logical_decoding_work_mem (PostgreSQL 14+).
+        let streaming = source.streaming && conn.server_version().is_some_and(|v| v >= 140000);
+        let mut options = vec![
+            ("proto_version", if streaming { "2" } else { "1" }),
             ("publication_names", publication.as_str()),
             ("messages", "true"),
         ];
+        if streaming {
+            options.push(("streaming", "on"));
+        }
         let started = conn.start_logical(&slot, 0, &options);
         // Bounded like every read: a server that never answers is a dead connection.
         // Starting to decode can take a busy server a while: never less than a catalog
@@ -635,12 +658,13 @@ impl Stream {
                 return Err(error.into());
             }
         }
-        tracing::info!(slot = %source.slot, publication = %source.publication, "streaming");
+        tracing::info!(slot = %source.slot, publication = %source.publication, protocol = if streaming { 2 } else { 1 }, "streaming");
         // A new session replays from the slot's confirmed position and resends every
         // Relation; a transaction cut off by the reconnect comes again whole.
         self.relations.clear();
         self.bound.clear();
         self.tx = None;
+        self.streams.clear();
         self.ack.reconnected();
         self.conn = Some(conn);
         self.health.set_streaming(true);
@@ -655,7 +679,7 @@ impl Stream {
             // Everything already read is decoded before waiting: batches grow across
             // transactions while the stream has more buffered, and go out when it has not.
             self.drain_buffered().await?;
-            let backlog = self.pending.as_ref().map_or(0, Batch::len);
+            let backlog = self.backlog();
             // A status update owed because the last one was too recent.
             let status_due = (self.confirmable() > self.ack.confirmed())
                 .then(|| tokio::time::Instant::from_std(last_status + MIN_STATUS_GAP));
@@ -707,9 +731,10 @@ impl Stream {
                 // Redis acknowledged a batch: the flush position may move.
                 changed = self.acked.changed() => Wake::Acked(changed.is_ok()),
                 // Hand the committed batch to the sink as soon as it has room.
-                permit = self.batches.reserve(), if self.pending.is_some() => match permit {
+                permit = self.batches.reserve(), if self.pending.is_some() || !self.ready.is_empty() => match permit {
                     Ok(permit) => {
-                        if let Some(batch) = self.pending.take() {
+                        // The next batch in commit order: a streamed transaction's parts first.
+                        if let Some(batch) = self.ready.pop_front().or_else(|| self.pending.take()) {
                             let seq = self.ack.sent(batch.end_lsn);
                             if let Some((first, _)) = batch.commit_times.first() {
                                 self.in_flight.push_back((seq, *first));
@@ -891,19 +916,24 @@ impl Stream {
     async fn drain_on_shutdown(&mut self) -> Result<(), RunError> {
         // An open transaction never committed as far as pginval saw: replayed later.
         self.tx = None;
+        self.streams.clear();
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
-        if self.pending.is_some() {
+        while self.pending.is_some() || !self.ready.is_empty() {
             match tokio::time::timeout_at(deadline, self.batches.reserve()).await {
                 Ok(Ok(permit)) => {
-                    if let Some(batch) = self.pending.take() {
+                    // The next batch in commit order: a streamed transaction's parts first.
+                        if let Some(batch) = self.ready.pop_front().or_else(|| self.pending.take()) {
                         self.ack.sent(batch.end_lsn);
                         permit.send(batch);
                     }
                 }
                 // The batch stays pending, so nothing past it is confirmed.
-                _ => tracing::warn!(
-                    "shutdown: the last batch could not be handed to redis; it will be replayed"
-                ),
+                _ => {
+                    tracing::warn!(
+                        "shutdown: the last batches could not be handed to redis; they will be replayed"
+                    );
+                    break;
+                }
             }
         }
         let sent = self.ack.sent_batches();

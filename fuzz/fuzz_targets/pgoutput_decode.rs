@@ -33,7 +33,13 @@ fuzz_target!(|data: &[u8]| {
         Message::Update(u) => tuples.extend(u.old.iter().map(|o| o.tuple()).chain([&u.new])),
         Message::Delete(d) => tuples.push(d.old.tuple()),
         Message::Message(m) => parts.extend([&m.prefix, &m.content]),
-        Message::Begin(_) | Message::Commit(_) | Message::Truncate(_) => {}
+        Message::Begin(_)
+        | Message::Commit(_)
+        | Message::Truncate(_)
+        | Message::StreamStart(_)
+        | Message::StreamStop
+        | Message::StreamCommit(_)
+        | Message::StreamAbort(_) => {}
     }
     for value in tuples.into_iter().flatten() {
         if let Value::Text(b) | Value::Binary(b) = value {

@@ -11,7 +11,7 @@ use super::{
     Batch, CATCH_UP_AGE_MICROS, HINT_PREFIX, MAX_COMMIT_SAMPLES, PARTITION_PREFIX, RunError,
     Stream, TX_PART_ENTRIES, TableRules, bounded,
 };
-use crate::metrics::{OutcomeLabel, ReasonLabel, TableOp};
+use crate::metrics::{OutcomeLabel, TableOp};
 use crate::replication::catalog;
 use crate::replication::event::RowEvent;
 use crate::replication::pgoutput::{self, LogicalMessage, Lsn, Message};
@@ -23,10 +23,15 @@ use crate::rules::invalidation::{Event, FallbackReason, Invalidation, PendingEve
 impl Stream {
     /// Applies one pgoutput message to the transaction buffer.
     pub(super) async fn apply_message(&mut self, lsn: Lsn, data: &Bytes) -> Result<(), RunError> {
-        let msg = pgoutput::decode(data).map_err(|source| RunError::Decode {
-            lsn: format_lsn(lsn),
-            source,
-        })?;
+        let in_stream = self.streams.current.is_some();
+        let (xid, msg) =
+            pgoutput::decode_in(data, in_stream).map_err(|source| RunError::Decode {
+                lsn: format_lsn(lsn),
+                source,
+            })?;
+        if let Some(xid) = xid {
+            self.stream_change_of(xid);
+        }
         match msg {
             Message::Begin(begin) => {
                 self.catching_up = self.frame_time - begin.commit_time > CATCH_UP_AGE_MICROS;
@@ -35,43 +40,16 @@ impl Stream {
                 self.tx_events = 0;
             }
             Message::Commit(commit) => {
-                let mut inv = self.tx.take().unwrap_or_default();
-                self.metrics.transactions.inc();
-                for (reason, n) in &inv.fallbacks {
-                    self.metrics
-                        .fallbacks
-                        .get_or_create(&ReasonLabel {
-                            reason: reason.as_str().to_owned(),
-                        })
-                        .inc_by(*n);
-                }
-                for (rule, (keys, tags)) in inv.rendered.drain() {
-                    if let Some(label) = self.rule_labels.get(&rule) {
-                        self.metrics.keys.get_or_create(label).inc_by(keys);
-                        self.metrics.tags.get_or_create(label).inc_by(tags);
-                    }
-                }
-                if !inv.fallbacks.is_empty() {
-                    let reasons: Vec<String> = inv
-                        .fallbacks
-                        .iter()
-                        .map(|(r, n)| format!("{}={n}", r.as_str()))
-                        .collect();
-                    tracing::warn!(
-                        lsn = %format_lsn(commit.end_lsn),
-                        fallbacks = %reasons.join(","),
-                        "exact invalidation impossible; applied the rules' fallbacks (over-invalidation)"
-                    );
-                }
-                self.tx_commit = (commit.commit_lsn, commit.commit_time);
-                self.queue(inv.work, inv.events);
-                let batch = self.pending.get_or_insert_with(Batch::default);
-                batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
-                batch.transactions += 1;
-                if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
-                    batch.commit_times.push((commit.commit_time, self.read_at));
-                }
+                let inv = self.tx.take().unwrap_or_default();
+                self.commit(inv, Vec::new(), &commit);
             }
+            Message::StreamStart(start) => self.stream_start(&start),
+            Message::StreamStop => self.streams.current = None,
+            Message::StreamCommit(commit) => {
+                self.tx_events = 0;
+                self.stream_commit(&commit);
+            }
+            Message::StreamAbort(abort) => self.stream_abort(&abort),
             Message::Relation(rel) => {
                 let described = Table::from(&rel);
                 let name = (described.schema.clone(), described.name.clone());
@@ -151,7 +129,7 @@ impl Stream {
             return Ok(());
         };
         t.changes[op].inc();
-        if self.tx.as_ref().is_some_and(|tx| tx.saturated(&t.rules)) {
+        if self.tx_mut().saturated(&t.rules) {
             return Ok(());
         }
         let ev = event(t.table);
@@ -183,6 +161,10 @@ impl Stream {
 
     /// Sends a big open transaction's work on in parts (see `TX_PART_ENTRIES`).
     pub(super) fn queue_part_if_big(&mut self) {
+        if self.streams.current.is_some() {
+            // Streamed before its commit: held until then.
+            return self.stream_part_if_big();
+        }
         if let Some(tx) = self.tx.as_mut().filter(|tx| tx.len() >= TX_PART_ENTRIES) {
             let (work, events) = tx.take_work();
             self.queue(work, events);
@@ -419,16 +401,22 @@ impl Stream {
             self.in_flight.pop_front();
         }
         let oldest = self.in_flight.front().map(|(_, t)| *t).or_else(|| {
-            self.pending
-                .as_ref()
-                .and_then(|b| b.commit_times.first().map(|(t, _)| *t))
+            self.ready
+                .iter()
+                .chain(&self.pending)
+                .find_map(|b| b.commit_times.first().map(|(t, _)| *t))
         });
         self.health
             .set_oldest_pending(oldest.map(protocol::pg_time));
     }
 
+    /// The open transaction: the streamed one whose block is being read, else the
+    /// one between BEGIN and COMMIT.
     pub(super) fn tx_mut(&mut self) -> &mut Invalidation {
-        self.tx.get_or_insert_with(Invalidation::default)
+        match self.streams.current_mut() {
+            Some(streamed) => &mut streamed.inv,
+            None => self.tx.get_or_insert_with(Invalidation::default),
+        }
     }
 
     /// The table and its bound rules, or `None` when no rule concerns it.

@@ -149,6 +149,8 @@ pub struct ReplicationConnection {
     low_water: usize,
     /// The walsender's process id (BackendKeyData), once started up.
     backend_pid: Option<i32>,
+    /// `server_version_num`-style version (170002), from the start-up's ParameterStatus.
+    server_version: Option<u32>,
 }
 
 impl std::fmt::Debug for ReplicationConnection {
@@ -212,6 +214,7 @@ impl ReplicationConnection {
                 tcp_fd,
                 low_water: 1,
                 backend_pid: None,
+                server_version: None,
             };
             match conn.startup(pg, user, application_name).await {
                 // With target_session_attrs=read-write (libpq's way to name a primary
@@ -328,9 +331,20 @@ impl ReplicationConnection {
                 Backend::Other(backend::Message::BackendKeyData(key)) => {
                     self.backend_pid = Some(key.process_id());
                 }
+                Backend::Other(backend::Message::ParameterStatus(p))
+                    if p.name().ok() == Some("server_version") =>
+                {
+                    self.server_version = p.value().ok().and_then(version_num);
+                }
                 _ => {}
             }
         }
+    }
+
+    /// The server's version as `server_version_num` spells it (170002 for 17.2), as it
+    /// announced it at start-up.
+    pub fn server_version(&self) -> Option<u32> {
+        self.server_version
     }
 
     /// The walsender's process id, as the server announced it at start-up.
@@ -651,6 +665,21 @@ async fn open(
     }
 }
 
+/// `server_version` ("17.2", "16.4 (Debian 16.4-1.pgdg120+1)", "18beta1") as
+/// `server_version_num` would say it (170002); `None` when it has no leading number.
+fn version_num(version: &str) -> Option<u32> {
+    let number = |s: &str| -> (Option<u32>, usize) {
+        let len = s.bytes().take_while(u8::is_ascii_digit).count();
+        (s[..len].parse().ok(), len)
+    };
+    let (major, len) = number(version);
+    let minor = version[len..]
+        .strip_prefix('.')
+        .and_then(|rest| number(rest).0)
+        .unwrap_or(0);
+    Some(major? * 10_000 + minor)
+}
+
 fn server_error(body: &backend::ErrorResponseBody) -> ReplicationError {
     let mut code = String::new();
     let mut message = String::new();
@@ -682,6 +711,14 @@ mod tests {
             message: message.into(),
             detail: None,
         }
+    }
+
+    #[test]
+    fn server_version_reads_like_server_version_num() {
+        assert_eq!(version_num("17.2"), Some(170002));
+        assert_eq!(version_num("16.4 (Debian 16.4-1.pgdg120+1)"), Some(160004));
+        assert_eq!(version_num("18beta1"), Some(180000));
+        assert_eq!(version_num("devel"), None);
     }
 
     #[test]
@@ -725,6 +762,7 @@ mod tests {
             tcp_fd: fd,
             low_water: 1,
             backend_pid: None,
+            server_version: None,
         };
         (conn, peer)
     }

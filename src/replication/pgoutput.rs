@@ -1,4 +1,6 @@
-//! The pgoutput (protocol version 1) message decoder: bytes in, typed messages out.
+//! The pgoutput message decoder (protocol versions 1 and 2): bytes in, typed messages
+//! out. Version 2 adds streamed transactions: Stream Start/Stop/Commit/Abort, and the
+//! (sub)transaction's xid on every message between a Stream Start and its Stop.
 //!
 //! Pure: no IO, no logging, no allocation of copies — text and binary values are
 //! `Bytes` slices of the XLogData payload. Never panics; a malformed message is an
@@ -15,7 +17,7 @@ pub enum DecodeError {
     /// The message is empty: not even a tag byte.
     #[error("empty pgoutput message")]
     Empty,
-    /// The first byte is not a pgoutput v1 message tag.
+    /// The first byte is not a pgoutput message tag.
     #[error("unknown pgoutput message tag {tag:?} at offset 0")]
     UnknownTag {
         /// The tag byte as a char.
@@ -66,6 +68,41 @@ pub enum Message {
     Truncate(Truncate),
     /// `M`: a `pg_logical_emit_message` call.
     Message(LogicalMessage),
+    /// `S`: a block of an in-progress transaction's changes starts (version 2).
+    StreamStart(StreamStart),
+    /// `E`: the block ends.
+    StreamStop,
+    /// `c`: a streamed transaction commits.
+    StreamCommit(StreamCommit),
+    /// `A`: a streamed transaction, or one of its subtransactions, aborts.
+    StreamAbort(StreamAbort),
+}
+
+/// `Stream Start` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStart {
+    /// The top-level transaction's id.
+    pub xid: u32,
+    /// Whether this is the transaction's first block.
+    pub first_segment: bool,
+}
+
+/// `Stream Commit` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamCommit {
+    /// The top-level transaction's id.
+    pub xid: u32,
+    /// What a non-streamed transaction's `Commit` would say.
+    pub commit: Commit,
+}
+
+/// `Stream Abort` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamAbort {
+    /// The top-level transaction's id.
+    pub xid: u32,
+    /// The aborted subtransaction's id; equal to `xid` when the whole transaction aborts.
+    pub subxid: u32,
 }
 
 /// `Begin` message.
@@ -232,8 +269,16 @@ pub struct LogicalMessage {
     pub content: Bytes,
 }
 
-/// Decodes one pgoutput message (the payload of an XLogData frame).
+/// Decodes one pgoutput message (the payload of an XLogData frame) outside a stream
+/// block: protocol version 1, and version 2 between transactions.
 pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
+    decode_in(buf, false).map(|(_, msg)| msg)
+}
+
+/// Decodes one pgoutput message; `in_stream`: it came between a Stream Start and its
+/// Stop, where every change, Relation, Type and Message carries the xid of the
+/// (sub)transaction it belongs to, returned first.
+pub fn decode_in(buf: &Bytes, in_stream: bool) -> Result<(Option<u32>, Message), DecodeError> {
     let Some(&tag) = buf.first() else {
         return Err(DecodeError::Empty);
     };
@@ -242,17 +287,30 @@ pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
         pos: 1,
         tag: tag as char,
     };
+    let xid = match tag {
+        b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M' if in_stream => Some(r.u32("xid")?),
+        _ => None,
+    };
     let msg = match tag {
         b'B' => Message::Begin(Begin {
             final_lsn: r.u64("final LSN")?,
             commit_time: r.i64("commit time")?,
             xid: r.u32("xid")?,
         }),
-        b'C' => Message::Commit(Commit {
-            flags: r.u8("flags")?,
-            commit_lsn: r.u64("commit LSN")?,
-            end_lsn: r.u64("end LSN")?,
-            commit_time: r.i64("commit time")?,
+        b'C' => Message::Commit(r.commit()?),
+        b'S' => Message::StreamStart(StreamStart {
+            xid: r.u32("xid")?,
+            first_segment: r.u8("first segment flag")? == 1,
+        }),
+        b'E' => Message::StreamStop,
+        b'c' => Message::StreamCommit(StreamCommit {
+            xid: r.u32("xid")?,
+            commit: r.commit()?,
+        }),
+        // Protocol version 4 adds the abort's LSN and time; version 2 ends here.
+        b'A' => Message::StreamAbort(StreamAbort {
+            xid: r.u32("xid")?,
+            subxid: r.u32("subtransaction xid")?,
         }),
         b'O' => Message::Origin(Origin {
             commit_lsn: r.u64("origin commit LSN")?,
@@ -337,7 +395,7 @@ pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
             return Err(DecodeError::UnknownTag { tag: other as char });
         }
     };
-    Ok(msg)
+    Ok((xid, msg))
 }
 
 /// A cursor over one message that turns every short read into a `Truncated` error.
@@ -432,6 +490,16 @@ impl Reader<'_> {
         let out = self.buf.slice(self.pos..self.pos + len);
         self.pos += len + 1;
         Ok(out)
+    }
+
+    /// The fields `Commit` and `Stream Commit` share.
+    fn commit(&mut self) -> Result<Commit, DecodeError> {
+        Ok(Commit {
+            flags: self.u8("flags")?,
+            commit_lsn: self.u64("commit LSN")?,
+            end_lsn: self.u64("end LSN")?,
+            commit_time: self.i64("commit time")?,
+        })
     }
 
     fn old_tuple(&mut self) -> Result<OldTuple, DecodeError> {
@@ -572,6 +640,10 @@ mod tests {
                 Message::Delete(_) => 'D',
                 Message::Truncate(_) => 'T',
                 Message::Message(_) => 'M',
+                Message::StreamStart(_) => 'S',
+                Message::StreamStop => 'E',
+                Message::StreamCommit(_) => 'c',
+                Message::StreamAbort(_) => 'A',
             })
             .collect()
     }
@@ -770,8 +842,51 @@ mod tests {
                 b.extend((m.content.len() as u32).to_be_bytes());
                 b.extend_from_slice(&m.content);
             }
+            Message::StreamStart(m) => {
+                b.push(b'S');
+                b.extend(m.xid.to_be_bytes());
+                b.push(m.first_segment as u8);
+            }
+            Message::StreamStop => b.push(b'E'),
+            Message::StreamCommit(m) => {
+                b.push(b'c');
+                b.extend(m.xid.to_be_bytes());
+                b.push(m.commit.flags);
+                b.extend(m.commit.commit_lsn.to_be_bytes());
+                b.extend(m.commit.end_lsn.to_be_bytes());
+                b.extend(m.commit.commit_time.to_be_bytes());
+            }
+            Message::StreamAbort(m) => {
+                b.push(b'A');
+                b.extend(m.xid.to_be_bytes());
+                b.extend(m.subxid.to_be_bytes());
+            }
         }
         b
+    }
+
+    /// Encodes a message as it comes inside a stream block: a change, Relation, Type
+    /// or Message carries `xid` after its tag.
+    fn encode_in(msg: &Message, xid: u32) -> Vec<u8> {
+        let mut b = encode(msg);
+        if matches!(b[0], b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M') {
+            b.splice(1..1, xid.to_be_bytes());
+        }
+        b
+    }
+
+    /// The xid a message decoded inside a stream block comes with.
+    fn carries_xid(msg: &Message) -> bool {
+        !matches!(
+            msg,
+            Message::Begin(_)
+                | Message::Commit(_)
+                | Message::Origin(_)
+                | Message::StreamStart(_)
+                | Message::StreamStop
+                | Message::StreamCommit(_)
+                | Message::StreamAbort(_)
+        )
     }
 
     mod strategy {
@@ -806,7 +921,7 @@ mod tests {
             ]
         }
 
-        /// Any pgoutput v1 message.
+        /// Any pgoutput message of protocol version 1 or 2.
         pub fn message() -> impl Strategy<Value = Message> {
             let column = (any::<u8>(), name(), any::<u32>(), any::<i32>()).prop_map(
                 |(flags, name, type_oid, type_modifier)| Column {
@@ -872,6 +987,25 @@ mod tests {
                         })
                     }
                 ),
+                any::<(u32, bool)>().prop_map(|(xid, first_segment)| {
+                    Message::StreamStart(StreamStart { xid, first_segment })
+                }),
+                Just(Message::StreamStop),
+                any::<(u32, u8, u64, u64, i64)>().prop_map(
+                    |(xid, flags, commit_lsn, end_lsn, commit_time)| {
+                        Message::StreamCommit(StreamCommit {
+                            xid,
+                            commit: Commit {
+                                flags,
+                                commit_lsn,
+                                end_lsn,
+                                commit_time,
+                            },
+                        })
+                    }
+                ),
+                any::<(u32, u32)>()
+                    .prop_map(|(xid, subxid)| Message::StreamAbort(StreamAbort { xid, subxid })),
             ]
         }
     }
@@ -893,11 +1027,29 @@ mod tests {
         }
 
         #[test]
-        fn any_bytes_after_any_tag_never_panic(
-            tag in proptest::sample::select(b"BCORYIUDTMZ".to_vec()),
-            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+        fn messages_inside_a_stream_block_round_trip_with_their_xid(
+            msg in strategy::message(),
+            xid in proptest::prelude::any::<u32>(),
         ) {
-            let _ = decode(&Bytes::from([&[tag][..], &rest].concat()));
+            let bytes = Bytes::from(encode_in(&msg, xid));
+            let expected = carries_xid(&msg).then_some(xid);
+            proptest::prop_assert_eq!(decode_in(&bytes, true), Ok((expected, msg)));
+            for len in 0..bytes.len() {
+                let err = decode_in(&bytes.slice(..len), true).unwrap_err();
+                proptest::prop_assert!(
+                    matches!(err, DecodeError::Truncated { .. } | DecodeError::Empty),
+                    "{}: {}", len, err
+                );
+            }
+        }
+
+        #[test]
+        fn any_bytes_after_any_tag_never_panic(
+            tag in proptest::sample::select(b"BCORYIUDTMSEcAZ".to_vec()),
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+            in_stream in proptest::prelude::any::<bool>(),
+        ) {
+            let _ = decode_in(&Bytes::from([&[tag][..], &rest].concat()), in_stream);
         }
 
         #[test]

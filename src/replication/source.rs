@@ -29,6 +29,8 @@ pub struct Source {
     pub column_lists: bool,
     /// Create the slot with `failover = true` (PostgreSQL 17+).
     pub failover_slot: bool,
+    /// Ask for in-progress transactions to be streamed (protocol version 2, 14+).
+    pub streaming: bool,
     /// With a standby as the source: its primary, to end the wait of a slot creation
     /// (`pg_log_standby_snapshot()`) and for `check` to read there.
     pub standby_primary: Option<tokio_postgres::Config>,

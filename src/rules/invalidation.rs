@@ -46,6 +46,8 @@ pub enum FallbackReason {
     /// A partition was truncated, detached, attached or dropped (told by the triggers
     /// of `sql/partitions.sql`; PostgreSQL sends nothing of it).
     PartitionChanged,
+    /// A streamed transaction committed whose changes pginval did not see.
+    StreamUnseen,
 }
 
 impl FallbackReason {
@@ -60,6 +62,7 @@ impl FallbackReason {
             FallbackReason::PublicationChanged => "publication_changed",
             FallbackReason::TableRenamed => "table_renamed",
             FallbackReason::PartitionChanged => "partition_changed",
+            FallbackReason::StreamUnseen => "stream_unseen",
         }
     }
 }
@@ -223,6 +226,10 @@ pub struct Invalidation {
     pub rendered: HashMap<usize, (u64, u64)>,
     /// Rows seen per rule in the open transaction (for `max_keys_per_transaction`).
     rows: HashMap<usize, usize>,
+    /// Rules whose fallback replaces their exact keys for the rest of the transaction.
+    overflowed: HashSet<usize>,
+    /// Every rule's next row switches it to its fallback (see [`Invalidation::cap`]).
+    capped: bool,
 }
 
 impl Invalidation {
@@ -253,11 +260,37 @@ impl Invalidation {
     /// Every rule of `rules` has passed its row limit in this transaction (its
     /// fallback is in place): further rows of the table change nothing.
     pub fn saturated(&self, rules: &[BoundRule]) -> bool {
-        rules.iter().all(|r| {
-            self.rows
-                .get(&r.rule.number)
-                .is_some_and(|n| *n > r.rule.max_keys_per_transaction)
-        })
+        rules
+            .iter()
+            .all(|r| self.overflowed.contains(&r.rule.number))
+    }
+
+    /// From now on each rule's next row applies the rule's fallback instead of exact
+    /// keys, as past `max_keys_per_transaction`: the memory bound of a transaction
+    /// held until its commit (streamed by PostgreSQL before it commits).
+    pub fn cap(&mut self) {
+        self.capped = true;
+    }
+
+    /// Whether [`Invalidation::cap`] was called.
+    pub fn capped(&self) -> bool {
+        self.capped
+    }
+
+    /// Applies again the fallback (and overflow event) of every rule past its limit:
+    /// the part that held them was dropped (an aborted subtransaction's), and the rows
+    /// those rules skip from then on are covered only by them. `rules`: every rule.
+    pub fn reapply_overflows(&mut self, rules: &[Rule]) {
+        let overflowed: Vec<&Rule> = rules
+            .iter()
+            .filter(|r| self.overflowed.contains(&r.number))
+            .collect();
+        for rule in overflowed {
+            self.add_rule_fallback(&rule.effective_fallback(), FallbackReason::TooManyRows);
+            if let Some(entity) = &rule.entity {
+                self.events.push(PendingEvent::overflow(entity, rule));
+            }
+        }
     }
 
     /// Applies `rules` to one row change. `id_columns` are the tuple positions of the
@@ -270,8 +303,8 @@ impl Invalidation {
             let rows = self.rows.entry(rule.rule.number).or_default();
             *rows += 1;
             let rows = *rows;
-            if rows > rule.rule.max_keys_per_transaction {
-                if rows == rule.rule.max_keys_per_transaction + 1 {
+            if rows > rule.rule.max_keys_per_transaction || self.capped {
+                if self.overflowed.insert(rule.rule.number) {
                     self.add_fallback(rule, FallbackReason::TooManyRows);
                     if let Some(entity) = &rule.rule.entity {
                         self.events.push(PendingEvent::overflow(entity, &rule.rule));
@@ -1013,6 +1046,51 @@ mod tests {
         assert_eq!(inv.work.keys.len(), 10);
         assert!(inv.work.key_patterns.contains("post:*"));
         assert_eq!(inv.fallbacks[&FallbackReason::TooManyRows], 1);
+    }
+
+    fn insert(i: usize) -> RowEvent {
+        RowEvent {
+            table: table(),
+            op: Op::Insert,
+            old: None,
+            new: Some(vec![Cell::Text(Bytes::from(i.to_string())), text("1"), text("x")]),
+        }
+    }
+
+    #[test]
+    fn a_capped_transaction_switches_each_rule_to_its_fallback_on_its_next_row() {
+        let bound = rules(&["post:{id}"], &[]);
+        let mut inv = Invalidation::default();
+        inv.add_row(&bound, &insert(1), &[0]);
+        inv.cap();
+        for i in 2..100 {
+            inv.add_row(&bound, &insert(i), &[0]);
+        }
+        assert_eq!(keys(&inv), ["post:1"]);
+        assert!(inv.work.key_patterns.contains("post:*"));
+        assert!(inv.saturated(&bound));
+        assert_eq!(inv.fallbacks[&FallbackReason::TooManyRows], 1);
+    }
+
+    #[test]
+    fn overflows_are_applied_again_once_the_work_holding_them_is_dropped() {
+        let mut r = rule(&["post:{id}"], &[]);
+        r.max_keys_per_transaction = 2;
+        r.entity = Some("post".into());
+        let all = vec![r.clone()];
+        let bound = bind(r);
+        let mut inv = Invalidation::default();
+        for i in 0..5 {
+            inv.add_row(&bound, &insert(i), &[0]);
+        }
+        // The part that held the fallback belonged to an aborted subtransaction.
+        drop(inv.take_work());
+        inv.add_row(&bound, &insert(9), &[0]);
+        assert!(inv.work.is_empty(), "the rule is past its limit: rows add nothing");
+        inv.reapply_overflows(&all);
+        assert!(inv.work.key_patterns.contains("post:*"));
+        assert_eq!(inv.events.len(), 1);
+        assert_eq!(inv.events[0].op, "overflow");
     }
 
     #[test]
