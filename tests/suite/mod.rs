@@ -8,4 +8,5 @@ mod rules;
 mod sentinel;
 mod silent;
 mod standby;
+mod streaming;
 mod tls;
