@@ -12,7 +12,8 @@
 #   --rates LIST      fixed pgbench rates for the latency test (default 2000,5000)
 #   --big-scale S     pgbench scale of the big-transaction database (default 10: 1,000,000 rows)
 #   --big-runs N      big-transaction runs (default: --runs)
-#   --only LIST       phases to run, of catchup,cluster,events,latency,clusterlatency,race,big
+#   --only LIST       phases to run, of catchup,cluster,events,latency,clusterlatency,race,big,
+#                     bigcommit
 #                     (default all; cluster and clusterlatency start a 3-primary Redis Cluster
 #                     (redis-cli --cluster create) and compare pginval against it with pginval
 #                     against one Redis, same runs; race: cache-aside readers against writers,
@@ -59,7 +60,7 @@ BACKLOG=40000
 LATENCY_SECS=15
 RATES=2000,5000
 BIG_SCALE=10
-ONLY=catchup,cluster,events,latency,clusterlatency,race,big
+ONLY=catchup,cluster,events,latency,clusterlatency,race,big,bigcommit
 JSON=''
 CONFIRM_WAIT=1
 RACE_SECS=10
@@ -81,7 +82,7 @@ while (($#)); do
     --latency-secs) number "$1" "${2:-}"; LATENCY_SECS=$2; shift ;;
     --rates) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--rates needs a list like 2000,5000"; RATES=$2; shift ;;
     --big-scale) number "$1" "${2:-}"; BIG_SCALE=$2; shift ;;
-    --only) [[ ${2:-} =~ ^(catchup|cluster|events|latency|clusterlatency|race|big)(,(catchup|cluster|events|latency|clusterlatency|race|big))*$ ]] || die "--only needs a list of catchup,cluster,events,latency,clusterlatency,race,big"; ONLY=$2; shift ;;
+    --only) [[ ${2:-} =~ ^(catchup|cluster|events|latency|clusterlatency|race|big|bigcommit)(,(catchup|cluster|events|latency|clusterlatency|race|big|bigcommit))*$ ]] || die "--only needs a list of catchup,cluster,events,latency,clusterlatency,race,big,bigcommit"; ONLY=$2; shift ;;
     --race-secs) number "$1" "${2:-}"; RACE_SECS=$2; shift ;;
     --race-runs) number "$1" "${2:-}"; RACE_RUNS=$2; shift ;;
     --race-delays) [[ ${2:-} =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--race-delays needs a list like 0,10"; RACE_DELAYS=$2; shift ;;

@@ -13,6 +13,11 @@ scripts/bench.sh starts PostgreSQL and Redis, initializes the pgbench databases 
            keyevent notification on `del`) with pginval streaming; as a baseline, the
            same probe with pg_recvlogical alone times commit -> the change received.
   big      one UPDATE of 1,000,000 rows (scale 10), read by pg_recvlogical and pginval.
+  bigcommit  the same UPDATE with pginval already streaming: its commit returned -> the
+           last of the 1,000,000 keys gone (DBSIZE polled every millisecond), with
+           `[source] streaming = false` (protocol version 1: the walsender decodes it
+           all after the commit) and `true` (version 2: streamed while it runs),
+           alternating which goes first.
 
 pginval's time is process start -> the marker key deleted in Redis. The marker is a row
 of pgbench_tellers outside pgbench's range, updated in its own transaction after the
@@ -634,7 +639,8 @@ class Bench:
         server = self.server_cpu_end(begin, conn, slot)
         return {"wall_s": wall, **p.usage(), "walsender_cpu_s": server, **self.other_cpu(meter)}
 
-    def pginval_config(self, name, slot, publication, max_keys=None, metrics_port=None, amqp_exchange=None, redis_extra=""):
+    def pginval_config(self, name, slot, publication, max_keys=None, metrics_port=None, amqp_exchange=None, redis_extra="",
+                       source_extra=""):
         path = os.path.join(self.a.work, f"{name}.toml")
         limits = f"[limits]\nmax_keys_per_transaction = {max_keys}\n\n" if max_keys else ""
         if redis_extra:
@@ -648,7 +654,7 @@ class Bench:
         with open(path, "w") as f:
             f.write(
                 # column_lists: the publication pginval creates carries only the rules' columns.
-                f'[source]\nslot = "{slot}"\npublication = "{publication}"\ncolumn_lists = true\n\n{limits}'
+                f'[source]\nslot = "{slot}"\npublication = "{publication}"\ncolumn_lists = true\n{source_extra}\n{limits}'
                 f'[[rules]]\ntable = "pgbench_accounts"\nkeys = ["acct:{{aid}}"]\n{entity}\n'
                 '[[rules]]\ntable = "pgbench_tellers"\nkeys = ["teller:{tid}"]\n\n'
                 '[[rules]]\ntable = "pgbench_branches"\nkeys = ["branch:{bid}"]\n'
@@ -659,7 +665,10 @@ class Bench:
         self.seq += 1
         logfile = os.path.join(self.a.work, f"pginval-{self.seq:02d}-{name}.log")
         env = dict(os.environ, PGINVAL_SOURCE_URL=self.url(db), PGINVAL_REDIS_URL=redis_url or self.redis_url)
+        # PGINVAL_BENCH_LOG=pginval=debug: pginval's debug log (timestamps of each batch).
         env.pop("RUST_LOG", None)
+        if os.environ.get("PGINVAL_BENCH_LOG"):
+            env["RUST_LOG"] = os.environ["PGINVAL_BENCH_LOG"]
         p = Proc([self.a.pginval, "run", "--config", config], logfile=logfile, env=env,
                  timefile=logfile[: -len(".log")] + ".time")
         p.logfile = logfile
@@ -1457,6 +1466,66 @@ class Bench:
         conn.close()
         self.results["big"] = {"runs": runs}
 
+    # -- 3b. big transaction, live: commit -> last key gone
+
+    def bigcommit(self):
+        a = self.a
+        db = "bigtx"
+        conn = self.connect(db)
+        naccounts = self.prepare_db(conn, db)[0]
+        # The walsender's logical_decoding_work_mem: pginval's default (8MB), and the
+        # server's (PostgreSQL's default, 64MB).
+        modes = {"v1": "streaming = false", "streamed": "streaming = true",
+                 "streamed64": 'streaming = true\nlogical_decoding_work_mem = "server"'}
+        runs = []
+        for i in range(a.big_runs):
+            run = {}
+            for mode in (list(modes) if i % 2 == 0 else list(reversed(modes))):
+                slot = f"bigc_{mode}"
+                self.reset_slots(conn, [slot])
+                self.q(conn, "VACUUM pgbench_accounts")
+                self.q(conn, "CHECKPOINT")
+                self.q(conn, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+                self.redis.cmd("FLUSHALL")
+                name = f"bigcommit-{mode}"
+                config = self.pginval_config(name, slot, "bench_big", source_extra=f"{modes[mode]}\n")
+                p = self.start_pginval(db, config, name)
+                try:
+                    deadline = time.time() + 60
+                    while not self.q1(conn, "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s "
+                                            "ON s.active_pid = r.pid WHERE s.slot_name = %s", (slot,)):
+                        if time.time() > deadline or not p.alive():
+                            raise RuntimeError(f"pginval ({name}) did not start streaming (log: {p.logfile})")
+                        time.sleep(0.05)
+                    base = self.redis.cmd("DBSIZE")
+                    self.redis.populate("acct:", 1, naccounts)
+                    t0 = time.perf_counter()
+                    rows = self.q(conn, "WITH u AS (UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= %s "
+                                        "RETURNING 1) SELECT count(*) FROM u", (naccounts,))[0][0]
+                    t_commit = time.perf_counter()
+                    left = None
+                    while time.perf_counter() - t_commit < a.timeout:
+                        left = self.redis.cmd("DBSIZE") - base
+                        if left <= 0:
+                            break
+                        time.sleep(0.001)
+                    t_gone = time.perf_counter()
+                    if left > 0:
+                        raise RuntimeError(f"pginval ({name}): {left} keys left {a.timeout} s after the commit (log: {p.logfile})")
+                finally:
+                    status = p.stop()
+                if status != 0:
+                    raise RuntimeError(f"pginval ({name}) exited with {status} after SIGTERM (log: {p.logfile})")
+                r = {"rows": rows, "update_s": t_commit - t0, "commit_to_gone_s": t_gone - t_commit, **p.usage(),
+                     "log_warnings": self.scan_log(p, name), "log": p.logfile}
+                run[mode] = r
+                log(f"bigcommit run {i + 1}/{a.big_runs} {mode:>8}: UPDATE {r['update_s']:.1f} s, commit -> last key gone "
+                    f"{r['commit_to_gone_s']:.3f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB")
+            runs.append(run)
+        self.reset_slots(conn, [f"bigc_{m}" for m in modes])
+        conn.close()
+        self.results["bigcommit"] = {"runs": runs}
+
     # -- report
 
     def report(self):
@@ -1645,6 +1714,30 @@ class Bench:
                     out(f"   {'':<34}peak RSS target ≤ 100 MB: {verdict(rss, 100)}")
             b["summary"] = summary
 
+        bc = self.results.get("bigcommit")
+        if bc:
+            runs = bc["runs"]
+            out("")
+            out(f"3b. Big transaction, pginval streaming: one UPDATE of {runs[0]['v1']['rows']:,} rows, commit returned -> "
+                f"last key gone, median of {len(runs)} run{'s' if len(runs) != 1 else ''}")
+            out(f"   {'mode':<40}{'UPDATE s':>10}{'commit->gone s':>16}{'target':>8}{'':>8}{'CPU s':>8}{'RSS MB':>8}{'target':>8}{'':>8}")
+            summary = {}
+            for mode, label in (("v1", "streaming = false (protocol 1)"), ("streamed", "streaming = true (protocol 2), 8MB"),
+                                ("streamed64", "streaming = true, server's 64MB")):
+                gone = median([r[mode]["commit_to_gone_s"] for r in runs])
+                rss = median([r[mode]["rss_mb"] for r in runs])
+                target = mode == "streamed"
+                summary[mode] = {"commit_to_gone_s": gone, "rss_mb": rss, "per_run": [r[mode]["commit_to_gone_s"] for r in runs]}
+                out(f"   {label:<40}{f(median([r[mode]['update_s'] for r in runs]), '{:.2f}'):>10}{f(gone, '{:.3f}'):>16}"
+                    f"{'≤2' if target else '':>8}{verdict(gone, 2.0) if target else '':>8}"
+                    f"{f(median([r[mode]['cpu_s'] for r in runs]), '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}"
+                    f"{'≤150' if target else '':>8}{verdict(rss, 150) if target else '':>8}")
+                out(f"   {'':<40}per run: {', '.join(f'{x:.3f}' for x in summary[mode]['per_run'])}")
+            ratio = median([r["streamed"]["commit_to_gone_s"] / r["v1"]["commit_to_gone_s"] for r in runs])
+            out(f"   streamed / protocol 1, commit -> last key gone: {ratio:.3f}")
+            summary["ratio"] = ratio
+            bc["summary"] = summary
+
         for name, top in self.profiles.items():
             out("")
             out(f"Profile of pginval ({name}; perf record -e cpu-clock, whole process lifetime, self time):")
@@ -1699,7 +1792,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     b = Bench(a)
     try:
-        for phase in ("catchup", "cluster", "events", "latency", "clusterlatency", "race", "big"):
+        for phase in ("catchup", "cluster", "events", "latency", "clusterlatency", "race", "big", "bigcommit"):
             if phase in a.only:
                 getattr(b, phase)()
     finally:

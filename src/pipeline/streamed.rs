@@ -161,6 +161,7 @@ impl Stream {
             return;
         };
         streamed.seal();
+        tracing::debug!(xid = commit.xid, parts = streamed.parts.len(), "streamed transaction committed");
         self.commit(streamed.inv, streamed.parts, &commit.commit);
     }
 

@@ -216,7 +216,15 @@ impl ReplicationConnection {
                 backend_pid: None,
                 server_version: None,
             };
-            match conn.startup(pg, user, application_name).await {
+            let work_mem = source
+                .streaming
+                .then_some(source.decoding_work_mem_kb)
+                .flatten()
+                .map(|kb| format!("{kb}kB"));
+            match conn
+                .startup(pg, user, application_name, work_mem.as_deref())
+                .await
+            {
                 // With target_session_attrs=read-write (libpq's way to name a primary
                 // among its standbys), a server in recovery is passed over: after a
                 // failover the promoted standby is the one to stream from. Read-only
@@ -243,16 +251,21 @@ impl ReplicationConnection {
         pg: &tokio_postgres::Config,
         user: &str,
         application_name: &str,
+        decoding_work_mem: Option<&str>,
     ) -> Result<(), ReplicationError> {
         let dbname = pg.get_dbname().unwrap_or(user);
         let app = pg.get_application_name().unwrap_or(application_name);
-        let params = [
+        let mut params = vec![
             ("user", user),
             ("database", dbname),
             ("replication", "database"),
             ("application_name", app),
             ("client_encoding", "UTF8"),
         ];
+        // The walsender's own setting: past it, an open transaction is streamed.
+        if let Some(size) = decoding_work_mem {
+            params.push(("logical_decoding_work_mem", size));
+        }
         frontend::startup_message(params.iter().copied(), &mut self.wbuf)
             .map_err(|e| self.io_err(e))?;
         self.flush().await?;

@@ -31,11 +31,28 @@ pub struct Source {
     pub failover_slot: bool,
     /// Ask for in-progress transactions to be streamed (protocol version 2, 14+).
     pub streaming: bool,
+    /// With `streaming`, the walsender's `logical_decoding_work_mem` in kB (`None`:
+    /// the server's).
+    pub decoding_work_mem_kb: Option<u32>,
     /// With a standby as the source: its primary, to end the wait of a slot creation
     /// (`pg_log_standby_snapshot()`) and for `check` to read there.
     pub standby_primary: Option<tokio_postgres::Config>,
     /// The rustls configuration for those settings (`None` with sslmode=disable).
     pub tls_config: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// A PostgreSQL memory size ("8MB", "512kB", "1GB", "2048": kB without a unit) in kB.
+pub fn memory_kb(size: &str) -> Option<u32> {
+    let size = size.trim();
+    let digits = size.bytes().take_while(u8::is_ascii_digit).count();
+    let number: u64 = size[..digits].parse().ok()?;
+    let unit = match size[digits..].trim() {
+        "" | "kB" => 1,
+        "MB" => 1024,
+        "GB" => 1024 * 1024,
+        _ => return None,
+    };
+    u32::try_from(number.checked_mul(unit)?).ok()
 }
 
 /// `on_slot_lost`.
@@ -56,5 +73,21 @@ impl fmt::Debug for Source {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory_kb;
+
+    #[test]
+    fn memory_sizes_read_as_postgresql_reads_them() {
+        assert_eq!(memory_kb("8MB"), Some(8192));
+        assert_eq!(memory_kb("512kB"), Some(512));
+        assert_eq!(memory_kb("1 GB"), Some(1024 * 1024));
+        assert_eq!(memory_kb("2048"), Some(2048));
+        assert_eq!(memory_kb("8mb"), None);
+        assert_eq!(memory_kb("MB"), None);
+        assert_eq!(memory_kb("99999999GB"), None);
     }
 }

@@ -2,8 +2,9 @@
 //! their commit and never before, dropped at their abort (a rolled-back savepoint
 //! drops its part only), replayed whole after a crash, bounded in memory.
 //!
-//! Each test's database sets `logical_decoding_work_mem` to its minimum (64 kB), so a
-//! transaction of a few hundred rows is streamed while it runs.
+//! Each test's pginval sets its walsender's `logical_decoding_work_mem` to the minimum
+//! (`[source] logical_decoding_work_mem = "64kB"`), so a transaction of a few hundred
+//! rows is streamed while it runs.
 
 use std::ops::Range;
 
@@ -11,23 +12,38 @@ use redis::AsyncCommands;
 
 use crate::support::{Redis, TestDb, wait_until};
 use crate::{
-    Daemon, WAIT, barrier, cache, config, config_file, config_text, confirmed_lsn, setup,
+    Daemon, WAIT, barrier, cache, config_file, config_text, confirmed_lsn, setup,
     spawn_run, wait_gone, wait_streaming,
 };
 
 const RULES: &str = "[events]\nstream = \"pginval:stream\"\nstream_maxlen = 100000\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\nentity = \"user\"\n";
 
-/// A database whose walsenders stream every transaction past 64 kB of changes, with
-/// users 1 to `users`.
+/// A test's database with users 1 to `users`, and its Redis.
 async fn streaming_setup(hint: &str, users: i64) -> (TestDb, Redis) {
     let (db, redis) = setup(hint).await;
     db.execute_batch(&format!(
-        "ALTER DATABASE \"{}\" SET logical_decoding_work_mem = '64kB';
-         INSERT INTO users SELECT g, 'u', 'member' FROM generate_series(301, {users}) g;",
-        db.name
+        "INSERT INTO users SELECT g, 'u', 'member' FROM generate_series(301, {users}) g;"
     ))
     .await;
     (db, redis)
+}
+
+/// The test's configuration, its walsender streaming every transaction past 64 kB.
+fn streaming_text(db: &TestDb, redis: &Redis, rules: &str) -> String {
+    config_text(db, redis, rules).replacen(
+        "[source]\n",
+        "[source]\nlogical_decoding_work_mem = \"64kB\"\n",
+        1,
+    )
+}
+
+fn streaming_config(db: &TestDb, redis: &Redis, rules: &str) -> pginval::config::Config {
+    pginval::config::Config::parse(
+        std::path::Path::new("test.toml"),
+        &streaming_text(db, redis, rules),
+        |_| None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn keys(ids: Range<i64>) -> Vec<String> {
@@ -103,7 +119,7 @@ async fn events(redis: &Redis) -> Vec<(i64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_transaction_is_invalidated_at_its_commit_and_not_before() {
     let (db, redis) = streaming_setup("streamed", 4000).await;
-    let daemon = Daemon::start(&db, config(&db, &redis, RULES)).await;
+    let daemon = Daemon::start(&db, streaming_config(&db, &redis, RULES)).await;
     let big = keys(1000..3000);
     cache(&redis, &refs(&big)).await;
     let mut client = db.client().await;
@@ -138,7 +154,7 @@ async fn a_streamed_transaction_is_invalidated_at_its_commit_and_not_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_streamed_transactions_and_savepoints_invalidate_nothing_of_theirs() {
     let (db, redis) = streaming_setup("streamabort", 5000).await;
-    let daemon = Daemon::start(&db, config(&db, &redis, RULES)).await;
+    let daemon = Daemon::start(&db, streaming_config(&db, &redis, RULES)).await;
     let (committed, rolled_back, aborted) = (keys(1000..2000), keys(2000..3000), keys(3000..4000));
     for k in [&committed, &rolled_back, &aborted] {
         cache(&redis, &refs(k)).await;
@@ -189,7 +205,7 @@ async fn aborted_streamed_transactions_and_savepoints_invalidate_nothing_of_thei
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_mid_stream_replays_the_streamed_transaction_whole() {
     let (db, redis) = streaming_setup("streamcrash", 4000).await;
-    let path = config_file(&db, &config_text(&db, &redis, RULES));
+    let path = config_file(&db, &streaming_text(&db, &redis, RULES));
     let log = path.with_extension("log");
     let big = keys(1000..3000);
     cache(&redis, &refs(&big)).await;
@@ -218,7 +234,7 @@ async fn a_crash_mid_stream_replays_the_streamed_transaction_whole() {
 async fn a_streamed_transaction_past_the_memory_limit_uses_the_rules_fallback() {
     let (db, redis) = streaming_setup("streamcap", 4000).await;
     let rules = "[limits]\nmax_streamed_entries = 500\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\nfallback = { patterns = [\"user:*\"] }\n";
-    let daemon = Daemon::start(&db, config(&db, &redis, rules)).await;
+    let daemon = Daemon::start(&db, streaming_config(&db, &redis, rules)).await;
     let big = keys(1000..3000);
     cache(&redis, &refs(&big)).await;
     cache(&redis, &["user:0"]).await;
