@@ -685,6 +685,26 @@ class Bench:
             self.warnings.append(f"{what}: {line}")
         return len(bad)
 
+    def start_perf(self, p, name):
+        """With --perf, a CPU profile of pginval's catch-up, big-transaction and streamed
+        runs (software clock; timings of a profiled run are not comparable)."""
+        if not (self.a.perf and (name.startswith("catchup") or name in ("big", "bigcommit-streamed"))):
+            return None
+        p.perf_data = p.logfile[: -len(".log")] + ".perf"
+        return subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-p", str(p.pid), "-o", p.perf_data],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), p.perf_data
+
+    def perf_report(self, perf, name):
+        """The first profile of each kind of run, for the report."""
+        if perf is None or name in self.profiles:
+            return
+        top = []
+        for sort, limit, n in (("dso", "2", 6), ("dso,symbol", "1", 20)):
+            rep = subprocess.run(["perf", "report", "-i", perf[1], "--stdio", "-q", "--no-children",
+                                  "--sort", sort, "--percent-limit", limit], capture_output=True, text=True)
+            top += [" ".join(line.split()) for line in rep.stdout.splitlines() if line.strip()][:n] + [""]
+        self.profiles[name] = top[:-1]
+
     def pginval_catchup(self, db, conn, slot, publication, end_lsn, marker_key, populate, name, max_keys=None,
                         amqp_exchange=None, last_effect=None, cluster=None, redis_extra=""):
         """Times pginval from process start to the deletion of marker_key, or, with
@@ -701,12 +721,7 @@ class Bench:
         meter = self.cpu_sample()
         begin = self.server_cpu_begin()
         p = self.start_pginval(db, config, name, redis_url=None if cluster is None else cluster.url())
-        perf = None
-        if self.a.perf and (name.startswith("catchup") or name == "big"):
-            # A CPU profile (software clock; timings of a profiled run are not comparable).
-            perf_data = p.logfile[: -len(".log")] + ".perf"
-            perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-p", str(p.pid), "-o", perf_data],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        perf = self.start_perf(p, name)
         try:
             t_gone = sub.wait_for_key(b"del", self.a.timeout, alive=p.alive)
             if t_gone is None:
@@ -732,16 +747,10 @@ class Bench:
             sub.close()
             status = p.stop()
             if perf is not None:
-                perf.wait(30)
+                perf[0].wait(30)
         if status != 0:
             raise RuntimeError(f"pginval ({name}) exited with {status} after SIGTERM (log: {p.logfile})")
-        if perf is not None and name not in self.profiles:
-            top = []
-            for sort, limit, n in (("dso", "2", 6), ("dso,symbol", "1", 20)):
-                rep = subprocess.run(["perf", "report", "-i", perf_data, "--stdio", "-q", "--no-children",
-                                      "--sort", sort, "--percent-limit", limit], capture_output=True, text=True)
-                top += [" ".join(line.split()) for line in rep.stdout.splitlines() if line.strip()][:n] + [""]
-            self.profiles[name] = top[:-1]
+        self.perf_report(perf, name)
         server = self.server_cpu_end(begin, conn, slot)
         return {
             "wall_s": wall,
@@ -1490,6 +1499,7 @@ class Bench:
                 name = f"bigcommit-{mode}"
                 config = self.pginval_config(name, slot, "bench_big", source_extra=f"{modes[mode]}\n")
                 p = self.start_pginval(db, config, name)
+                perf = self.start_perf(p, name)
                 try:
                     deadline = time.time() + 60
                     while not self.q1(conn, "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s "
@@ -1503,6 +1513,11 @@ class Bench:
                     rows = self.q(conn, "WITH u AS (UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= %s "
                                         "RETURNING 1) SELECT count(*) FROM u", (naccounts,))[0][0]
                     t_commit = time.perf_counter()
+                    # How far the walsender is behind at the commit: WAL it has still to
+                    # decode before it can send the Stream Commit (or, with protocol 1,
+                    # the whole transaction).
+                    behind = self.q1(conn, "SELECT pg_current_wal_lsn() - r.sent_lsn FROM pg_stat_replication r "
+                                           "JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s", (slot,))
                     left = None
                     while time.perf_counter() - t_commit < a.timeout:
                         left = self.redis.cmd("DBSIZE") - base
@@ -1514,13 +1529,18 @@ class Bench:
                         raise RuntimeError(f"pginval ({name}): {left} keys left {a.timeout} s after the commit (log: {p.logfile})")
                 finally:
                     status = p.stop()
+                    if perf is not None:
+                        perf[0].wait(30)
                 if status != 0:
                     raise RuntimeError(f"pginval ({name}) exited with {status} after SIGTERM (log: {p.logfile})")
-                r = {"rows": rows, "update_s": t_commit - t0, "commit_to_gone_s": t_gone - t_commit, **p.usage(),
+                self.perf_report(perf, name)
+                r = {"rows": rows, "update_s": t_commit - t0, "commit_to_gone_s": t_gone - t_commit,
+                     "walsender_behind_mb": float(behind or 0) / 2**20, **p.usage(),
                      "log_warnings": self.scan_log(p, name), "log": p.logfile}
                 run[mode] = r
                 log(f"bigcommit run {i + 1}/{a.big_runs} {mode:>8}: UPDATE {r['update_s']:.1f} s, commit -> last key gone "
-                    f"{r['commit_to_gone_s']:.3f} s, CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB")
+                    f"{r['commit_to_gone_s']:.3f} s (walsender {r['walsender_behind_mb']:.0f} MB of WAL behind at the commit), "
+                    f"CPU {r['cpu_s']:.2f} s, RSS {r['rss_mb']:.1f} MB")
             runs.append(run)
         self.reset_slots(conn, [f"bigc_{m}" for m in modes])
         conn.close()
@@ -1733,6 +1753,8 @@ class Bench:
                     f"{f(median([r[mode]['cpu_s'] for r in runs]), '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}"
                     f"{'≤150' if target else '':>8}{verdict(rss, 150) if target else '':>8}")
                 out(f"   {'':<40}per run: {', '.join(f'{x:.3f}' for x in summary[mode]['per_run'])}")
+                behind = ", ".join(f"{r[mode]['walsender_behind_mb']:.0f}" for r in runs)
+                out(f"   {'':<40}walsender behind at the commit, MB of WAL: {behind}")
             ratio = median([r["streamed"]["commit_to_gone_s"] / r["v1"]["commit_to_gone_s"] for r in runs])
             out(f"   streamed / protocol 1, commit -> last key gone: {ratio:.3f}")
             summary["ratio"] = ratio

