@@ -487,7 +487,7 @@ struct Stream {
     streams: streamed::Streams,
     /// Committed batches ready for the sink, ahead of `pending` (a streamed
     /// transaction's parts).
-    ready: streamed::Ready,
+    ready: std::collections::VecDeque<streamed::Ready>,
     /// Committed, not yet handed to the sink.
     pending: Option<Batch>,
     /// The ack rule: what was handed to the sink, acknowledged, kept alive, and
@@ -561,7 +561,7 @@ impl Stream {
             tx_commit: (0, 0),
             tx_events: 0,
             streams: streamed::Streams::default(),
-            ready: streamed::Ready::new(),
+            ready: std::collections::VecDeque::new(),
             pending: None,
             ack,
             server_wal_end: start,
@@ -589,7 +589,8 @@ impl Stream {
 
     /// Keys, tags, patterns and events committed and not yet handed to the sink.
     fn backlog(&self) -> usize {
-        self.ready.iter().map(Batch::len).sum::<usize>() + self.pending.as_ref().map_or(0, Batch::len)
+        self.ready.iter().map(streamed::Ready::len).sum::<usize>()
+            + self.pending.as_ref().map_or(0, Batch::len)
     }
 
     /// The highest position the ack rule allows now (after taking in the sink's
@@ -734,7 +735,7 @@ impl Stream {
                 permit = self.batches.reserve(), if self.pending.is_some() || !self.ready.is_empty() => match permit {
                     Ok(permit) => {
                         // The next batch in commit order: a streamed transaction's parts first.
-                        if let Some(batch) = self.ready.pop_front().or_else(|| self.pending.take()) {
+                        if let Some(batch) = self.ready.pop_front().map(streamed::Ready::into_batch).or_else(|| self.pending.take()) {
                             let seq = self.ack.sent(batch.end_lsn);
                             if let Some((first, _)) = batch.commit_times.first() {
                                 self.in_flight.push_back((seq, *first));
@@ -922,7 +923,7 @@ impl Stream {
             match tokio::time::timeout_at(deadline, self.batches.reserve()).await {
                 Ok(Ok(permit)) => {
                     // The next batch in commit order: a streamed transaction's parts first.
-                        if let Some(batch) = self.ready.pop_front().or_else(|| self.pending.take()) {
+                        if let Some(batch) = self.ready.pop_front().map(streamed::Ready::into_batch).or_else(|| self.pending.take()) {
                         self.ack.sent(batch.end_lsn);
                         permit.send(batch);
                     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::streamed::Ready;
 use super::{
     Batch, CATCH_UP_AGE_MICROS, HINT_PREFIX, MAX_COMMIT_SAMPLES, PARTITION_PREFIX, RunError,
     Stream, TX_PART_ENTRIES, TableRules, bounded,
@@ -147,22 +148,26 @@ impl Stream {
     /// Adds the open transaction's work to the pending batch, its events stamped with
     /// the transaction's commit. Moves no flush position.
     pub(super) fn queue(&mut self, work: Work, events: Vec<PendingEvent>) {
-        let events: Vec<Event> = if events.is_empty() {
-            Vec::new()
-        } else {
-            let (lsn, time) = self.tx_commit;
-            let at = format_lsn(lsn);
-            let time = humantime::format_rfc3339_micros(protocol::pg_time(time)).to_string();
-            let first = self.tx_events;
-            self.tx_events += events.len() as u64;
-            (first..)
-                .zip(&events)
-                .map(|(position, e)| e.stamp(&self.config.source.slot, &at, &time, position))
-                .collect()
-        };
+        let events = self.stamp(events);
         let batch = self.pending.get_or_insert_with(Batch::default);
         batch.work.merge(work);
         batch.events.extend(events);
+    }
+
+    /// The open transaction's next events, stamped with its commit and their places.
+    pub(super) fn stamp(&mut self, events: Vec<PendingEvent>) -> Vec<Event> {
+        if events.is_empty() {
+            return Vec::new();
+        }
+        let (lsn, time) = self.tx_commit;
+        let at = format_lsn(lsn);
+        let time = humantime::format_rfc3339_micros(protocol::pg_time(time)).to_string();
+        let first = self.tx_events;
+        self.tx_events += events.len() as u64;
+        (first..)
+            .zip(&events)
+            .map(|(position, e)| e.stamp(&self.config.source.slot, &at, &time, position))
+            .collect()
     }
 
     /// Sends a big open transaction's work on in parts (see `TX_PART_ENTRIES`).
@@ -407,10 +412,11 @@ impl Stream {
             self.in_flight.pop_front();
         }
         let oldest = self.in_flight.front().map(|(_, t)| *t).or_else(|| {
-            self.ready
-                .iter()
-                .chain(&self.pending)
-                .find_map(|b| b.commit_times.first().map(|(t, _)| *t))
+            self.ready.iter().find_map(Ready::first_commit_time).or_else(|| {
+                self.pending
+                    .as_ref()
+                    .and_then(|b| b.commit_times.first().map(|(t, _)| *t))
+            })
         });
         self.health
             .set_oldest_pending(oldest.map(protocol::pg_time));

@@ -14,13 +14,124 @@
 //! transactions: past it, the growing transaction's rules switch to their fallbacks, as
 //! past `max_keys_per_transaction` (over-invalidation, counted as `too_many_rows`).
 
-use std::collections::VecDeque;
+use std::collections::HashSet;
 
 use super::{Batch, MAX_COMMIT_SAMPLES, Stream, TX_PART_ENTRIES};
 use crate::metrics::ReasonLabel;
 use crate::replication::pgoutput::{Commit, StreamAbort, StreamCommit, StreamStart};
 use crate::replication::protocol::format_lsn;
-use crate::rules::invalidation::{FallbackReason, Invalidation, PendingEvent, Work};
+use crate::rules::invalidation::{Event, FallbackReason, Invalidation, PendingEvent, Work};
+
+/// Keys packed one after the other, each as a 4-byte length and its bytes: about 4
+/// bytes over the key's own, where a set of strings takes some 90. Held parts of a
+/// million-row transaction then take megabytes, not a hundred.
+#[derive(Debug, Default)]
+pub(super) struct PackedKeys {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl PackedKeys {
+    fn pack(keys: HashSet<String>) -> PackedKeys {
+        let mut bytes = Vec::with_capacity(keys.iter().map(|k| 4 + k.len()).sum());
+        for key in &keys {
+            // A key longer than 4 GiB cannot come out of a WAL record.
+            bytes.extend((key.len() as u32).to_be_bytes());
+            bytes.extend(key.as_bytes());
+        }
+        PackedKeys {
+            bytes,
+            count: keys.len(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn unpack(self) -> HashSet<String> {
+        let mut keys = HashSet::with_capacity(self.count);
+        let mut rest = &self.bytes[..];
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let len = (u32::from_be_bytes(*len) as usize).min(tail.len());
+            let (key, tail) = tail.split_at(len);
+            // Packed from strings: always UTF-8.
+            keys.insert(String::from_utf8_lossy(key).into_owned());
+            rest = tail;
+        }
+        keys
+    }
+}
+
+/// A sealed part of a streamed transaction, in change order.
+#[derive(Debug)]
+pub(super) struct Part {
+    /// The (sub)transaction its changes belong to.
+    xid: u32,
+    /// Its keys to delete.
+    keys: PackedKeys,
+    /// The rest of its work (its keys moved to `keys`).
+    work: Work,
+    /// Its entity events.
+    events: Vec<PendingEvent>,
+}
+
+impl Part {
+    fn len(&self) -> usize {
+        self.keys.len() + self.work.len() + self.events.len()
+    }
+}
+
+/// Committed work waiting for the sink, ahead of `pending`, in commit order.
+#[derive(Debug)]
+pub(super) enum Ready {
+    /// Earlier commits' batch, queued before a streamed transaction's parts.
+    Batch(Batch),
+    /// A part of a committed streamed transaction, its events stamped.
+    Part {
+        keys: PackedKeys,
+        work: Work,
+        events: Vec<Event>,
+    },
+}
+
+impl Ready {
+    /// Entries it holds.
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Ready::Batch(batch) => batch.len(),
+            Ready::Part { keys, work, events } => keys.len() + work.len() + events.len(),
+        }
+    }
+
+    /// The commit time of its first transaction, for the pending-age metric.
+    pub(super) fn first_commit_time(&self) -> Option<i64> {
+        match self {
+            Ready::Batch(batch) => batch.commit_times.first().map(|(t, _)| *t),
+            Ready::Part { .. } => None,
+        }
+    }
+
+    /// What goes to the sink: a part covers no commit (the ack rule waits for the
+    /// batch with its COMMIT, which comes after it).
+    pub(super) fn into_batch(self) -> Batch {
+        match self {
+            Ready::Batch(batch) => batch,
+            Ready::Part {
+                keys,
+                mut work,
+                events,
+            } => {
+                work.keys = keys.unpack();
+                Batch {
+                    work,
+                    events,
+                    ..Batch::default()
+                }
+            }
+        }
+    }
+}
 
 /// A transaction the server streams before its commit.
 #[derive(Debug, Default)]
@@ -29,8 +140,8 @@ pub(super) struct Streamed {
     pub(super) inv: Invalidation,
     /// The (sub)transaction the open part's changes belong to.
     open_xid: u32,
-    /// Sealed parts in change order: whose changes, their work, their events.
-    parts: Vec<(u32, Work, Vec<PendingEvent>)>,
+    /// Sealed parts in change order.
+    parts: Vec<Part>,
     /// Entries in `parts`.
     held: usize,
 }
@@ -46,9 +157,15 @@ impl Streamed {
         if self.inv.is_empty() {
             return;
         }
-        let (work, events) = self.inv.take_work();
-        self.held += work.len() + events.len();
-        self.parts.push((self.open_xid, work, events));
+        let (mut work, events) = self.inv.take_work();
+        let part = Part {
+            xid: self.open_xid,
+            keys: PackedKeys::pack(std::mem::take(&mut work.keys)),
+            work,
+            events,
+        };
+        self.held += part.len();
+        self.parts.push(part);
     }
 
     /// The changes that follow belong to (sub)transaction `xid`.
@@ -64,8 +181,8 @@ impl Streamed {
         if self.open_xid == subxid {
             drop(self.inv.take_work());
         }
-        self.parts.retain(|(xid, ..)| *xid != subxid);
-        self.held = self.parts.iter().map(|(_, w, e)| w.len() + e.len()).sum();
+        self.parts.retain(|part| part.xid != subxid);
+        self.held = self.parts.iter().map(Part::len).sum();
         self.inv.reapply_overflows(rules);
     }
 }
@@ -177,12 +294,7 @@ impl Stream {
 
     /// A transaction commits: its metrics and fallback warning, then its work (the
     /// sealed `parts`, then what `inv` still holds) is queued with its events stamped.
-    pub(super) fn commit(
-        &mut self,
-        mut inv: Invalidation,
-        parts: Vec<(u32, Work, Vec<PendingEvent>)>,
-        commit: &Commit,
-    ) {
+    pub(super) fn commit(&mut self, mut inv: Invalidation, parts: Vec<Part>, commit: &Commit) {
         self.metrics.transactions.inc();
         for (reason, n) in &inv.fallbacks {
             self.metrics
@@ -212,14 +324,18 @@ impl Stream {
         }
         self.tx_commit = (commit.commit_lsn, commit.commit_time);
         if !parts.is_empty() {
-            self.tx_events = 0;
-        }
-        for (_, work, events) in parts {
-            self.queue(work, events);
-            // A batch per part or so: a million-row transaction is never one set.
-            if self.pending.as_ref().is_some_and(|b| b.len() >= TX_PART_ENTRIES) {
-                let batch = self.pending.take().expect("pending");
-                self.ready.push_back(batch);
+            // Earlier commits go first; each part is a batch of its own, its keys
+            // unpacked only as it goes to the sink.
+            if let Some(batch) = self.pending.take() {
+                self.ready.push_back(Ready::Batch(batch));
+            }
+            for part in parts {
+                let events = self.stamp(part.events);
+                self.ready.push_back(Ready::Part {
+                    keys: part.keys,
+                    work: part.work,
+                    events,
+                });
             }
         }
         self.queue(inv.work, inv.events);
@@ -232,17 +348,19 @@ impl Stream {
     }
 }
 
-/// Batches committed and ready for the sink, in order, ahead of `pending`.
-pub(super) type Ready = VecDeque<Batch>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn keys(work: &Work) -> Vec<&str> {
-        let mut v: Vec<&str> = work.keys.iter().map(String::as_str).collect();
-        v.sort();
-        v
+    #[test]
+    fn packed_keys_unpack_to_the_same_set() {
+        let keys: HashSet<String> = ["", "a", "user:1", "ключ", "a\0b", &"x".repeat(70_000)]
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        let packed = PackedKeys::pack(keys.clone());
+        assert_eq!(packed.len(), keys.len());
+        assert_eq!(packed.unpack(), keys);
     }
 
     fn hint(streamed: &mut Streamed, xid: u32, key: &str) {
@@ -260,11 +378,18 @@ mod tests {
         hint(&mut s, 11, "sub:2");
         s.abort_subtransaction(11, &[]);
         s.seal();
-        let order: Vec<(u32, Vec<&str>)> = s.parts.iter().map(|(x, w, _)| (*x, keys(w))).collect();
-        assert_eq!(
-            order,
-            vec![(10, vec!["top:1"]), (10, vec!["top:2"]), (12, vec!["other:1"])]
-        );
-        assert_eq!(s.len(), 3);
+        let order: Vec<(u32, Vec<String>)> = s
+            .parts
+            .drain(..)
+            .map(|part| {
+                let mut keys: Vec<String> = part.keys.unpack().into_iter().collect();
+                keys.sort();
+                (part.xid, keys)
+            })
+            .collect();
+        let expected = [(10, "top:1"), (10, "top:2"), (12, "other:1")];
+        let expected: Vec<(u32, Vec<String>)> =
+            expected.iter().map(|(x, k)| (*x, vec![k.to_string()])).collect();
+        assert_eq!(order, expected);
     }
 }
