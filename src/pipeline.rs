@@ -923,7 +923,12 @@ impl Stream {
             match tokio::time::timeout_at(deadline, self.batches.reserve()).await {
                 Ok(Ok(permit)) => {
                     // The next batch in commit order: a streamed transaction's parts first.
-                        if let Some(batch) = self.ready.pop_front().map(streamed::Ready::into_batch).or_else(|| self.pending.take()) {
+                    if let Some(batch) = self
+                        .ready
+                        .pop_front()
+                        .map(streamed::Ready::into_batch)
+                        .or_else(|| self.pending.take())
+                    {
                         self.ack.sent(batch.end_lsn);
                         permit.send(batch);
                     }

@@ -10,7 +10,8 @@
 //!
 //! The position never goes backwards, never passes a commit whose batch the sink has
 //! not acknowledged, and follows the server's keepalive only while pginval holds
-//! nothing (no open transaction, no unsent or unacknowledged batch), so an idle slot
+//! nothing (no open transaction, none streamed and not yet committed or aborted, no
+//! unsent or unacknowledged batch), so an idle slot
 //! keeps no WAL. Parts of a big transaction never confirm anything: only its COMMIT,
 //! in a later batch, carries an end LSN.
 

@@ -412,11 +412,14 @@ impl Stream {
             self.in_flight.pop_front();
         }
         let oldest = self.in_flight.front().map(|(_, t)| *t).or_else(|| {
-            self.ready.iter().find_map(Ready::first_commit_time).or_else(|| {
-                self.pending
-                    .as_ref()
-                    .and_then(|b| b.commit_times.first().map(|(t, _)| *t))
-            })
+            self.ready
+                .iter()
+                .find_map(Ready::first_commit_time)
+                .or_else(|| {
+                    self.pending
+                        .as_ref()
+                        .and_then(|b| b.commit_times.first().map(|(t, _)| *t))
+                })
         });
         self.health
             .set_oldest_pending(oldest.map(protocol::pg_time));

@@ -252,7 +252,8 @@ impl Stream {
         }
         if over && !streamed.inv.capped() {
             tracing::warn!(
-                xid, limit = self.config.max_streamed_entries,
+                xid,
+                limit = self.config.max_streamed_entries,
                 "transactions streamed before their commit hold more entries than [limits] max_streamed_entries: this one's rules switch to their fallbacks (over-invalidation) for its remaining rows"
             );
             streamed.inv.cap();
@@ -278,7 +279,11 @@ impl Stream {
             return;
         };
         streamed.seal();
-        tracing::debug!(xid = commit.xid, parts = streamed.parts.len(), "streamed transaction committed");
+        tracing::debug!(
+            xid = commit.xid,
+            parts = streamed.parts.len(),
+            "streamed transaction committed"
+        );
         self.commit(streamed.inv, streamed.parts, &commit.commit);
     }
 
@@ -388,8 +393,10 @@ mod tests {
             })
             .collect();
         let expected = [(10, "top:1"), (10, "top:2"), (12, "other:1")];
-        let expected: Vec<(u32, Vec<String>)> =
-            expected.iter().map(|(x, k)| (*x, vec![k.to_string()])).collect();
+        let expected: Vec<(u32, Vec<String>)> = expected
+            .iter()
+            .map(|(x, k)| (*x, vec![k.to_string()]))
+            .collect();
         assert_eq!(order, expected);
     }
 }

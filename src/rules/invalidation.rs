@@ -1053,7 +1053,11 @@ mod tests {
             table: table(),
             op: Op::Insert,
             old: None,
-            new: Some(vec![Cell::Text(Bytes::from(i.to_string())), text("1"), text("x")]),
+            new: Some(vec![
+                Cell::Text(Bytes::from(i.to_string())),
+                text("1"),
+                text("x"),
+            ]),
         }
     }
 
@@ -1086,7 +1090,10 @@ mod tests {
         // The part that held the fallback belonged to an aborted subtransaction.
         drop(inv.take_work());
         inv.add_row(&bound, &insert(9), &[0]);
-        assert!(inv.work.is_empty(), "the rule is past its limit: rows add nothing");
+        assert!(
+            inv.work.is_empty(),
+            "the rule is past its limit: rows add nothing"
+        );
         inv.reapply_overflows(&all);
         assert!(inv.work.key_patterns.contains("post:*"));
         assert_eq!(inv.events.len(), 1);

@@ -12,8 +12,8 @@ use redis::AsyncCommands;
 
 use crate::support::{Redis, TestDb, wait_until};
 use crate::{
-    Daemon, WAIT, barrier, cache, config_file, config_text, confirmed_lsn, setup,
-    spawn_run, wait_gone, wait_streaming,
+    Daemon, WAIT, barrier, cache, config_file, config_text, confirmed_lsn, setup, spawn_run,
+    wait_gone, wait_streaming,
 };
 
 const RULES: &str = "[events]\nstream = \"pginval:stream\"\nstream_maxlen = 100000\n\n[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\nentity = \"user\"\n";
@@ -130,7 +130,11 @@ async fn a_streamed_transaction_is_invalidated_at_its_commit_and_not_before() {
     wait_streamed(&db, 1).await;
     // A later commit applied: pginval has read every block streamed before it.
     barrier(&db, &redis).await;
-    assert_eq!(cached(&redis, &big).await, big.len(), "applied before COMMIT");
+    assert_eq!(
+        cached(&redis, &big).await,
+        big.len(),
+        "applied before COMMIT"
+    );
     assert_eq!(events(&redis).await.len(), 1, "only the barrier's event");
     tx.commit().await.unwrap();
     let end = insert_lsn(&db).await;
@@ -193,10 +197,17 @@ async fn aborted_streamed_transactions_and_savepoints_invalidate_nothing_of_thei
     assert_eq!(cached(&redis, &rolled_back).await, rolled_back.len());
     assert_eq!(cached(&redis, &aborted).await, aborted.len());
     let ids: Vec<i64> = events(&redis).await.into_iter().map(|(id, _)| id).collect();
-    assert_eq!(ids.iter().filter(|id| (1000..2000).contains(*id)).count(), 1000);
+    assert_eq!(
+        ids.iter().filter(|id| (1000..2000).contains(*id)).count(),
+        1000
+    );
     assert!(ids.contains(&301));
     let stray: Vec<&i64> = ids.iter().filter(|id| (2000..4000).contains(*id)).collect();
-    assert!(stray.is_empty(), "events of aborted rows: {} of them", stray.len());
+    assert!(
+        stray.is_empty(),
+        "events of aborted rows: {} of them",
+        stray.len()
+    );
     daemon.stop().await.unwrap();
 }
 
