@@ -578,13 +578,16 @@ impl Stream {
         }
     }
 
-    /// Work not yet handed to the sink: an open or streamed transaction, or an unsent
-    /// batch.
+    /// Work not yet handed to the sink: an open transaction, or an unsent batch.
+    ///
+    /// A transaction streamed before its commit does not count: the keepalive's WAL
+    /// end can pass only a Stream Commit already read (its work is then in `ready` or
+    /// `pending`), and a confirmed position inside an open transaction makes
+    /// PostgreSQL send it again whole, from its start, after a reconnect (as for
+    /// PostgreSQL's own subscriber). Counting it would keep WAL without limit behind a
+    /// transaction a server crash ended, which PostgreSQL drops without a Stream Abort.
     fn holding(&self) -> bool {
-        self.tx.is_some()
-            || !self.streams.is_empty()
-            || !self.ready.is_empty()
-            || self.pending.is_some()
+        self.tx.is_some() || !self.ready.is_empty() || self.pending.is_some()
     }
 
     /// Keys, tags, patterns and events committed and not yet handed to the sink.

@@ -10,9 +10,10 @@
 //!
 //! The position never goes backwards, never passes a commit whose batch the sink has
 //! not acknowledged, and follows the server's keepalive only while pginval holds
-//! nothing (no open transaction, none streamed and not yet committed or aborted, no
-//! unsent or unacknowledged batch), so an idle slot
-//! keeps no WAL. Parts of a big transaction never confirm anything: only its COMMIT,
+//! nothing (no open transaction, no unsent or unacknowledged batch), so an idle slot
+//! keeps no WAL. A transaction streamed before its commit is not held in that sense:
+//! PostgreSQL sends it again whole after a reconnect to any position before its
+//! commit. Parts of a big transaction never confirm anything: only its COMMIT,
 //! in a later batch, carries an end LSN.
 
 use std::collections::VecDeque;

@@ -351,6 +351,12 @@ impl Stream {
             table = %format!("{}.{}", before.0, before.1), now = %table,
             "a rule table was renamed: applying its rules' fallbacks (over-invalidation); the rules follow the name, not the renamed table"
         );
+        // Inside a stream block the Relation message carries the xid of whichever
+        // (sub)transaction first changed the table: the rename belongs to the whole
+        // transaction, not to a savepoint that may roll back while the new name stays.
+        if let Some(top) = self.streams.current {
+            self.stream_change_of(top);
+        }
         let tx = self.tx_mut();
         for fallback in &rules {
             tx.add_rule_fallback(fallback, FallbackReason::TableRenamed);

@@ -49,6 +49,12 @@ impl PackedKeys {
         self.count
     }
 
+    /// Adds `other`'s keys (duplicates stay: a key deleted twice is deleted).
+    fn append(&mut self, mut other: PackedKeys) {
+        self.bytes.append(&mut other.bytes);
+        self.count += other.count;
+    }
+
     fn unpack(self) -> HashSet<String> {
         let mut keys = HashSet::with_capacity(self.count);
         let mut rest = &self.bytes[..];
@@ -144,6 +150,9 @@ pub(super) struct Streamed {
     parts: Vec<Part>,
     /// Entries in `parts`.
     held: usize,
+    /// Blocks of it came before pginval saw its first one: what it changed is not
+    /// all known, so its commit applies every rule's fallback.
+    incomplete: bool,
 }
 
 impl Streamed {
@@ -176,6 +185,25 @@ impl Streamed {
         }
     }
 
+    /// Its sealed parts for the sink, consecutive ones merged up to about
+    /// `TX_PART_ENTRIES` entries each (a subtransaction per row would otherwise make a
+    /// batch per row).
+    fn into_parts(mut self) -> (Invalidation, Vec<Part>) {
+        self.seal();
+        let mut merged: Vec<Part> = Vec::new();
+        for part in self.parts {
+            match merged.last_mut() {
+                Some(last) if last.len() + part.len() <= TX_PART_ENTRIES => {
+                    last.keys.append(part.keys);
+                    last.work.merge(part.work);
+                    last.events.extend(part.events);
+                }
+                _ => merged.push(part),
+            }
+        }
+        (self.inv, merged)
+    }
+
     /// Drops every part of subtransaction `subxid`.
     fn abort_subtransaction(&mut self, subxid: u32, rules: &[crate::rules::compile::Rule]) {
         if self.open_xid == subxid {
@@ -197,12 +225,6 @@ pub(super) struct Streams {
 }
 
 impl Streams {
-    /// Whether any streamed transaction is open: its changes are held, so the
-    /// keepalive position cannot be confirmed.
-    pub(super) fn is_empty(&self) -> bool {
-        self.open.is_empty()
-    }
-
     /// A new replication session resends every open transaction from its start.
     pub(super) fn clear(&mut self) {
         self.open.clear();
@@ -219,17 +241,37 @@ impl Streams {
     fn held(&self) -> usize {
         self.open.values().map(Streamed::len).sum()
     }
+
+    /// A block of `xid` starts. PostgreSQL sends a transaction's first block first
+    /// and only once per session; anything else is named in the returned message, and
+    /// never loses a change: a transaction seen in part applies every rule's fallback
+    /// at its commit, and a repeated first block keeps what is held.
+    fn start(&mut self, xid: u32, first_segment: bool) -> Option<&'static str> {
+        self.current = Some(xid);
+        let known = self.open.contains_key(&xid);
+        let streamed = self.open.entry(xid).or_default();
+        streamed.switch_to(xid);
+        match (first_segment, known) {
+            (false, false) => {
+                streamed.incomplete = true;
+                Some(
+                    "a streamed transaction's first block was not seen: its commit applies every rule's fallback (over-invalidation)",
+                )
+            }
+            (true, true) => Some(
+                "a streamed transaction's first block came again: keeping what it already sent",
+            ),
+            _ => None,
+        }
+    }
 }
 
 impl Stream {
     /// `Stream Start`: the changes that follow, up to `Stream Stop`, belong to `xid`.
     pub(super) fn stream_start(&mut self, start: &StreamStart) {
-        if start.first_segment {
-            self.streams.open.insert(start.xid, Streamed::default());
+        if let Some(anomaly) = self.streams.start(start.xid, start.first_segment) {
+            tracing::error!(xid = start.xid, "{anomaly}");
         }
-        let streamed = self.streams.open.entry(start.xid).or_default();
-        streamed.switch_to(start.xid);
-        self.streams.current = Some(start.xid);
     }
 
     /// A change inside a block belongs to (sub)transaction `xid`.
@@ -264,27 +306,33 @@ impl Stream {
     /// batches of bounded size; the last carries its end LSN for the ack rule.
     pub(super) fn stream_commit(&mut self, commit: &StreamCommit) {
         self.streams.current = None;
-        let Some(mut streamed) = self.streams.open.remove(&commit.xid) else {
-            // Every streamed transaction of this session began with a Stream Start
-            // pginval saw: a commit of another one means its changes are unknown.
+        let streamed = self
+            .streams
+            .open
+            .remove(&commit.xid)
+            .unwrap_or_else(|| Streamed {
+                // Every streamed transaction of this session began with a Stream Start
+                // pginval saw: a commit of another one means its changes are unknown.
+                incomplete: true,
+                ..Streamed::default()
+            });
+        let incomplete = streamed.incomplete;
+        let (mut inv, parts) = streamed.into_parts();
+        if incomplete {
             tracing::error!(
                 xid = commit.xid, lsn = %format_lsn(commit.commit.end_lsn),
-                "a streamed transaction committed whose changes pginval did not see: applying every rule's fallback (over-invalidation)"
+                "a streamed transaction committed of which pginval did not see every change: applying every rule's fallback (over-invalidation)"
             );
-            let mut inv = Invalidation::default();
             for rule in &self.config.rules.rules {
                 inv.add_rule_fallback(&rule.effective_fallback(), FallbackReason::StreamUnseen);
             }
-            self.commit(inv, Vec::new(), &commit.commit);
-            return;
-        };
-        streamed.seal();
+        }
         tracing::debug!(
             xid = commit.xid,
-            parts = streamed.parts.len(),
+            parts = parts.len(),
             "streamed transaction committed"
         );
-        self.commit(streamed.inv, streamed.parts, &commit.commit);
+        self.commit(inv, parts, &commit.commit);
     }
 
     /// `Stream Abort`: the transaction, or one subtransaction, never happened.
@@ -356,6 +404,44 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_small_parts_merge_into_batch_sized_ones_in_order() {
+        let mut s = Streamed::default();
+        for i in 0..3000u32 {
+            // A subtransaction per row, as a PL/pgSQL loop with an EXCEPTION block makes.
+            hint(&mut s, 100 + i, &format!("row:{i}"));
+        }
+        let (_, parts) = s.into_parts();
+        assert_eq!(parts.len(), 1, "3,000 one-key parts fit one batch");
+        assert_eq!(parts[0].keys.len(), 3000);
+        let mut s = Streamed::default();
+        for i in 0..(TX_PART_ENTRIES as u32 + 10) {
+            hint(&mut s, 100 + i, &format!("row:{i}"));
+        }
+        let (_, parts) = s.into_parts();
+        let sizes: Vec<usize> = parts.iter().map(Part::len).collect();
+        assert_eq!(sizes, [TX_PART_ENTRIES, 10]);
+    }
+
+    #[test]
+    fn a_transaction_seen_from_a_later_block_is_marked_incomplete_and_a_repeated_first_block_keeps_its_parts()
+     {
+        let mut streams = Streams::default();
+        assert!(streams.start(7, false).is_some());
+        assert!(streams.open[&7].incomplete);
+        assert!(streams.start(8, true).is_none());
+        streams
+            .current_mut()
+            .unwrap()
+            .inv
+            .work
+            .add_hint(["k".to_owned()], []);
+        streams.current_mut().unwrap().seal();
+        assert!(streams.start(8, true).is_some());
+        assert_eq!(streams.open[&8].len(), 1, "the held part stays");
+        assert!(!streams.open[&8].incomplete);
+    }
 
     #[test]
     fn packed_keys_unpack_to_the_same_set() {

@@ -257,3 +257,73 @@ async fn a_streamed_transaction_past_the_memory_limit_uses_the_rules_fallback() 
     assert!(streamed_transactions(&db).await >= 1, "it was streamed");
     daemon.stop().await.unwrap();
 }
+
+/// An open streamed transaction does not hold the slot: the slot follows the server
+/// past its start (unrelated writes), and a pginval killed and started again then gets
+/// the whole transaction once more, from its start, and applies it at its commit. (On
+/// PostgreSQL 14, which sends the unrelated write's empty transaction, its commit
+/// moves the slot either way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_moves_past_an_open_streamed_transaction_which_comes_again_whole_after_a_restart()
+{
+    let (db, redis) = streaming_setup("streamhold", 4000).await;
+    let path = config_file(&db, &streaming_text(&db, &redis, RULES));
+    let log = path.with_extension("log");
+    let big = keys(1000..3000);
+    cache(&redis, &refs(&big)).await;
+    let mut child = spawn_run(&path, &log);
+    wait_streaming(&db).await;
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute("UPDATE users SET name = name || '+' WHERE id BETWEEN 1000 AND 2999")
+        .await
+        .unwrap();
+    wait_streamed(&db, 1).await;
+    // A write the publication does not carry, too small to be streamed: PostgreSQL
+    // 15+ sends nothing of it, so only the server's keepalive moves the slot past it.
+    db.execute_batch("INSERT INTO unrelated VALUES (1, 'x')")
+        .await;
+    let written = insert_lsn(&db).await;
+    wait_until(
+        "the slot confirms past the open streamed transaction's start",
+        WAIT,
+        || async { confirmed_lsn(&db).await >= written },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut child = spawn_run(&path, &log.with_extension("2.log"));
+    wait_streaming(&db).await;
+    tx.commit().await.unwrap();
+    wait_gone(&redis, &refs(&big)).await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+/// A rule table renamed in a streamed transaction whose first change to it came in a
+/// savepoint that rolled back: the Relation message came tagged with the savepoint,
+/// but the rename committed, so its fallback (the rule's wildcard `user:*`) applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_seen_inside_a_rolled_back_savepoint_still_applies_its_fallback() {
+    let (db, redis) = streaming_setup("streamrename", 4000).await;
+    let rules = "[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\"]\n";
+    let daemon = Daemon::start(&db, streaming_config(&db, &redis, rules)).await;
+    // pginval has seen the table under its name.
+    barrier(&db, &redis).await;
+    cache(&redis, &["user:5"]).await;
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(
+        "ALTER TABLE users RENAME TO users_old;
+         SAVEPOINT s;
+         UPDATE users_old SET name = 'r' WHERE id BETWEEN 1000 AND 2999;",
+    )
+    .await
+    .unwrap();
+    wait_streamed(&db, 1).await;
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+    tx.commit().await.unwrap();
+    wait_gone(&redis, &["user:5"]).await;
+    // The rule's table is gone: pginval stops at its next publication check.
+    drop(daemon);
+}
