@@ -532,16 +532,29 @@ async fn check_standby(
         ));
     }
     if let Some(primary) = &config.source.standby_primary {
-        check_standby_primary(config, primary, report).await;
+        let standby_id = system_identifier(client).await;
+        check_standby_primary(config, primary, standby_id, report).await;
     }
     Ok(())
 }
 
-/// `standby_primary_url`: reachable, a primary, with `wal_level = logical` (which the
-/// standby cannot tell), and a role that may run `pg_log_standby_snapshot()`.
+/// The server's cluster identity (`pg_control_system()`), shared by a primary and its
+/// physical standbys; `None` when the role may not read it.
+async fn system_identifier(client: &Client) -> Option<i64> {
+    client
+        .query_one("SELECT system_identifier FROM pg_control_system()", &[])
+        .await
+        .ok()
+        .map(|row| row.get(0))
+}
+
+/// `standby_primary_url`: reachable, this standby's cluster (its system identifier), a
+/// primary, with `wal_level = logical` (which the standby cannot tell), and a role that
+/// may run `pg_log_standby_snapshot()`.
 async fn check_standby_primary(
     config: &Config,
     primary: &tokio_postgres::Config,
+    standby_id: Option<i64>,
     report: &mut CheckReport,
 ) {
     let mut source = config.source.clone();
@@ -557,6 +570,16 @@ async fn check_standby_primary(
             return;
         }
     };
+    if let (Some(standby), Some(other)) = (standby_id, system_identifier(&client).await)
+        && standby != other
+    {
+        report.problems.push(Problem::new(
+            None,
+            format!("[source] standby_primary_url names a server of another cluster (system identifier {other}; this standby's is {standby}): its snapshots would not end the slot creation's wait, and what check reads there says nothing of this standby's primary"),
+            Some("point standby_primary_url at the primary this standby replicates (its primary_conninfo)".into()),
+        ));
+        return;
+    }
     let facts = client
         .query_one(
             "SELECT pg_is_in_recovery(), current_setting('wal_level'),

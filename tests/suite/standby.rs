@@ -333,7 +333,7 @@ async fn without_failover_slot_the_promoted_standby_costs_the_lost_slot_fallback
 /// primary logs its running transactions only when asked (or every 15 s while WAL is
 /// written), so without it creating the slot on the standby waits; with it pginval
 /// asks every second and streams within a few seconds. `check` reads the primary's
-/// settings there and refuses a URL that names a standby.
+/// settings there and refuses a URL that names a standby or another cluster's server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_primary_url_ends_the_slot_creation_wait() {
     if !crate::support::requires_pg(16, "logical decoding on a standby") {
@@ -373,6 +373,13 @@ async fn standby_primary_url_ends_the_slot_creation_wait() {
         out.contains("names a server in recovery, not the primary"),
         "{out}"
     );
+    // Another cluster's primary (the suite's shared server) is refused by its identity.
+    let elsewhere = crate::support::postgres()
+        .create_database("otherprimary")
+        .await;
+    let (code, out) = check(&with_primary(&elsewhere.url));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("names a server of another cluster"), "{out}");
     let text = with_primary(&primary.url("app"));
     let (code, out) = check(&text);
     assert_eq!(code, Some(0), "{out}");
