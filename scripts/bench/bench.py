@@ -694,6 +694,20 @@ class Bench:
         return subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-p", str(p.pid), "-o", p.perf_data],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), p.perf_data
 
+    @staticmethod
+    def stop_profiled(p, perf):
+        """Stops pginval (SIGTERM) and its profiler; returns pginval's exit status."""
+        status = p.stop()
+        if perf is not None:
+            perf[0].wait(30)
+        return status
+
+    def check_stopped(self, p, status, name, perf):
+        """Fails the run unless pginval exited cleanly; keeps its profile."""
+        if status != 0:
+            raise RuntimeError(f"pginval ({name}) exited with {status} after SIGTERM (log: {p.logfile})")
+        self.perf_report(perf, name)
+
     def perf_report(self, perf, name):
         """The first profile of each kind of run, for the report."""
         if perf is None or name in self.profiles:
@@ -745,12 +759,8 @@ class Bench:
             cpu_at_done = p.proc_cpu()
         finally:
             sub.close()
-            status = p.stop()
-            if perf is not None:
-                perf[0].wait(30)
-        if status != 0:
-            raise RuntimeError(f"pginval ({name}) exited with {status} after SIGTERM (log: {p.logfile})")
-        self.perf_report(perf, name)
+            status = self.stop_profiled(p, perf)
+        self.check_stopped(p, status, name, perf)
         server = self.server_cpu_end(begin, conn, slot)
         return {
             "wall_s": wall,
@@ -1528,12 +1538,8 @@ class Bench:
                     if left > 0:
                         raise RuntimeError(f"pginval ({name}): {left} keys left {a.timeout} s after the commit (log: {p.logfile})")
                 finally:
-                    status = p.stop()
-                    if perf is not None:
-                        perf[0].wait(30)
-                if status != 0:
-                    raise RuntimeError(f"pginval ({name}) exited with {status} after SIGTERM (log: {p.logfile})")
-                self.perf_report(perf, name)
+                    status = self.stop_profiled(p, perf)
+                self.check_stopped(p, status, name, perf)
                 r = {"rows": rows, "update_s": t_commit - t0, "commit_to_gone_s": t_gone - t_commit,
                      "walsender_behind_mb": float(behind or 0) / 2**20, **p.usage(),
                      "log_warnings": self.scan_log(p, name), "log": p.logfile}

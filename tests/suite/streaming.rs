@@ -91,6 +91,26 @@ async fn insert_lsn(db: &TestDb) -> u64 {
     row.get::<_, i64>(0) as u64
 }
 
+/// Kills pginval (SIGKILL) while `tx` is open, starts it again from `config`, commits
+/// `tx` and waits for `keys` to go; then stops pginval, which must exit cleanly.
+async fn restart_then_commit(
+    db: &TestDb,
+    redis: &Redis,
+    mut child: std::process::Child,
+    config: &std::path::Path,
+    tx: tokio_postgres::Transaction<'_>,
+    keys: &[String],
+) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut child = spawn_run(config, &config.with_extension("2.log"));
+    wait_streaming(db).await;
+    tx.commit().await.unwrap();
+    wait_gone(redis, &refs(keys)).await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
 /// The entity events in the stream: (id, lsn) of each.
 async fn events(redis: &Redis) -> Vec<(i64, String)> {
     let mut conn = redis.connection().await;
@@ -220,7 +240,7 @@ async fn a_crash_mid_stream_replays_the_streamed_transaction_whole() {
     let log = path.with_extension("log");
     let big = keys(1000..3000);
     cache(&redis, &refs(&big)).await;
-    let mut child = spawn_run(&path, &log);
+    let child = spawn_run(&path, &log);
     wait_streaming(&db).await;
     let mut client = db.client().await;
     let tx = client.transaction().await.unwrap();
@@ -229,14 +249,7 @@ async fn a_crash_mid_stream_replays_the_streamed_transaction_whole() {
         .unwrap();
     wait_streamed(&db, 1).await;
     barrier(&db, &redis).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let mut child = spawn_run(&path, &log.with_extension("2.log"));
-    wait_streaming(&db).await;
-    tx.commit().await.unwrap();
-    wait_gone(&redis, &refs(&big)).await;
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    restart_then_commit(&db, &redis, child, &path, tx, &big).await;
 }
 
 /// Past `[limits] max_streamed_entries`, the streamed transaction's rule switches to
@@ -271,7 +284,7 @@ async fn the_slot_moves_past_an_open_streamed_transaction_which_comes_again_whol
     let log = path.with_extension("log");
     let big = keys(1000..3000);
     cache(&redis, &refs(&big)).await;
-    let mut child = spawn_run(&path, &log);
+    let child = spawn_run(&path, &log);
     wait_streaming(&db).await;
     let mut client = db.client().await;
     let tx = client.transaction().await.unwrap();
@@ -290,14 +303,7 @@ async fn the_slot_moves_past_an_open_streamed_transaction_which_comes_again_whol
         || async { confirmed_lsn(&db).await >= written },
     )
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let mut child = spawn_run(&path, &log.with_extension("2.log"));
-    wait_streaming(&db).await;
-    tx.commit().await.unwrap();
-    wait_gone(&redis, &refs(&big)).await;
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    restart_then_commit(&db, &redis, child, &path, tx, &big).await;
 }
 
 /// A rule table renamed in a streamed transaction whose first change to it came in a
