@@ -55,6 +55,9 @@ pub const BATCH_ENTRIES: &str = "pginval_batch_entries";
 pub const BATCH_TRANSACTIONS: &str = "pginval_batch_transactions";
 /// Commit time to Redis acknowledgement.
 pub const COMMIT_TO_INVALIDATION: &str = "pginval_commit_to_invalidation_seconds";
+/// Commit time to Redis acknowledgement, per table whose rules the transaction fired:
+/// how long a cached value of that table can stay stale after its row changed.
+pub const TABLE_COMMIT_TO_INVALIDATION: &str = "pginval_table_commit_to_invalidation_seconds";
 /// Reading a commit off the replication socket to Redis acknowledgement.
 pub const READ_TO_INVALIDATION: &str = "pginval_read_to_invalidation_seconds";
 /// Server WAL end minus confirmed flush position.
@@ -84,6 +87,13 @@ pub struct TableOp {
     pub table: String,
     /// insert, update, delete, truncate.
     pub op: String,
+}
+
+/// `table` label: `schema.table`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    /// `schema.table`.
+    pub table: String,
 }
 
 /// `rule` label: `#N schema.table`.
@@ -151,6 +161,8 @@ pub struct Metrics {
     pub batch_transactions: Histogram,
     /// See [`COMMIT_TO_INVALIDATION`].
     pub commit_to_invalidation: Histogram,
+    /// See [`TABLE_COMMIT_TO_INVALIDATION`].
+    pub table_commit_to_invalidation: Family<TableLabel, Histogram, fn() -> Histogram>,
     /// See [`READ_TO_INVALIDATION`].
     pub read_to_invalidation: Histogram,
     /// See [`LAG_BYTES`].
@@ -171,6 +183,11 @@ pub struct Metrics {
     pub redis_misses: Gauge,
     /// See [`REDIS_HIT_RATIO`].
     pub redis_hit_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// The buckets of the commit → invalidation histograms: 0.1 ms to about 10 minutes.
+fn commit_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.5, 16))
 }
 
 impl std::fmt::Debug for Metrics {
@@ -206,7 +223,8 @@ impl Metrics {
             hints: Family::default(),
             batch_entries: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             batch_transactions: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
-            commit_to_invalidation: Histogram::new(exponential_buckets(0.0001, 2.5, 16)),
+            commit_to_invalidation: commit_buckets(),
+            table_commit_to_invalidation: Family::new_with_constructor(commit_buckets),
             read_to_invalidation: Histogram::new(exponential_buckets(0.00005, 1.5, 24)),
             lag_bytes: Gauge::default(),
             lag_seconds: Gauge::default(),
@@ -295,6 +313,11 @@ impl Metrics {
             COMMIT_TO_INVALIDATION,
             "Commit time to Redis acknowledgement",
             m.commit_to_invalidation.clone(),
+        );
+        r.register(
+            TABLE_COMMIT_TO_INVALIDATION,
+            "Commit time to Redis acknowledgement, per table whose rules the transaction fired",
+            m.table_commit_to_invalidation.clone(),
         );
         r.register(
             READ_TO_INVALIDATION,

@@ -137,6 +137,9 @@ struct Batch {
     /// Commit times (Postgres micros) of its transactions, and when pginval read
     /// each commit off the socket, for latency metrics.
     commit_times: Vec<(i64, Instant)>,
+    /// Commit times (Postgres micros) per table whose rules each transaction fired,
+    /// for the per-table latency histogram.
+    table_commits: Vec<(i64, Arc<str>)>,
 }
 
 impl Batch {
@@ -499,6 +502,8 @@ struct Stream {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     rule_labels: HashMap<usize, RuleLabel>,
+    /// Each rule's `schema.table`, by rule number.
+    rule_tables: HashMap<usize, Arc<str>>,
     /// Sequence number and first commit time of batches handed to the sink.
     in_flight: std::collections::VecDeque<(u64, i64)>,
     /// Server clock of the XLogData frame being applied.
@@ -544,7 +549,14 @@ impl Stream {
                 )
             })
             .collect();
+        let rule_tables = config
+            .rules
+            .rules
+            .iter()
+            .map(|r| (r.number, Arc::from(r.qualified_table())))
+            .collect();
         Stream {
+            rule_tables,
             config,
             primary_keys: report.primary_keys,
             partitioned: report.partitioned,

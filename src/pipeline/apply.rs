@@ -9,7 +9,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 
 use super::{Applied, Batch};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TableLabel};
 use crate::replication::protocol::{self, format_lsn};
 use crate::rules::invalidation::Work;
 use crate::sink::Sink;
@@ -124,6 +124,14 @@ impl Done {
             metrics
                 .read_to_invalidation
                 .observe(read_at.elapsed().as_secs_f64());
+        }
+        for (t, table) in &batch.table_commits {
+            metrics
+                .table_commit_to_invalidation
+                .get_or_create(&TableLabel {
+                    table: table.to_string(),
+                })
+                .observe((now_pg - t).max(0) as f64 / 1e6);
         }
         if let Some((last, _)) = batch.commit_times.last() {
             metrics.lag_seconds.set((now_pg - last).max(0) as f64 / 1e6);

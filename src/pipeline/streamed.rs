@@ -14,7 +14,8 @@
 //! transactions: past it, the growing transaction's rules switch to their fallbacks, as
 //! past `max_keys_per_transaction` (over-invalidation, counted as `too_many_rows`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 use super::{Batch, MAX_COMMIT_SAMPLES, Stream, TX_PART_ENTRIES};
 use crate::metrics::ReasonLabel;
@@ -391,12 +392,19 @@ impl Stream {
                 });
             }
         }
+        let tables: BTreeSet<Arc<str>> = inv
+            .rules_fired()
+            .filter_map(|rule| self.rule_tables.get(&rule).cloned())
+            .collect();
         self.queue(inv.work, inv.events);
         let batch = self.pending.get_or_insert_with(Batch::default);
         batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
         batch.transactions += 1;
         if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
             batch.commit_times.push((commit.commit_time, self.read_at));
+            for table in tables {
+                batch.table_commits.push((commit.commit_time, table));
+            }
         }
     }
 }

@@ -272,6 +272,11 @@ impl Invalidation {
         self.capped = true;
     }
 
+    /// The rules a row of the transaction fired (numbers).
+    pub fn rules_fired(&self) -> impl Iterator<Item = usize> + '_ {
+        self.rows.keys().copied()
+    }
+
     /// Whether [`Invalidation::cap`] was called.
     pub fn capped(&self) -> bool {
         self.capped

@@ -71,6 +71,18 @@ async fn metrics_count_what_happened() {
         2.0,
         "{body}"
     );
+    // Staleness per table: the users update and the posts delete, one commit each
+    // table's rules fired in.
+    for table in ["public.users", "public.posts"] {
+        assert_eq!(
+            sample(
+                &body,
+                &format!("pginval_table_commit_to_invalidation_seconds_count{{table=\"{table}\"}}")
+            ),
+            1.0,
+            "{body}"
+        );
+    }
     assert_eq!(
         sample(
             &body,
