@@ -7,6 +7,8 @@
 //! rows is streamed while it runs.
 
 use std::ops::Range;
+use std::path::PathBuf;
+use std::process::Child;
 
 use redis::AsyncCommands;
 
@@ -91,12 +93,37 @@ async fn insert_lsn(db: &TestDb) -> u64 {
     row.get::<_, i64>(0) as u64
 }
 
+/// Caches users 1000..2999 and runs pginval as a process; returns its configuration
+/// file, the process and the cached keys.
+async fn run_process(db: &TestDb, redis: &Redis) -> (PathBuf, Child, Vec<String>) {
+    let path = config_file(db, &streaming_text(db, redis, RULES));
+    let big = keys(1000..3000);
+    cache(redis, &refs(&big)).await;
+    let child = spawn_run(&path, &path.with_extension("log"));
+    wait_streaming(db).await;
+    (path, child, big)
+}
+
+/// Opens a transaction that updates users 1000..2999, and waits until PostgreSQL
+/// streamed it.
+async fn open_streamed_update<'a>(
+    db: &TestDb,
+    client: &'a mut tokio_postgres::Client,
+) -> tokio_postgres::Transaction<'a> {
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute("UPDATE users SET name = name || '+' WHERE id BETWEEN 1000 AND 2999")
+        .await
+        .unwrap();
+    wait_streamed(db, 1).await;
+    tx
+}
+
 /// Kills pginval (SIGKILL) while `tx` is open, starts it again from `config`, commits
 /// `tx` and waits for `keys` to go; then stops pginval, which must exit cleanly.
 async fn restart_then_commit(
     db: &TestDb,
     redis: &Redis,
-    mut child: std::process::Child,
+    mut child: Child,
     config: &std::path::Path,
     tx: tokio_postgres::Transaction<'_>,
     keys: &[String],
@@ -236,18 +263,9 @@ async fn aborted_streamed_transactions_and_savepoints_invalidate_nothing_of_thei
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_mid_stream_replays_the_streamed_transaction_whole() {
     let (db, redis) = streaming_setup("streamcrash", 4000).await;
-    let path = config_file(&db, &streaming_text(&db, &redis, RULES));
-    let log = path.with_extension("log");
-    let big = keys(1000..3000);
-    cache(&redis, &refs(&big)).await;
-    let child = spawn_run(&path, &log);
-    wait_streaming(&db).await;
+    let (path, child, big) = run_process(&db, &redis).await;
     let mut client = db.client().await;
-    let tx = client.transaction().await.unwrap();
-    tx.batch_execute("UPDATE users SET name = name || '+' WHERE id BETWEEN 1000 AND 2999")
-        .await
-        .unwrap();
-    wait_streamed(&db, 1).await;
+    let tx = open_streamed_update(&db, &mut client).await;
     barrier(&db, &redis).await;
     restart_then_commit(&db, &redis, child, &path, tx, &big).await;
 }
@@ -280,18 +298,9 @@ async fn a_streamed_transaction_past_the_memory_limit_uses_the_rules_fallback() 
 async fn the_slot_moves_past_an_open_streamed_transaction_which_comes_again_whole_after_a_restart()
 {
     let (db, redis) = streaming_setup("streamhold", 4000).await;
-    let path = config_file(&db, &streaming_text(&db, &redis, RULES));
-    let log = path.with_extension("log");
-    let big = keys(1000..3000);
-    cache(&redis, &refs(&big)).await;
-    let child = spawn_run(&path, &log);
-    wait_streaming(&db).await;
+    let (path, child, big) = run_process(&db, &redis).await;
     let mut client = db.client().await;
-    let tx = client.transaction().await.unwrap();
-    tx.batch_execute("UPDATE users SET name = name || '+' WHERE id BETWEEN 1000 AND 2999")
-        .await
-        .unwrap();
-    wait_streamed(&db, 1).await;
+    let tx = open_streamed_update(&db, &mut client).await;
     // A write the publication does not carry, too small to be streamed: PostgreSQL
     // 15+ sends nothing of it, so only the server's keepalive moves the slot past it.
     db.execute_batch("INSERT INTO unrelated VALUES (1, 'x')")
