@@ -749,8 +749,7 @@ impl Stream {
                 // Hand the committed batch to the sink as soon as it has room.
                 permit = self.batches.reserve(), if self.pending.is_some() || !self.ready.is_empty() => match permit {
                     Ok(permit) => {
-                        // The next batch in commit order: a streamed transaction's parts first.
-                        if let Some(batch) = self.ready.pop_front().map(streamed::Ready::into_batch).or_else(|| self.pending.take()) {
+                        if let Some(batch) = streamed::next_batch(&mut self.ready, &mut self.pending) {
                             let seq = self.ack.sent(batch.end_lsn);
                             if let Some((first, _)) = batch.commit_times.first() {
                                 self.in_flight.push_back((seq, *first));
@@ -937,13 +936,7 @@ impl Stream {
         while self.pending.is_some() || !self.ready.is_empty() {
             match tokio::time::timeout_at(deadline, self.batches.reserve()).await {
                 Ok(Ok(permit)) => {
-                    // The next batch in commit order: a streamed transaction's parts first.
-                    if let Some(batch) = self
-                        .ready
-                        .pop_front()
-                        .map(streamed::Ready::into_batch)
-                        .or_else(|| self.pending.take())
-                    {
+                    if let Some(batch) = streamed::next_batch(&mut self.ready, &mut self.pending) {
                         self.ack.sent(batch.end_lsn);
                         permit.send(batch);
                     }

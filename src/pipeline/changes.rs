@@ -7,15 +7,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::streamed::Ready;
+use super::streamed::{Part, Ready};
 use super::{
     Batch, CATCH_UP_AGE_MICROS, HINT_PREFIX, MAX_COMMIT_SAMPLES, PARTITION_PREFIX, RunError,
     Stream, TX_PART_ENTRIES, TableRules, bounded,
 };
-use crate::metrics::{OutcomeLabel, TableOp};
+use crate::metrics::{OutcomeLabel, ReasonLabel, TableOp};
 use crate::replication::catalog;
 use crate::replication::event::RowEvent;
-use crate::replication::pgoutput::{self, LogicalMessage, Lsn, Message};
+use crate::replication::pgoutput::{self, Commit, LogicalMessage, Lsn, Message};
 use crate::replication::protocol::{self, format_lsn};
 use crate::replication::relation::{EffectiveIdentity, ReplicaIdentity, Table};
 use crate::rules::compile::BoundRule;
@@ -52,10 +52,7 @@ impl Stream {
                 self.stream_start(&start);
             }
             Message::StreamStop => self.streams.current = None,
-            Message::StreamCommit(commit) => {
-                self.tx_events = 0;
-                self.stream_commit(&commit);
-            }
+            Message::StreamCommit(commit) => self.stream_commit(&commit),
             Message::StreamAbort(abort) => self.stream_abort(&abort),
             Message::Relation(rel) => {
                 let described = Table::from(&rel);
@@ -122,6 +119,67 @@ impl Stream {
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
         }
         Ok(())
+    }
+
+    /// A transaction commits: its metrics and fallback warning, then its work (the
+    /// sealed `parts`, then what `inv` still holds) is queued with its events stamped.
+    pub(super) fn commit(&mut self, mut inv: Invalidation, parts: Vec<Part>, commit: &Commit) {
+        self.metrics.transactions.inc();
+        for (reason, n) in &inv.fallbacks {
+            self.metrics
+                .fallbacks
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str().to_owned(),
+                })
+                .inc_by(*n);
+        }
+        for (rule, (keys, tags)) in inv.rendered.drain() {
+            if let Some(label) = self.rule_labels.get(&rule) {
+                self.metrics.keys.get_or_create(label).inc_by(keys);
+                self.metrics.tags.get_or_create(label).inc_by(tags);
+            }
+        }
+        if !inv.fallbacks.is_empty() {
+            let reasons: Vec<String> = inv
+                .fallbacks
+                .iter()
+                .map(|(r, n)| format!("{}={n}", r.as_str()))
+                .collect();
+            tracing::warn!(
+                lsn = %format_lsn(commit.end_lsn),
+                fallbacks = %reasons.join(","),
+                "exact invalidation impossible; applied the rules' fallbacks (over-invalidation)"
+            );
+        }
+        self.tx_commit = (commit.commit_lsn, commit.commit_time);
+        if !parts.is_empty() {
+            // Earlier commits go first; each part is a batch of its own, its keys
+            // unpacked only as it goes to the sink.
+            if let Some(batch) = self.pending.take() {
+                self.ready.push_back(Ready::Batch(batch));
+            }
+            for part in parts {
+                let ready = part.into_ready(|events| self.stamp(events));
+                self.ready.push_back(ready);
+            }
+        }
+        let fired: Vec<usize> = inv.rules_fired().collect();
+        self.queue(inv.work, inv.events);
+        let batch = self.pending.get_or_insert_with(Batch::default);
+        batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
+        batch.transactions += 1;
+        if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
+            batch.commit_times.push((commit.commit_time, self.read_at));
+            let tables: BTreeSet<&Arc<str>> = fired
+                .iter()
+                .filter_map(|rule| self.rule_tables.get(rule))
+                .collect();
+            for table in tables {
+                batch
+                    .table_commits
+                    .push((commit.commit_time, table.clone()));
+            }
+        }
     }
 
     /// Applies a row change of `relation`; `op` indexes its change counter. The event

@@ -14,12 +14,10 @@
 //! transactions: past it, the growing transaction's rules switch to their fallbacks, as
 //! past `max_keys_per_transaction` (over-invalidation, counted as `too_many_rows`).
 
-use std::collections::{BTreeSet, HashSet};
-use std::sync::Arc;
+use std::collections::HashSet;
 
-use super::{Batch, MAX_COMMIT_SAMPLES, Stream, TX_PART_ENTRIES};
-use crate::metrics::ReasonLabel;
-use crate::replication::pgoutput::{Commit, StreamAbort, StreamCommit, StreamStart};
+use super::{Batch, Stream, TX_PART_ENTRIES};
+use crate::replication::pgoutput::{StreamAbort, StreamCommit, StreamStart};
 use crate::replication::protocol::format_lsn;
 use crate::rules::invalidation::{Event, FallbackReason, Invalidation, PendingEvent, Work};
 
@@ -87,6 +85,15 @@ impl Part {
     fn len(&self) -> usize {
         self.keys.len() + self.work.len() + self.events.len()
     }
+
+    /// The part once its transaction committed, its events stamped by `stamp`.
+    pub(super) fn into_ready(self, stamp: impl FnOnce(Vec<PendingEvent>) -> Vec<Event>) -> Ready {
+        Ready::Part {
+            keys: self.keys,
+            work: self.work,
+            events: stamp(self.events),
+        }
+    }
 }
 
 /// Committed work waiting for the sink, ahead of `pending`, in commit order.
@@ -138,6 +145,19 @@ impl Ready {
             }
         }
     }
+}
+
+/// The next batch for the sink, in commit order: a committed streamed transaction's
+/// parts (and the batch queued before them) first, then `pending`. A function of the
+/// two fields, not of the stream, so the caller may hold a permit of its channel.
+pub(super) fn next_batch(
+    ready: &mut std::collections::VecDeque<Ready>,
+    pending: &mut Option<Batch>,
+) -> Option<Batch> {
+    ready
+        .pop_front()
+        .map(Ready::into_batch)
+        .or_else(|| pending.take())
 }
 
 /// A transaction the server streams before its commit.
@@ -307,6 +327,8 @@ impl Stream {
     /// batches of bounded size; the last carries its end LSN for the ack rule.
     pub(super) fn stream_commit(&mut self, commit: &StreamCommit) {
         self.streams.current = None;
+        // Its events are numbered from its first, as from a BEGIN.
+        self.tx_events = 0;
         let streamed = self
             .streams
             .open
@@ -343,68 +365,6 @@ impl Stream {
             self.streams.open.remove(&abort.xid);
         } else if let Some(streamed) = self.streams.open.get_mut(&abort.xid) {
             streamed.abort_subtransaction(abort.subxid, &self.config.rules.rules);
-        }
-    }
-
-    /// A transaction commits: its metrics and fallback warning, then its work (the
-    /// sealed `parts`, then what `inv` still holds) is queued with its events stamped.
-    pub(super) fn commit(&mut self, mut inv: Invalidation, parts: Vec<Part>, commit: &Commit) {
-        self.metrics.transactions.inc();
-        for (reason, n) in &inv.fallbacks {
-            self.metrics
-                .fallbacks
-                .get_or_create(&ReasonLabel {
-                    reason: reason.as_str().to_owned(),
-                })
-                .inc_by(*n);
-        }
-        for (rule, (keys, tags)) in inv.rendered.drain() {
-            if let Some(label) = self.rule_labels.get(&rule) {
-                self.metrics.keys.get_or_create(label).inc_by(keys);
-                self.metrics.tags.get_or_create(label).inc_by(tags);
-            }
-        }
-        if !inv.fallbacks.is_empty() {
-            let reasons: Vec<String> = inv
-                .fallbacks
-                .iter()
-                .map(|(r, n)| format!("{}={n}", r.as_str()))
-                .collect();
-            tracing::warn!(
-                lsn = %format_lsn(commit.end_lsn),
-                fallbacks = %reasons.join(","),
-                "exact invalidation impossible; applied the rules' fallbacks (over-invalidation)"
-            );
-        }
-        self.tx_commit = (commit.commit_lsn, commit.commit_time);
-        if !parts.is_empty() {
-            // Earlier commits go first; each part is a batch of its own, its keys
-            // unpacked only as it goes to the sink.
-            if let Some(batch) = self.pending.take() {
-                self.ready.push_back(Ready::Batch(batch));
-            }
-            for part in parts {
-                let events = self.stamp(part.events);
-                self.ready.push_back(Ready::Part {
-                    keys: part.keys,
-                    work: part.work,
-                    events,
-                });
-            }
-        }
-        let tables: BTreeSet<Arc<str>> = inv
-            .rules_fired()
-            .filter_map(|rule| self.rule_tables.get(&rule).cloned())
-            .collect();
-        self.queue(inv.work, inv.events);
-        let batch = self.pending.get_or_insert_with(Batch::default);
-        batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
-        batch.transactions += 1;
-        if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
-            batch.commit_times.push((commit.commit_time, self.read_at));
-            for table in tables {
-                batch.table_commits.push((commit.commit_time, table));
-            }
         }
     }
 }
