@@ -385,15 +385,18 @@ async fn wait_replicas_holds_the_flush_position_until_a_replica_has_the_delete()
     let mut conn = cluster.connection().await;
     let _: () = conn.set("user:1", "cached").await.unwrap();
     cluster.signal(replica, "STOP");
-    // A WAL position inside the transaction, before its commit record.
-    let in_commit = db
-        .client()
+    // A WAL position at or past the end of the transaction's commit record. (A
+    // position inside the transaction is no mark: the walsender's keepalives carry the
+    // end of the last record it decoded, which can lie between the UPDATE and its
+    // commit, and pginval rightly follows them while nothing is held; PostgreSQL sends
+    // again every transaction whose commit starts at or after the confirmed position.)
+    let client = db.client().await;
+    client
+        .execute("UPDATE users SET name = 'x' WHERE id = 1", &[])
         .await
-        .query_one(
-            "UPDATE users SET name = 'x' WHERE id = 1
-             RETURNING (pg_current_wal_insert_lsn() - '0/0')::bigint",
-            &[],
-        )
+        .unwrap();
+    let after_commit = client
+        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
         .await
         .unwrap()
         .get::<_, i64>(0) as u64;
@@ -438,14 +441,14 @@ async fn wait_replicas_holds_the_flush_position_until_a_replica_has_the_delete()
     })
     .await;
     assert!(
-        crate::confirmed_lsn(&db).await < in_commit,
+        crate::confirmed_lsn(&db).await < after_commit,
         "the flush position stays before a delete that only the primary has"
     );
     cluster.signal(replica, "CONT");
     wait_until(
         "the flush position passes the delete once replicated",
         WAIT,
-        || async { crate::confirmed_lsn(&db).await > in_commit },
+        || async { crate::confirmed_lsn(&db).await >= after_commit },
     )
     .await;
     daemon.stop().await.unwrap();
