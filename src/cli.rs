@@ -74,6 +74,12 @@ pub enum Command {
         after_help = "Example:\n  pginval setup --config rules.toml           # review the SQL\n  pginval setup --config rules.toml --apply   # run it"
     )]
     Setup(SetupArgs),
+    /// Print the Lua script applications fill fenced keys with (rules with
+    /// `fence = true`), and how to name a key's fence.
+    #[command(
+        after_help = "Read with MGET key fence; on a miss read the database, then EVAL this script\n(or EVALSHA after SCRIPT LOAD) if less than half of [redis] fence_ttl passed.\n\nExample:\n  pginval fill-script --config rules.toml > fill.lua"
+    )]
+    FillScript(ConfigArg),
 }
 
 /// Options of `status`.

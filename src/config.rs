@@ -67,6 +67,8 @@ pub struct Durability {
     pub wait_replicas: u32,
     /// Bound of one `WAIT`.
     pub wait_timeout: Duration,
+    /// How long a fence lives (`fence = true`).
+    pub fence_ttl: Duration,
 }
 
 impl Default for Durability {
@@ -75,6 +77,7 @@ impl Default for Durability {
             replay_window: Duration::from_secs(30),
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
+            fence_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -732,6 +735,7 @@ fn durability(redis: &RedisConfig, lines: &LineIndex, problems: &mut Vec<Problem
         Duration::from_secs(30),
     );
     let wait_timeout = duration(&redis.wait_timeout, "wait_timeout", Duration::from_secs(1));
+    let fence_ttl = duration(&redis.fence_ttl, "fence_ttl", Duration::from_secs(60));
     let span = redis
         .wait_timeout
         .as_ref()
@@ -753,10 +757,24 @@ fn durability(redis: &RedisConfig, lines: &LineIndex, problems: &mut Vec<Problem
             Some("give a bound under 5 s, like \"1s\"".into()),
         ));
     }
+    if let Some(value) = &redis.fence_ttl
+        && fence_ttl < Duration::from_secs(2)
+    {
+        problems.push(Problem::new(
+            lines.line_of(&value.span()),
+            format!(
+                "[redis] fence_ttl {} is under 2 s: a fill may then come no later than {} after its read",
+                humantime::format_duration(fence_ttl),
+                humantime::format_duration(fence_ttl / 2)
+            ),
+            Some("give a duration well above your longest read-to-fill time, like \"60s\"".into()),
+        ));
+    }
     Durability {
         replay_window,
         wait_replicas: redis.wait_replicas.as_ref().map_or(0, |n| *n.get_ref()),
         wait_timeout,
+        fence_ttl,
     }
 }
 

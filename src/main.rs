@@ -62,16 +62,16 @@ async fn execute(cli: Cli) -> u8 {
             };
             match pginval::check::check(&config).await {
                 Ok(report) => {
-                    print!("{}", report.display(&config));
+                    out(report.display(&config));
                     if report.problems.is_empty() {
-                        println!("{}: ok", config.path.display());
+                        out(format_args!("{}: ok\n", config.path.display()));
                         EXIT_OK
                     } else {
-                        println!(
-                            "{}: {} problem(s) found",
+                        out(format_args!(
+                            "{}: {} problem(s) found\n",
                             config.path.display(),
                             report.problems.len()
-                        );
+                        ));
                         EXIT_CONFIG
                     }
                 }
@@ -127,14 +127,14 @@ async fn execute(cli: Cli) -> u8 {
             };
             match status {
                 Ok(status) if args.json => {
-                    println!(
-                        "{}",
+                    out(format_args!(
+                        "{}\n",
                         serde_json::to_string_pretty(&status).unwrap_or_default()
-                    );
+                    ));
                     EXIT_OK
                 }
                 Ok(status) => {
-                    print!("{status}");
+                    out(status);
                     EXIT_OK
                 }
                 Err(e) => {
@@ -171,7 +171,7 @@ async fn execute(cli: Cli) -> u8 {
                     return EXIT_FAILURE;
                 }
             };
-            print!("{}", plan.to_sql());
+            out(plan.to_sql());
             if args.apply {
                 if let Err(e) = pginval::setup::apply(&client, &plan).await {
                     eprintln!(
@@ -182,6 +182,15 @@ async fn execute(cli: Cli) -> u8 {
                 }
                 eprintln!("applied {} statement(s)", plan.statements.len());
             }
+            EXIT_OK
+        }
+        Command::FillScript(args) => {
+            let config = match load(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let ttl = config.redis_durability.fence_ttl.as_millis() as u64;
+            out(pginval::sink::fence::fill_script_text(ttl));
             EXIT_OK
         }
         Command::Explain(args) => {
@@ -197,7 +206,7 @@ async fn execute(cli: Cli) -> u8 {
             };
             match pginval::explain::explain(&config, &change) {
                 Ok(text) => {
-                    print!("{text}");
+                    out(text);
                     EXIT_OK
                 }
                 Err(e) => {
@@ -207,6 +216,13 @@ async fn execute(cli: Cli) -> u8 {
             }
         }
     }
+}
+
+/// Writes `text` to stdout; a reader that went away (`pginval check | head`) is no
+/// error worth a panic.
+fn out(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = write!(std::io::stdout().lock(), "{text}");
 }
 
 /// A future that completes on SIGINT or SIGTERM; the handlers are installed now.

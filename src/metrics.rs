@@ -33,6 +33,11 @@ pub const TAGS_INVALIDATED: &str = "pginval_tags_invalidated";
 pub const FALLBACKS: &str = "pginval_fallbacks";
 /// Redis commands sent.
 pub const REDIS_COMMANDS: &str = "pginval_redis_commands";
+/// Fences written before a delete (`fence = true`).
+pub const FENCES: &str = "pginval_fences";
+/// Keys of fenced rules deleted without a fence: on a cluster, a key with a `}` but no
+/// hash tag, whose fence cannot share its slot.
+pub const FENCES_SKIPPED: &str = "pginval_fences_skipped";
 /// Failed Redis attempts.
 pub const REDIS_ERRORS: &str = "pginval_redis_errors";
 /// Redis failovers (or outages) after which the replay window was applied again.
@@ -139,6 +144,10 @@ pub struct Metrics {
     pub fallbacks: Family<ReasonLabel, Counter>,
     /// See [`REDIS_COMMANDS`].
     pub redis_commands: Counter,
+    /// See [`FENCES`].
+    pub fences: Counter,
+    /// See [`FENCES_SKIPPED`].
+    pub fences_skipped: Counter,
     /// See [`REDIS_ERRORS`].
     pub redis_errors: Counter,
     /// See [`REDIS_REPLAYS`].
@@ -213,6 +222,8 @@ impl Metrics {
             tags: Family::default(),
             fallbacks: Family::default(),
             redis_commands: Counter::default(),
+            fences: Counter::default(),
+            fences_skipped: Counter::default(),
             redis_errors: Counter::default(),
             redis_replays: Counter::default(),
             replay_dropped: Counter::default(),
@@ -262,6 +273,16 @@ impl Metrics {
             REDIS_COMMANDS,
             "Redis commands sent",
             m.redis_commands.clone(),
+        );
+        r.register(
+            FENCES,
+            "Fences written before a delete (fence = true)",
+            m.fences.clone(),
+        );
+        r.register(
+            FENCES_SKIPPED,
+            "Keys of fenced rules deleted without their fence (on a cluster, a key whose fence cannot share its slot)",
+            m.fences_skipped.clone(),
         );
         r.register(
             REDIS_ERRORS,

@@ -131,6 +131,10 @@ pub struct RedisConfig {
     /// How long one `WAIT` may take before the batch is retried; default "1s".
     #[serde(default)]
     pub wait_timeout: Option<Spanned<String>>,
+    /// How long a fence (rules with `fence = true`) lives. An application fills only
+    /// if less than half of it passed since its read missed; default "60s".
+    #[serde(default)]
+    pub fence_ttl: Option<Spanned<String>>,
     /// A Sentinel-managed Redis: the master's name at the `sentinels`. pginval asks
     /// them where the master is, connects there, and asks again after an error or
     /// when they name another master. `url` then gives only the master's password,
@@ -378,6 +382,7 @@ impl Default for RedisConfig {
             replay_window: None,
             wait_replicas: None,
             wait_timeout: None,
+            fence_ttl: None,
             sentinel_master: None,
             sentinels: Vec::new(),
         }

@@ -226,6 +226,36 @@ fn redelete_after_with_expire_is_refused_not_ignored() {
 }
 
 #[test]
+fn fence_needs_deleted_keys_and_a_ttl_a_fill_can_live_with() {
+    let text = format!(
+        "[redis]\nfence_ttl = \"1s\"\n{GOOD}\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\naction = \"expire\"\nexpire_in = \"5s\"\nfence = true\n\n[[rules]]\ntable = \"users\"\ntags = [\"t:{{id}}\"]\nfence = true\n"
+    );
+    let e = parse(&text).unwrap_err();
+    let lines = text.lines().collect::<Vec<_>>();
+    for needle in [
+        "fence_ttl 1s is under 2 s",
+        "never deletes its keys",
+        "but it has none",
+    ] {
+        let p = e
+            .problems
+            .iter()
+            .find(|p| p.message.contains(needle))
+            .unwrap_or_else(|| panic!("no problem says {needle:?}: {e}"));
+        assert!(p.fix.is_some(), "{e}");
+        let line = lines[p.line.expect("a line") - 1];
+        assert!(line.contains("fence"), "{needle:?} points at {line:?}");
+    }
+    let ok = parse(&format!(
+        "[redis]\nfence_ttl = \"2m\"\n{GOOD}\n[[rules]]\ntable = \"users\"\nkeys = [\"u:{{id}}\"]\nfence = true\n"
+    ))
+    .unwrap();
+    assert_eq!(ok.redis_durability.fence_ttl, Duration::from_secs(120));
+    assert!(ok.rules.rules.iter().any(|r| r.fence));
+    assert!(!parse(GOOD).unwrap().rules.rules.iter().any(|r| r.fence));
+}
+
+#[test]
 fn environment_overrides_urls() {
     let c = Config::parse(Path::new("r.toml"), GOOD, |k| match k {
         ENV_SOURCE_URL => Some("postgres://u@db:5433/other".into()),

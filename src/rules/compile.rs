@@ -96,6 +96,8 @@ pub struct Rule {
     pub action: Action,
     /// Delete the keys again after this delay.
     pub redelete_after: Option<Duration>,
+    /// Fence each key before deleting it (`fence = true`).
+    pub fence: bool,
     /// Entity name for entity events.
     pub entity: Option<String>,
     /// `where`: the SQL row condition for the publication's row filter.
@@ -461,6 +463,22 @@ pub fn compile(
                 Some("remove redelete_after, or use action = \"delete\"".into()),
             ));
         }
+        let fence = model.fence.as_ref().is_some_and(|f| *f.get_ref());
+        if let (true, Some(f)) = (fence, &model.fence) {
+            if matches!(action, Action::Expire(_)) {
+                problems.push(Problem::new(
+                    at(f.span()),
+                    format!("{name}: fence guards deletes, but action = \"expire\" never deletes its keys"),
+                    Some("remove fence, or use action = \"delete\"".into()),
+                ));
+            } else if keys.is_empty() {
+                problems.push(Problem::new(
+                    at(f.span()),
+                    format!("{name}: fence guards the rule's keys, but it has none (tags and patterns cannot be fenced)"),
+                    Some("add keys = [\"...\"], or remove fence".into()),
+                ));
+            }
+        }
         let max_keys_per_transaction = match &model.max_keys_per_transaction {
             Some(n) if *n.get_ref() == 0 => {
                 problems.push(Problem::new(
@@ -527,6 +545,7 @@ pub fn compile(
             max_keys_per_transaction,
             action,
             redelete_after,
+            fence,
             entity,
             row_filter,
         });

@@ -156,6 +156,9 @@ pub struct Work {
     pub tag_patterns: HashSet<String>,
     /// Keys to delete a second time after this many milliseconds.
     pub redelete: HashMap<String, u64>,
+    /// Those of `keys` whose fence is written before they are deleted (`fence = true`).
+    /// Not counted in [`Work::len`]: each is one of `keys`.
+    pub fenced: HashSet<String>,
 }
 
 impl Work {
@@ -177,7 +180,8 @@ impl Work {
     /// Adds everything of `other`, deduplicating. Deleting a key wins over expiring it;
     /// the lowest TTL and the latest second delete win.
     pub fn merge(&mut self, other: Work) {
-        if self.is_empty() {
+        // (A held part's keys are packed apart from its work, its fenced keys not.)
+        if self.is_empty() && self.fenced.is_empty() {
             *self = other;
             return;
         }
@@ -195,6 +199,7 @@ impl Work {
             let e = self.redelete.entry(k).or_insert(ms);
             *e = (*e).max(ms);
         }
+        self.fenced.extend(other.fenced);
     }
 
     /// Adds keys and tags an application named in a `pg_logical_emit_message` hint.
@@ -331,6 +336,9 @@ impl Invalidation {
                             let ms = delay.as_millis() as u64;
                             let e = self.work.redelete.entry(key.clone()).or_insert(ms);
                             *e = (*e).max(ms);
+                        }
+                        if rule.rule.fence {
+                            self.work.fenced.insert(key.clone());
                         }
                         self.work.keys.insert(key);
                     }),
@@ -726,6 +734,7 @@ mod tests {
             max_keys_per_transaction: 1000,
             action: Action::Delete,
             redelete_after: None,
+            fence: false,
             row_filter: None,
             entity: None,
         }

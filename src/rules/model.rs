@@ -53,6 +53,11 @@ pub struct RuleModel {
     /// a reader that read the old row before the commit and caches it after.
     #[serde(default)]
     pub redelete_after: Option<Spanned<String>>,
+    /// Write a fence beside each of the rule's keys before deleting it, so an
+    /// application filling through `pginval fill-script` never stores a value it read
+    /// before the commit (see docs/consistency.md). Default false.
+    #[serde(default)]
+    pub fence: Option<Spanned<bool>>,
     /// Entity name for entity events (`[events]`), like "user".
     #[serde(default)]
     pub entity: Option<Spanned<String>>,

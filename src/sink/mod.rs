@@ -10,6 +10,7 @@ use crate::rules::invalidation::{Event, Work};
 
 pub mod amqp;
 pub mod events;
+pub mod fence;
 pub mod nats;
 pub mod redelete;
 pub mod redis;

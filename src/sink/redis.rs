@@ -12,7 +12,7 @@ use redis::{Cmd, ConnectionInfo, ErrorKind, RedisError, Script, Value};
 
 use std::sync::Arc;
 
-mod conn;
+pub(super) mod conn;
 
 use conn::{Conn, Primary, Target};
 
@@ -22,6 +22,7 @@ use crate::rules::invalidation::{Event, TagAction, Work};
 
 use super::Sink;
 use super::events::EventsConfig;
+use super::fence;
 use super::replay::{self, ReplayWindow};
 use super::tags::TagLayout;
 
@@ -84,10 +85,36 @@ redis.call('UNLINK', KEYS[1])
 return n
 "#;
 
-/// UNLINK for the keys (in chunks, per hash slot on a cluster), PEXPIRE ... LT for the
-/// keys to expire that are not deleted anyway.
-fn key_commands(conn: &Conn, inv: &Work) -> Vec<Cmd> {
-    let mut cmds = conn.unlinks(inv.keys.iter().map(String::as_str));
+/// The fence script for the fenced keys, UNLINK for the others (in chunks, per hash
+/// slot on a cluster), PEXPIRE ... LT for the keys to expire that are not deleted
+/// anyway. `fence` is the fence value and TTL of this unit, and the script's hash on
+/// a node (a cluster gets EVAL).
+fn key_commands(conn: &Conn, inv: &Work, fence: (&str, Duration, &str)) -> Vec<Cmd> {
+    let cluster = conn.is_cluster();
+    let (fenced, plain): (Vec<&str>, Vec<&str>) = inv
+        .keys
+        .iter()
+        .map(String::as_str)
+        .partition(|k| inv.fenced.contains(*k) && (!cluster || fence::same_slot(k)));
+    let mut cmds = conn.unlinks(plain);
+    let (value, ttl, hash) = fence;
+    for chunk in conn.by_slot(fenced) {
+        let mut cmd = if cluster {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(fence::FENCE_LUA);
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(hash);
+            cmd
+        };
+        cmd.arg(chunk.len() * 2);
+        for key in chunk {
+            cmd.arg(key).arg(fence::fence_key(key));
+        }
+        cmd.arg(value).arg(ttl.as_millis() as u64);
+        cmds.push(cmd);
+    }
     for (key, ms) in &inv.expire_keys {
         if !inv.keys.contains(key) {
             let mut cmd = redis::cmd("PEXPIRE");
@@ -183,6 +210,14 @@ pub struct RedisSink {
     tags: TagLayout,
     events: Option<EventsConfig>,
     flush_tag: Script,
+    fence_script: Script,
+    /// How long a fence lives.
+    fence_ttl: Duration,
+    /// Makes each unit's fence value one never written before: a random start, then
+    /// a count.
+    fence_values: (u64, std::sync::atomic::AtomicU64),
+    /// The log said once that some keys go unfenced.
+    fence_skip_told: std::sync::atomic::AtomicBool,
     dry_run: bool,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -202,6 +237,16 @@ pub struct RedisSink {
     flusher: Arc<tokio::sync::Mutex<()>>,
     wait_replicas: u32,
     wait_timeout: Duration,
+}
+
+/// A random start for the fence values of this process, so that no value repeats one
+/// an earlier run wrote.
+fn fence_seed() -> u64 {
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::collections::hash_map::RandomState::new().hash_one((now, std::process::id()))
 }
 
 /// How often the failover watcher compares a cluster's primaries (or the master the
@@ -259,6 +304,10 @@ impl RedisSink {
             tags,
             events,
             flush_tag: Script::new(FLUSH_TAG_LUA),
+            fence_script: Script::new(fence::FENCE_LUA),
+            fence_ttl: durability.fence_ttl,
+            fence_values: (fence_seed(), std::sync::atomic::AtomicU64::new(0)),
+            fence_skip_told: std::sync::atomic::AtomicBool::new(false),
             dry_run,
             metrics,
             health,
@@ -298,10 +347,9 @@ impl RedisSink {
         if !conn.is_cluster() {
             // Loaded once per connection, so pipelines can use EVALSHA. (A cluster gets
             // EVAL: its nodes change, and each caches the script itself.)
-            self.flush_tag
-                .prepare_invoke()
-                .load_async(&mut conn)
-                .await?;
+            for script in [&self.flush_tag, &self.fence_script] {
+                script.prepare_invoke().load_async(&mut conn).await?;
+            }
         }
         self.conn = Some(conn.clone());
         self.generation += 1;
@@ -481,6 +529,37 @@ impl RedisSink {
         result
     }
 
+    /// A fence value no fence held before (empty when `inv` fences nothing); counts
+    /// the fences, and the keys a cluster cannot fence (telling the log once).
+    fn fence_value(&self, inv: &Work, cluster: bool) -> String {
+        if inv.fenced.is_empty() {
+            return String::new();
+        }
+        let skipped = if cluster {
+            inv.fenced.iter().filter(|k| !fence::same_slot(k)).count()
+        } else {
+            0
+        };
+        self.metrics
+            .fences
+            .inc_by((inv.fenced.len() - skipped) as u64);
+        if skipped > 0 {
+            self.metrics.fences_skipped.inc_by(skipped as u64);
+            if !self
+                .fence_skip_told
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    skipped,
+                    "keys of fenced rules hold a '}}' but no {{hash tag}}, so their fence cannot share their slot on a cluster: deleted without a fence (counted in pginval_fences_skipped_total)"
+                );
+            }
+        }
+        let (seed, count) = &self.fence_values;
+        let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{seed:016x}.{n:x}")
+    }
+
     /// Keeps `inv` in the replay window (as it is sent: keeping it early is safe).
     fn record(&self, inv: &Work) {
         let dropped = self
@@ -548,6 +627,10 @@ impl RedisSink {
             tags: self.tags.clone(),
             events: None,
             flush_tag: Script::new(FLUSH_TAG_LUA),
+            fence_script: Script::new(fence::FENCE_LUA),
+            fence_ttl: self.fence_ttl,
+            fence_values: (fence_seed(), std::sync::atomic::AtomicU64::new(0)),
+            fence_skip_told: std::sync::atomic::AtomicBool::new(false),
             dry_run: false,
             metrics: self.metrics.clone(),
             health: self.health.clone(),
@@ -683,7 +766,9 @@ impl RedisSink {
             .map(|(tag, action)| (self.tags.tag_key(tag), *action))
             .collect();
         if !inv.keys.is_empty() || !inv.expire_keys.is_empty() || !tags.is_empty() {
-            let mut cmds = key_commands(&conn, inv);
+            let value = self.fence_value(inv, cluster);
+            let fence = (value.as_str(), self.fence_ttl, self.fence_script.get_hash());
+            let mut cmds = key_commands(&conn, inv, fence);
             let first_flush = cmds.len();
             for (tag_key, action) in &tags {
                 cmds.push(self.flush_command(tag_key, *action, cluster));
@@ -947,7 +1032,14 @@ impl RedisSink {
                 Some(_) => scan.query_async(conn).await?,
                 None => conn.on(primary, &scan).await?,
             };
-            let cmds: Vec<Cmd> = items.iter().step_by(step).map(|item| each(item)).collect();
+            // A fence a keyspace pattern matched stays: deleting it would let a fill
+            // that raced the delete through.
+            let cmds: Vec<Cmd> = items
+                .iter()
+                .step_by(step)
+                .filter(|item| key.is_some() || !fence::is_fence(item.as_bytes()))
+                .map(|item| each(item))
+                .collect();
             found += cmds.len() as u64;
             if !cmds.is_empty() {
                 self.metrics.redis_commands.inc_by(cmds.len() as u64 + 1);
@@ -1039,7 +1131,9 @@ impl Sink for RedisSink {
         }
         let mut conn = self.conn.clone()?;
         self.record(inv);
-        let cmds = key_commands(&conn, inv);
+        let value = self.fence_value(inv, conn.is_cluster());
+        let fence = (value.as_str(), self.fence_ttl, self.fence_script.get_hash());
+        let cmds = key_commands(&conn, inv, fence);
         self.metrics.redis_commands.inc_by(cmds.len() as u64);
         let health = self.health.clone();
         let (replicas, timeout) = (self.wait_replicas, self.wait_timeout);

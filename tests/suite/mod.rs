@@ -3,6 +3,7 @@
 mod brokers;
 mod cluster;
 mod faults;
+mod fence;
 pub(crate) mod ops;
 mod rules;
 mod sentinel;

@@ -278,27 +278,34 @@ impl Conn {
     /// UNLINK commands for `keys`, in chunks; on a cluster, one per hash slot (and
     /// chunk), so that each can be routed to the node owning its slot.
     pub fn unlinks<'k>(&self, keys: impl IntoIterator<Item = &'k str>) -> Vec<Cmd> {
-        let mut cmds = Vec::new();
-        let mut push_chunks = |keys: &[&str]| {
-            for chunk in keys.chunks(KEYS_PER_UNLINK) {
+        self.by_slot(keys)
+            .into_iter()
+            .map(|chunk| {
                 let mut cmd = redis::cmd("UNLINK");
                 cmd.arg(chunk);
-                cmds.push(cmd);
-            }
+                cmd
+            })
+            .collect()
+    }
+
+    /// `keys` in chunks for one command each: on a cluster, each chunk in one hash
+    /// slot.
+    pub fn by_slot<'k>(&self, keys: impl IntoIterator<Item = &'k str>) -> Vec<Vec<&'k str>> {
+        let chunked = |keys: Vec<&'k str>| {
+            keys.chunks(KEYS_PER_UNLINK)
+                .map(<[&str]>::to_vec)
+                .collect::<Vec<_>>()
         };
         match self {
-            Conn::Node(_) => push_chunks(&keys.into_iter().collect::<Vec<_>>()),
+            Conn::Node(_) => chunked(keys.into_iter().collect()),
             Conn::Cluster(_) => {
                 let mut by_slot: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
                 for key in keys {
                     by_slot.entry(slot_of(key)).or_default().push(key);
                 }
-                for keys in by_slot.values() {
-                    push_chunks(keys);
-                }
+                by_slot.into_values().flat_map(chunked).collect()
             }
         }
-        cmds
     }
 
     /// Every primary, for commands about the whole keyspace (SCAN, INFO): `[None]` on
