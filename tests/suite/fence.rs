@@ -174,3 +174,134 @@ fn fill_script_into_a_closed_pipe_exits_quietly() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// One read through a client snippet of `examples/fence/`, driven over its stdin and
+/// stdout: it prints LOAD when its read missed and waits for the database value.
+struct SnippetRead {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl SnippetRead {
+    fn start(client: &[String], redis: &Redis, key: &str, fence_ttl_ms: u64) -> SnippetRead {
+        let dir = std::env::var("PGINVAL_TEST_CLIENTS").unwrap();
+        let mut child = std::process::Command::new(&client[0])
+            .args(&client[1..])
+            .env("NODE_PATH", format!("{dir}/node/node_modules"))
+            .arg(redis.url())
+            .arg(key)
+            .arg(fence_ttl_ms.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{client:?}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        use std::io::BufRead;
+        let lines = std::io::BufReader::new(stdout).lines();
+        SnippetRead { child, lines }
+    }
+
+    fn line(&mut self) -> String {
+        self.lines
+            .next()
+            .expect("the snippet printed a line")
+            .unwrap()
+    }
+
+    /// Answers LOAD with `value`; returns the snippet's last line.
+    fn load(mut self, value: &str) -> String {
+        use std::io::Write;
+        writeln!(self.child.stdin.as_mut().unwrap(), "{value}").unwrap();
+        let last = self.line();
+        assert!(self.child.wait().unwrap().success());
+        last
+    }
+}
+
+/// The client snippets (redis-py, ioredis, phpredis), each racing a real commit that
+/// pginval fences: a fill of the old row is refused, a fill after the delete is
+/// stored and then served, and a fill slower than half the fence TTL is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_snippets_refuse_the_fill_that_raced_a_fenced_delete() {
+    let Ok(dir) = std::env::var("PGINVAL_TEST_CLIENTS") else {
+        crate::support::skipped(
+            "PGINVAL_TEST_CLIENTS is not set (scripts/install-clients.sh installs the clients)",
+        );
+        return;
+    };
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fence");
+    let clients: Vec<(&str, Vec<String>)> = vec![
+        (
+            "redis-py",
+            vec![
+                format!("{dir}/venv/bin/python"),
+                format!("{examples}/fill.py"),
+            ],
+        ),
+        (
+            "ioredis",
+            vec!["node".into(), format!("{examples}/fill.js")],
+        ),
+        (
+            "phpredis",
+            vec!["php".into(), format!("{examples}/fill.php")],
+        ),
+    ];
+    let (db, redis) = setup("fencesnip").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, FENCED)).await;
+    let mut conn = redis.connection().await;
+    for (n, (name, client)) in clients.iter().enumerate() {
+        let id = 10 + n as i64;
+        let key = format!("user:{id}");
+        let fence = format!("pginval-fence:{{{key}}}");
+        // The read misses and loads the old row; the commit lands before its fill.
+        let mut read = SnippetRead::start(client, &redis, &key, 60_000);
+        assert_eq!(read.line(), "LOAD", "{name}");
+        let old = name_of(&db, id).await;
+        let before: Option<String> = conn.get(&fence).await.unwrap();
+        db.execute_batch(&format!(
+            "UPDATE users SET name = '{name}-new' WHERE id = {id}"
+        ))
+        .await;
+        wait_until("pginval fenced the key", WAIT, || {
+            let (mut conn, fence, before) = (conn.clone(), fence.clone(), before.clone());
+            async move { conn.get::<_, Option<String>>(&fence).await.unwrap() != before }
+        })
+        .await;
+        assert_eq!(read.load(&old), format!("not stored {old}"), "{name}");
+        assert!(!conn.exists::<_, bool>(&key).await.unwrap(), "{name}");
+        // A read after the delete stores the new row, and the next read hits it.
+        let mut read = SnippetRead::start(client, &redis, &key, 60_000);
+        assert_eq!(read.line(), "LOAD", "{name}");
+        let new = name_of(&db, id).await;
+        assert_eq!(read.load(&new), format!("stored {new}"), "{name}");
+        let mut read = SnippetRead::start(client, &redis, &key, 60_000);
+        assert_eq!(read.line(), format!("hit {new}"), "{name}");
+        assert!(read.child.wait().unwrap().success());
+        // A fill later than half the fence TTL (here 200 ms) is skipped.
+        let _: () = conn.del(&key).await.unwrap();
+        let mut read = SnippetRead::start(client, &redis, &key, 200);
+        assert_eq!(read.line(), "LOAD", "{name}");
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        assert_eq!(read.load(&new), format!("not stored {new}"), "{name}");
+    }
+    daemon.stop().await.unwrap();
+}
+
+/// Each snippet carries the fill script `pginval fill-script` prints, line for line.
+#[test]
+fn client_snippets_carry_the_fill_script() {
+    let body: Vec<&str> = pginval::sink::fence::FILL_LUA
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with("--"))
+        .collect();
+    for file in ["fill.py", "fill.js", "fill.php", "fill.go"] {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fence/").to_owned() + file;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let joined = body.join("\n");
+        assert!(
+            text.contains(&joined),
+            "{file} lacks the fill script:\n{joined}"
+        );
+    }
+}
