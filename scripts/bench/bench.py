@@ -640,7 +640,7 @@ class Bench:
         return {"wall_s": wall, **p.usage(), "walsender_cpu_s": server, **self.other_cpu(meter)}
 
     def pginval_config(self, name, slot, publication, max_keys=None, metrics_port=None, amqp_exchange=None, redis_extra="",
-                       source_extra=""):
+                       source_extra="", rule_extra=""):
         path = os.path.join(self.a.work, f"{name}.toml")
         limits = f"[limits]\nmax_keys_per_transaction = {max_keys}\n\n" if max_keys else ""
         if redis_extra:
@@ -655,9 +655,9 @@ class Bench:
             f.write(
                 # column_lists: the publication pginval creates carries only the rules' columns.
                 f'[source]\nslot = "{slot}"\npublication = "{publication}"\ncolumn_lists = true\n{source_extra}\n{limits}'
-                f'[[rules]]\ntable = "pgbench_accounts"\nkeys = ["acct:{{aid}}"]\n{entity}\n'
-                '[[rules]]\ntable = "pgbench_tellers"\nkeys = ["teller:{tid}"]\n\n'
-                '[[rules]]\ntable = "pgbench_branches"\nkeys = ["branch:{bid}"]\n'
+                f'[[rules]]\ntable = "pgbench_accounts"\nkeys = ["acct:{{aid}}"]\n{entity}{rule_extra}\n'
+                f'[[rules]]\ntable = "pgbench_tellers"\nkeys = ["teller:{{tid}}"]\n{rule_extra}\n'
+                f'[[rules]]\ntable = "pgbench_branches"\nkeys = ["branch:{{bid}}"]\n{rule_extra}'
             )
         return path
 
@@ -720,7 +720,7 @@ class Bench:
         self.profiles[name] = top[:-1]
 
     def pginval_catchup(self, db, conn, slot, publication, end_lsn, marker_key, populate, name, max_keys=None,
-                        amqp_exchange=None, last_effect=None, cluster=None, redis_extra=""):
+                        amqp_exchange=None, last_effect=None, cluster=None, redis_extra="", rule_extra=""):
         """Times pginval from process start to the deletion of marker_key, or, with
         last_effect (a function that waits for the run's last effect and returns its
         time), to that. With `cluster` (a Cluster), against that cluster."""
@@ -731,7 +731,8 @@ class Bench:
         populate()
         marker_port = self.a.redis_port if cluster is None else cluster.owner(marker_key)
         sub = Subscriber("127.0.0.1", marker_port, f"__keyspace@0__:{marker_key}")
-        config = self.pginval_config(name, slot, publication, max_keys, amqp_exchange=amqp_exchange, redis_extra=redis_extra)
+        config = self.pginval_config(name, slot, publication, max_keys, amqp_exchange=amqp_exchange, redis_extra=redis_extra,
+                                     rule_extra=rule_extra)
         meter = self.cpu_sample()
         begin = self.server_cpu_begin()
         p = self.start_pginval(db, config, name, redis_url=None if cluster is None else cluster.url())
@@ -849,8 +850,10 @@ class Bench:
         self.redis.cmd("CONFIG", "SET", "notify-keyspace-events", "Kg")
         bench_all = self.publication(conn, "bench_all")
         log("publication bench_all: " + "; ".join(bench_all))
-        slots = {"recv": "bench_recv", "all": "bench_inval", "own": "bench_own"}
-        order = ["recv", "all", "own"]
+        # fence: the own publication with fence = true on every rule (a fence written
+        # before each delete), against the plain deletes of "own" in the same run.
+        slots = {"recv": "bench_recv", "all": "bench_inval", "own": "bench_own", "fence": "bench_fence"}
+        order = ["recv", "all", "own", "fence"]
         runs = []
         for i in range(a.runs):
             self.reset_slots(conn, slots.values())
@@ -870,13 +873,14 @@ class Bench:
                 f"(pgbench {self.pgbench_tps(out):.0f} tps), slots at {', '.join(start_lsns)}, end {end_lsn}, "
                 f"{wal_bytes / 1e6:.1f} MB of WAL")
             run = {"start_lsns": start_lsns, "end_lsn": end_lsn, "wal_bytes": int(wal_bytes), "backlog_s": backlog_s}
-            rot = order[i % 3 :] + order[: i % 3]
+            rot = order[i % len(order) :] + order[: i % len(order)]
             for who in rot:
                 if who == "recv":
                     r = self.pg_recvlogical(db, slots["recv"], "bench_all", end_lsn, conn)
                 else:
                     pub = "bench_all" if who == "all" else "pginval_own"
-                    r = self.pginval_catchup(db, conn, slots[who], pub, end_lsn, marker_key, populate, f"catchup-{who}")
+                    r = self.pginval_catchup(db, conn, slots[who], pub, end_lsn, marker_key, populate, f"catchup-{who}",
+                                             rule_extra="fence = true\n" if who == "fence" else "")
                     exists = self.redis.pipeline([["EXISTS", k] for k in touched])
                     left = [k for k, e in zip(touched, exists) if e]
                     r["keys_left"] = len(left)
@@ -1298,7 +1302,7 @@ class Bench:
         self.q(conn, "DROP TABLE IF EXISTS race_items")
         self.q(conn, f"CREATE TABLE race_items (id int PRIMARY KEY, v bigint NOT NULL DEFAULT 0)")
         self.q(conn, f"INSERT INTO race_items SELECT g FROM generate_series(1, {RACE_ROWS}) g")
-        modes = ["ttl", "app", "pginval", "redelete"]
+        modes = ["ttl", "app", "pginval", "redelete", "fence"]
         results = {}
         for delay_ms in a.race_delays:
             for i in range(a.race_runs):
@@ -1308,7 +1312,8 @@ class Bench:
                     results.setdefault(str(delay_ms), {}).setdefault(mode, []).append(r)
                     log(f"race, reader delay {delay_ms} ms, {mode:>8}: {r['stale_keys']} stale keys of {r['keys']} "
                         f"after quiescence; stale reads {r['stale_reads']}/{r['sampled_reads']} sampled "
-                        f"({100 * r['stale_read_ratio']:.1f} %); {r['fills']} fills, {r['hits']} hits, {r['writes']} writes")
+                        f"({100 * r['stale_read_ratio']:.1f} %); {r['fills']} fills ({r['refused_fills']} refused), "
+                        f"{r['hits']} hits, {r['writes']} writes")
         conn.close()
         self.results["race"] = results
 
@@ -1319,7 +1324,8 @@ class Bench:
         self.q(conn, "UPDATE race_items SET v = 0")
         p = None
         slot = "bench_race"
-        if mode in ("pginval", "redelete"):
+        fill_sha = None
+        if mode in ("pginval", "redelete", "fence"):
             self.reset_slots(conn, [slot])
             # And pginval's state (database 15), or the dropped slot counts as lost.
             state = Redis("127.0.0.1", a.redis_port)
@@ -1327,10 +1333,15 @@ class Bench:
             state.cmd("FLUSHDB")
             state.sock.close()
             config = os.path.join(a.work, f"race-{mode}.toml")
-            redelete = 'redelete_after = "50ms"\n' if mode == "redelete" else ""
+            extra = {"redelete": 'redelete_after = "50ms"\n', "fence": "fence = true\n"}.get(mode, "")
             with open(config, "w") as f:
                 f.write(f'[source]\nslot = "{slot}"\npublication = "pginval_race"\n\n'
-                        f'[[rules]]\ntable = "race_items"\nkeys = ["item:{{id}}"]\n{redelete}')
+                        f'[[rules]]\ntable = "race_items"\nkeys = ["item:{{id}}"]\n{extra}')
+            if mode == "fence":
+                # The fill script as pginval prints it; its fence TTL is the default 60 s.
+                script = subprocess.run([a.pginval, "fill-script", "--config", config], check=True,
+                                        capture_output=True, text=True).stdout
+                fill_sha = self.redis.cmd("SCRIPT", "LOAD", script).decode()
             p = self.start_pginval(db, config, f"race-{mode}")
             # Streaming once a committed change reaches Redis.
             deadline = time.time() + 60
@@ -1345,7 +1356,7 @@ class Bench:
                 if not p.alive() or time.time() > deadline:
                     raise RuntimeError(f"pginval did not start streaming for the race ({mode})")
         stop = threading.Event()
-        counts = {"fills": 0, "hits": 0, "writes": 0, "sampled": 0, "stale": 0}
+        counts = {"fills": 0, "refused": 0, "hits": 0, "writes": 0, "sampled": 0, "stale": 0}
         lock = threading.Lock()
         rng_seed = random.randrange(1 << 30)
 
@@ -1356,16 +1367,29 @@ class Bench:
             rng = random.Random(rng_seed + n)
             pg = self.connect(db)
             rd = Redis("127.0.0.1", a.redis_port)
-            fills = hits = sampled = stale = 0
+            fills = refused = hits = sampled = stale = 0
             while not stop.is_set():
                 i = skewed(rng)
-                cached = rd.cmd("GET", f"item:{i}")
+                if fill_sha:
+                    # The fence protocol: MGET key fence; on a miss, SELECT, then the
+                    # fill script, which sets the key only if the fence did not change
+                    # (and only within half the fence TTL of the MGET).
+                    fence = f"pginval-fence:{{item:{i}}}"
+                    started = time.monotonic()
+                    cached, seen = rd.cmd("MGET", f"item:{i}", fence)
+                else:
+                    cached = rd.cmd("GET", f"item:{i}")
                 if cached is None:
                     v = self.q1(pg, "SELECT v FROM race_items WHERE id = %s", (i,))
                     if delay_ms:
                         time.sleep(delay_ms / 1000)
-                    rd.cmd("SET", f"item:{i}", v, "EX", 3600)
-                    fills += 1
+                    if not fill_sha:
+                        rd.cmd("SET", f"item:{i}", v, "EX", 3600)
+                        fills += 1
+                    elif time.monotonic() - started < 30:
+                        stored = rd.cmd("EVALSHA", fill_sha, 2, f"item:{i}", fence, seen or b"", v, 3_600_000)
+                        fills += stored
+                        refused += 1 - stored
                 else:
                     hits += 1
                     if rng.random() < 0.1:
@@ -1375,6 +1399,7 @@ class Bench:
                         stale += int(cached) < v
             with lock:
                 counts["fills"] += fills
+                counts["refused"] += refused
                 counts["hits"] += hits
                 counts["sampled"] += sampled
                 counts["stale"] += stale
@@ -1428,7 +1453,8 @@ class Bench:
         truth = dict(self.q(conn, "SELECT id, v FROM race_items"))
         stale_keys = sum(1 for k, v in zip(keys, values) if v is not None and int(v) != truth[int(k.split(":")[1])])
         return {
-            "keys": len(keys), "stale_keys": stale_keys, "fills": counts["fills"], "hits": counts["hits"],
+            "keys": len(keys), "stale_keys": stale_keys, "fills": counts["fills"], "refused_fills": counts["refused"],
+            "hits": counts["hits"],
             "writes": counts["writes"], "sampled_reads": counts["sampled"], "stale_reads": counts["stale"],
             "stale_read_ratio": counts["stale"] / counts["sampled"] if counts["sampled"] else 0.0,
         }
@@ -1615,7 +1641,10 @@ class Bench:
             summary = {}
             for who, label, target in (("recv", "pg_recvlogical, bench_all", None),
                                        ("all", "pginval, bench_all", 0.90),
-                                       ("own", "pginval, own publication", 0.75)):
+                                       ("own", "pginval, own publication", 0.75),
+                                       ("fence", "pginval, own pub., fence = true", None)):
+                if who not in runs[0]:
+                    continue
                 wall = median([r[who]["wall_s"] for r in runs])
                 ratio = None if who == "recv" else median([r[who]["wall_s"] / r["recv"]["wall_s"] for r in runs])
                 cpu = median([r[who]["cpu_s"] for r in runs])
@@ -1637,6 +1666,13 @@ class Bench:
                     lag_txt = f"{lag:.0f}"
                 out(f"   {label:<34}{f(wall):>8}{f(ratio, '{:.2f}'):>8}{f(target, '≤{:.2f}') if target else '':>8}"
                     f"{verdict(ratio, target) if target else '':>8}{f(cpu, '{:.2f}'):>8}{f(rss, '{:.1f}'):>8}{f(wakeups, '{:.0f}'):>9}{f(ws, '{:.2f}'):>10}{lag_txt:>12}{f(other, '{:.2f}'):>9}")
+            if "fence" in summary:
+                vs_own = median([r["fence"]["wall_s"] / r["own"]["wall_s"] for r in runs])
+                cpu_own = median([r["fence"]["cpu_s"] / r["own"]["cpu_s"] for r in runs])
+                per_run = ", ".join(f"{r['fence']['wall_s'] / r['own']['wall_s']:.2f}" for r in runs)
+                out(f"   fence = true / plain deletes (own publication), same runs: wall {vs_own:.2f}, pginval CPU {cpu_own:.2f}"
+                    f" (per run: {per_run})")
+                summary["fence"]["vs_own"] = vs_own
             for who in ("all", "own"):
                 s = summary[who]
                 out(f"   cost, pginval ({who}): {s['cpu_s']:.2f} s CPU = {s['cpu_per_120k_s']:.2f} s per 120,000 row changes "
@@ -1703,19 +1739,21 @@ class Bench:
             out("")
             out(f"4. The read-then-set race: {RACE_READERS} cache-aside readers (GET, on a miss SELECT + delay + SET EX 3600),")
             out(f"   {RACE_WRITERS} writers at {a.race_tps} UPDATEs/s on {RACE_ROWS} skewed rows, {a.race_secs:g} s per run, medians of {a.race_runs} runs")
-            out(f"   {'delay':>6} {'mode':<22}{'stale keys':>11}{'of keys':>9}{'stale reads':>13}{'fills':>8}{'hits':>9}{'writes':>8}")
-            labels = {"ttl": "TTL only", "app": "app deletes", "pginval": "pginval", "redelete": "pginval + redelete 50ms"}
+            out(f"   {'delay':>6} {'mode':<22}{'stale keys':>11}{'of keys':>9}{'stale reads':>13}{'fills':>8}{'refused':>9}{'hits':>9}{'writes':>8}")
+            labels = {"ttl": "TTL only", "app": "app deletes", "pginval": "pginval", "redelete": "pginval + redelete 50ms",
+                      "fence": "pginval + fence"}
             for delay, modes in race.items():
-                for mode in ("ttl", "app", "pginval", "redelete"):
+                for mode in ("ttl", "app", "pginval", "redelete", "fence"):
                     runs = modes.get(mode)
                     if not runs:
                         continue
                     med = lambda k: median([r[k] for r in runs])
                     out(f"   {delay + ' ms':>6} {labels[mode]:<22}{med('stale_keys'):>11g}{med('keys'):>9g}"
-                        f"{100 * med('stale_read_ratio'):>12.1f}%{med('fills'):>8g}{med('hits'):>9g}{med('writes'):>8g}"
+                        f"{100 * med('stale_read_ratio'):>12.1f}%{med('fills'):>8g}{med('refused_fills'):>9g}{med('hits'):>9g}{med('writes'):>8g}"
                         f"   (stale keys per run: {', '.join(str(r['stale_keys']) for r in runs)})")
             out("   stale keys: cached values that differ from the row once every invalidation is done (stale for the TTL).")
             out("   stale reads: sampled hits (10 %) whose value is older than the row read right after.")
+            out("   refused: fills the fence turned down (the key was invalidated between the read and the fill).")
 
         b = self.results.get("big")
         if b:

@@ -610,3 +610,62 @@ async fn failover_under_load_with_wait_replicas_leaves_no_stale_key() {
     )
     .await;
 }
+
+/// Fenced keys on a cluster: each fence is written in its key's slot (the key as the
+/// hash tag, or the key's own tag), in the one script with the delete; a key whose
+/// fence cannot share its slot (a `}` without a tag) is deleted unfenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_keys_get_their_fence_in_their_own_slot() {
+    let _one = CLUSTER.lock().await;
+    let (db, cluster) = setup("cluster_fence").await;
+    let rules = "[[rules]]\ntable = \"users\"\nkeys = [\"user:{id}\", \"{{t}}:u:{id}\", \"u}}:{id}\"]\nfence = true\n";
+    let port = crate::support::free_port();
+    let text = crate::suite::ops::with_metrics(
+        &config_text_url(
+            &db,
+            &cluster.url(),
+            &format!("{}{rules}", cluster.redis_section()),
+        ),
+        port,
+    );
+    let config = pginval::config::Config::parse(std::path::Path::new("t.toml"), &text, |_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let daemon = Daemon::start(&db, config).await;
+    let mut conn = cluster.connection().await;
+    let keys: Vec<String> = (1..=30)
+        .flat_map(|id| {
+            [
+                format!("user:{id}"),
+                format!("{{t}}:u:{id}"),
+                format!("u}}:{id}"),
+            ]
+        })
+        .collect();
+    set_all(&mut conn, &keys).await;
+    db.execute_batch("UPDATE users SET name = 'fenced' WHERE id <= 30")
+        .await;
+    wait_all_gone(&conn, &keys, "pginval deleted the fenced keys").await;
+    for id in 1..=30 {
+        for fence in [
+            format!("pginval-fence:{{user:{id}}}"),
+            format!("pginval-fence:{{t}}:{{t}}:u:{id}"),
+        ] {
+            assert!(conn.exists::<_, bool>(&fence).await.unwrap(), "{fence}");
+        }
+        let unfenced = format!("pginval-fence:u}}:{id}");
+        assert!(
+            !conn.exists::<_, bool>(&unfenced).await.unwrap(),
+            "{unfenced}"
+        );
+    }
+    let (_, metrics) = crate::suite::ops::get(port, "/metrics").await.unwrap();
+    assert_eq!(
+        crate::suite::ops::sample(&metrics, "pginval_fences_total"),
+        60.0
+    );
+    assert_eq!(
+        crate::suite::ops::sample(&metrics, "pginval_fences_skipped_total"),
+        30.0
+    );
+    daemon.stop().await.unwrap();
+}
