@@ -18,6 +18,8 @@ use crate::sink::amqp::{AmqpSink, Failure};
 use crate::sink::nats::NatsSink;
 use crate::sink::redis::RedisSink;
 
+mod replicas;
+
 /// What `check` found.
 #[derive(Debug, Default)]
 pub struct CheckReport {
@@ -102,6 +104,10 @@ pub async fn check_with(
     let standby = catalog::in_recovery(client).await?;
     if standby {
         check_standby(client, config, server_version, &mut report).await?;
+    }
+    if !config.read_replicas.replicas.is_empty() {
+        let id = system_identifier(client).await;
+        replicas::check_replicas(config, id, &mut report).await;
     }
     if server_version >= 180000 {
         let idle = catalog::setting(client, "idle_replication_slot_timeout").await?;

@@ -145,11 +145,23 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// `[limits] max_streamed_entries`.
     pub max_streamed_entries: usize,
+    /// Physical replicas the application reads from (`[replicas]`).
+    pub read_replicas: ReadReplicas,
     /// The readiness lag threshold.
     pub max_lag: Duration,
     /// Log what would be invalidated instead of doing it, and never move the slot
     /// (`run --dry-run`; not a file setting).
     pub dry_run: bool,
+}
+
+/// Physical replicas the application reads from: batches are applied again once each
+/// has replayed them.
+#[derive(Debug, Clone, Default)]
+pub struct ReadReplicas {
+    /// Their connection settings (the source's TLS settings apply).
+    pub replicas: Vec<tokio_postgres::Config>,
+    /// How long a batch waits for a replica that has not replayed it.
+    pub give_up_after: Duration,
 }
 
 /// Every problem found in a configuration file.
@@ -236,6 +248,7 @@ impl Config {
         let mut metrics = MetricsConfig::default();
         let mut hints = HintsConfig::default();
         let mut state = StateConfig::default();
+        let mut replicas = ReplicasConfig::default();
         let mut hints_line = None;
         let mut events_line = None;
         let mut source_line = None;
@@ -256,6 +269,7 @@ impl Config {
                     section(value, &lines, &mut problems, "[hints]", &mut hints)
                 }
                 "state" => section(value, &lines, &mut problems, "[state]", &mut state),
+                "replicas" => section(value, &lines, &mut problems, "[replicas]", &mut replicas),
                 "events" => {
                     events_line = line;
                     let mut e = EventsConfig::default();
@@ -364,15 +378,7 @@ impl Config {
         };
         let standby_primary = source.standby_primary_url.as_ref().and_then(|url| {
             let line = lines.line_of(&url.span());
-            let parsed = split_tls_params(url.get_ref())
-                .map_err(|e| e.to_string())
-                .and_then(|(plain, tls)| {
-                    let mut pg =
-                        tokio_postgres::Config::from_str(&plain).map_err(|e| e.to_string())?;
-                    pg.ssl_mode(tokio_postgres_mode(tls.mode));
-                    Ok(pg)
-                });
-            match parsed {
+            match other_server(url.get_ref()) {
                 Ok(pg) => Some(pg),
                 Err(e) => {
                     problems.push(Problem::new(
@@ -384,6 +390,7 @@ impl Config {
                 }
             }
         });
+        let read_replicas = read_replicas(&replicas, &lines, &mut problems);
         let work_mem = source.logical_decoding_work_mem.get_ref();
         let decoding_work_mem_kb = match crate::replication::source::memory_kb(work_mem) {
             _ if work_mem == "server" => None,
@@ -703,10 +710,63 @@ impl Config {
                 metrics_listen,
                 max_lag: Duration::from_secs(metrics.max_lag_secs.max(1)),
                 max_streamed_entries: *limits.max_streamed_entries.get_ref(),
+                read_replicas,
                 dry_run: false,
             }),
             _ => Err(fail(problems)),
         }
+    }
+}
+
+/// Connection settings of another server of the source's cluster (a standby's
+/// primary, a read replica), its `sslmode` kept.
+fn other_server(url: &str) -> Result<tokio_postgres::Config, String> {
+    let (plain, tls) = split_tls_params(url).map_err(|e| e.to_string())?;
+    let mut pg = tokio_postgres::Config::from_str(&plain).map_err(|e| e.to_string())?;
+    pg.ssl_mode(tokio_postgres_mode(tls.mode));
+    Ok(pg)
+}
+
+/// `[replicas]`, with a problem for each URL that is not one and a bad give-up time.
+fn read_replicas(
+    section: &ReplicasConfig,
+    lines: &LineIndex,
+    problems: &mut Vec<Problem>,
+) -> ReadReplicas {
+    let mut replicas = Vec::new();
+    for url in &section.urls {
+        match other_server(url.get_ref()) {
+            Ok(pg) => replicas.push(pg),
+            Err(e) => problems.push(Problem::new(
+                lines.line_of(&url.span()),
+                format!("[replicas] urls: not a valid PostgreSQL connection string: {e}"),
+                Some(
+                    "use postgres://user:password@replica:5432/dbname or host=... dbname=..."
+                        .into(),
+                ),
+            )),
+        }
+    }
+    let give_up_after = match &section.give_up_after {
+        None => Duration::from_secs(30),
+        Some(value) => match humantime::parse_duration(value.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                problems.push(Problem::new(
+                    lines.line_of(&value.span()),
+                    format!(
+                        "[replicas] give_up_after \"{}\" is not a positive duration",
+                        value.get_ref()
+                    ),
+                    Some("write a duration like \"30s\"".into()),
+                ));
+                Duration::from_secs(30)
+            }
+        },
+    };
+    ReadReplicas {
+        replicas,
+        give_up_after,
     }
 }
 

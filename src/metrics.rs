@@ -38,6 +38,11 @@ pub const FENCES: &str = "pginval_fences";
 /// Keys of fenced rules deleted without a fence: on a cluster, a key with a `}` but no
 /// hash tag, whose fence cannot share its slot.
 pub const FENCES_SKIPPED: &str = "pginval_fences_skipped";
+/// Batches applied a second time once every read replica (`[replicas]`) replayed them.
+pub const REPLICA_REDELETES: &str = "pginval_replica_redeletes";
+/// Times a read replica was given up: it had not replayed a batch within
+/// `[replicas] give_up_after`.
+pub const REPLICA_GIVEN_UP: &str = "pginval_replica_given_up";
 /// Failed Redis attempts.
 pub const REDIS_ERRORS: &str = "pginval_redis_errors";
 /// Redis failovers (or outages) after which the replay window was applied again.
@@ -148,6 +153,10 @@ pub struct Metrics {
     pub fences: Counter,
     /// See [`FENCES_SKIPPED`].
     pub fences_skipped: Counter,
+    /// See [`REPLICA_REDELETES`].
+    pub replica_redeletes: Counter,
+    /// See [`REPLICA_GIVEN_UP`].
+    pub replica_given_up: Counter,
     /// See [`REDIS_ERRORS`].
     pub redis_errors: Counter,
     /// See [`REDIS_REPLAYS`].
@@ -224,6 +233,8 @@ impl Metrics {
             redis_commands: Counter::default(),
             fences: Counter::default(),
             fences_skipped: Counter::default(),
+            replica_redeletes: Counter::default(),
+            replica_given_up: Counter::default(),
             redis_errors: Counter::default(),
             redis_replays: Counter::default(),
             replay_dropped: Counter::default(),
@@ -283,6 +294,16 @@ impl Metrics {
             FENCES_SKIPPED,
             "Keys of fenced rules deleted without their fence (on a cluster, a key whose fence cannot share its slot)",
             m.fences_skipped.clone(),
+        );
+        r.register(
+            REPLICA_REDELETES,
+            "Batches applied again once every read replica replayed them ([replicas])",
+            m.replica_redeletes.clone(),
+        );
+        r.register(
+            REPLICA_GIVEN_UP,
+            "Times a read replica was given up: it had not replayed a batch within [replicas] give_up_after",
+            m.replica_given_up.clone(),
         );
         r.register(
             REDIS_ERRORS,

@@ -34,6 +34,7 @@ mod ack;
 mod apply;
 mod background;
 mod changes;
+mod replicas;
 mod startup;
 mod streamed;
 
@@ -292,7 +293,18 @@ pub async fn run(
         metrics.clone(),
         health.clone(),
     );
-    let sink_task = tokio::spawn(apply_batches(sink, batch_rx, acked_tx, metrics.clone()));
+    let replicas = if config.dry_run {
+        None
+    } else {
+        replicas::Replicas::new(&config.read_replicas, &config.source)
+    };
+    let sink_task = tokio::spawn(apply_batches(
+        sink,
+        batch_rx,
+        acked_tx,
+        metrics.clone(),
+        replicas,
+    ));
     let (applied_tx, applied_rx) = watch::channel(start);
     if !config.dry_run {
         background.push(tokio::spawn(publish_applied(

@@ -1340,7 +1340,8 @@ class Bench:
             if mode == "fence":
                 # The fill script as pginval prints it; its fence TTL is the default 60 s.
                 script = subprocess.run([a.pginval, "fill-script", "--config", config], check=True,
-                                        capture_output=True, text=True).stdout
+                                        capture_output=True, text=True,
+                                        env=dict(os.environ, PGINVAL_SOURCE_URL=self.url(db))).stdout
                 fill_sha = self.redis.cmd("SCRIPT", "LOAD", script).decode()
             p = self.start_pginval(db, config, f"race-{mode}")
             # Streaming once a committed change reaches Redis.

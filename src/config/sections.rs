@@ -240,6 +240,25 @@ impl HintsConfig {
     }
 }
 
+/// `[replicas]`: physical replicas the application reads from (pginval reads the
+/// primary). A reader there can fill the cache from a row its replica has not replayed
+/// yet, after pginval's delete; so each batch is applied again once every listed
+/// replica has replayed its commit, and the flush position waits for that.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicasConfig {
+    /// Connection strings of the replicas (like `[source] url`; the source's TLS
+    /// settings apply). The role needs no privilege: pginval runs
+    /// `pg_last_wal_replay_lsn()` there.
+    #[serde(default)]
+    pub urls: Vec<Spanned<String>>,
+    /// How long a batch waits for a replica that has not replayed it (down, or that far
+    /// behind) before pginval stops waiting for that replica, logs it and counts it in
+    /// `pginval_replica_given_up_total`, until the replica has caught up. Default "30s".
+    #[serde(default)]
+    pub give_up_after: Option<Spanned<String>>,
+}
+
 /// What every key of pginval's own state starts with.
 pub const STATE_KEY_PREFIX: &str = "pginval:";
 

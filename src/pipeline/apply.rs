@@ -8,6 +8,7 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 
+use super::replicas::{self, Replicas};
 use super::{Applied, Batch};
 use crate::metrics::{Metrics, TableLabel};
 use crate::replication::protocol::{self, format_lsn};
@@ -28,16 +29,18 @@ pub(super) async fn apply_batches<S: Sink>(
     mut rx: mpsc::Receiver<Batch>,
     acked: watch::Sender<Applied>,
     metrics: Arc<Metrics>,
+    replicas: Option<Replicas>,
 ) {
     let mut done = Done {
         redelete: Redelete::default(),
         dropped_reported: 0,
         acked,
         metrics,
+        replicas,
     };
     let mut flying = FuturesOrdered::new();
     let mut open = true;
-    while open || !flying.is_empty() {
+    while open || !flying.is_empty() || done.waiting_for_replicas() {
         let due = done.redelete.next_due();
         // Second deletes that are due go first, so a steady stream of batches cannot
         // postpone them.
@@ -48,7 +51,7 @@ pub(super) async fn apply_batches<S: Sink>(
         tokio::select! {
             biased;
             Some(sent) = flying.next(), if !flying.is_empty() => done.sent(&mut sink, sent).await,
-            batch = rx.recv(), if open && flying.len() < MAX_IN_FLIGHT => {
+            batch = rx.recv(), if open && flying.len() < MAX_IN_FLIGHT && !done.replicas_full() => {
                 let Some(batch) = batch else {
                     open = false;
                     continue;
@@ -78,6 +81,10 @@ pub(super) async fn apply_batches<S: Sink>(
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                 done.second_deletes(&mut sink).await;
             }
+            // Batches wait for the read replicas: look again.
+            _ = tokio::time::sleep(replicas::POLL), if done.waiting_for_replicas() => {
+                done.poll_replicas(&mut sink).await;
+            }
         }
     }
 }
@@ -99,11 +106,13 @@ pub(super) struct Done {
     dropped_reported: u64,
     acked: watch::Sender<Applied>,
     metrics: Arc<Metrics>,
+    /// The read replicas each batch waits for before it counts (`[replicas]`).
+    replicas: Option<Replicas>,
 }
 
 impl Done {
     /// Metrics, second-delete schedule, and the acknowledgement the flush position
-    /// follows. Called in batch order.
+    /// follows (after the read replicas, when there are any). Called in batch order.
     fn batch(&mut self, batch: Batch) {
         let metrics = &self.metrics;
         tracing::debug!(
@@ -147,10 +156,56 @@ impl Done {
             );
             self.dropped_reported = self.redelete.dropped;
         }
+        match &mut self.replicas {
+            Some(replicas) => replicas.push(batch, now),
+            None => self.acknowledge(&batch),
+        }
+    }
+
+    /// The flush position may pass `batch`.
+    fn acknowledge(&self, batch: &Batch) {
         self.acked.send_modify(|a| {
             a.batches += 1;
             a.lsn = a.lsn.max(batch.end_lsn);
         });
+    }
+
+    fn waiting_for_replicas(&self) -> bool {
+        self.replicas.as_ref().is_some_and(|r| !r.is_empty())
+    }
+
+    fn replicas_full(&self) -> bool {
+        self.replicas.as_ref().is_some_and(Replicas::full)
+    }
+
+    /// Reads the read replicas' positions; applies again the batches they all
+    /// replayed (or that waited too long), then acknowledges them.
+    async fn poll_replicas<S: Sink>(&mut self, sink: &mut S) {
+        let Some(replicas) = &mut self.replicas else {
+            return;
+        };
+        replicas.poll().await;
+        let released = replicas.release(tokio::time::Instant::now());
+        for name in &released.given_up {
+            self.metrics.replica_given_up.inc();
+            tracing::warn!(
+                replica = %name,
+                "read replica has not replayed a batch within [replicas] give_up_after; not waiting for it until it catches up (its readers may cache stale rows meanwhile)"
+            );
+        }
+        if released.batches.is_empty() {
+            return;
+        }
+        let work = released.work();
+        if !work.is_empty() {
+            sink.deliver(&work, &[]).await;
+        }
+        self.metrics
+            .replica_redeletes
+            .inc_by(released.batches.len() as u64);
+        for batch in &released.batches {
+            self.acknowledge(batch);
+        }
     }
 
     /// A batch sent without waiting has its answer: acknowledged, or retried until
@@ -280,7 +335,13 @@ mod tests {
         };
         let (tx, rx) = mpsc::channel(1);
         let (acked_tx, acked) = watch::channel(Applied::default());
-        tokio::spawn(apply_batches(sink, rx, acked_tx, Arc::new(Metrics::new())));
+        tokio::spawn(apply_batches(
+            sink,
+            rx,
+            acked_tx,
+            Arc::new(Metrics::new()),
+            None,
+        ));
         Harness {
             log,
             tx,

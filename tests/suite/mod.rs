@@ -5,6 +5,7 @@ mod cluster;
 mod faults;
 mod fence;
 pub(crate) mod ops;
+mod replicas;
 mod rules;
 mod sentinel;
 mod silent;
