@@ -5,7 +5,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,13 +14,14 @@ use toml::de::{DeTable, DeValue};
 
 use crate::diagnostics::{LineIndex, Problem, write_problem};
 pub use crate::replication::source::{SlotLost, Source};
-use crate::replication::tls::{TlsSettings, split_tls_params, tokio_postgres_mode};
 use crate::rules::compile::{self, RuleSet};
 use crate::rules::model::RuleModel;
 pub use crate::sink::events::EventsConfig;
 use crate::sink::tags::TagLayout;
 
+mod cache;
 mod sections;
+mod source;
 
 /// Environment variable that overrides `[source] url`.
 pub const ENV_SOURCE_URL: &str = "PGINVAL_SOURCE_URL";
@@ -310,240 +310,15 @@ impl Config {
                 other => problems.push(Problem::new(
                     line,
                     format!("unknown section `{other}`"),
-                    Some("the sections are [source], [redis], [state], [tags], [events], [hints], [limits], [metrics] and [[rules]]".into()),
+                    Some("the sections are [source], [replicas], [redis], [state], [tags], [events], [hints], [limits], [metrics] and [[rules]]".into()),
                 )),
             }
         }
 
-        // Environment overrides, then validation of the final values.
-        let url_line = source.url.as_ref().and_then(|u| lines.line_of(&u.span()));
-        let source_url =
-            env(ENV_SOURCE_URL).or_else(|| source.url.as_ref().map(|u| u.get_ref().clone()));
-        let mut source_tls = TlsSettings::default();
-        let pg = match source_url {
-            None => {
-                problems.push(Problem::new(
-                    source_line,
-                    "no source database: [source] url is missing",
-                    Some(format!(
-                        "add `url = \"postgres://user@host:5432/db\"` under [source], or set {ENV_SOURCE_URL}"
-                    )),
-                ));
-                None
-            }
-            Some(url) => {
-                let (url, tls) = match split_tls_params(&url) {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        problems.push(Problem::new(
-                            url_line,
-                            format!("[source] url: {e}"),
-                            Some(
-                                "use sslmode=disable, prefer, require, verify-ca or verify-full"
-                                    .into(),
-                            ),
-                        ));
-                        (url.clone(), TlsSettings::default())
-                    }
-                };
-                source_tls = tls;
-                match tokio_postgres::Config::from_str(&url) {
-                    Ok(mut pg) => {
-                        pg.ssl_mode(tokio_postgres_mode(source_tls.mode));
-                        match secret(
-                            &env,
-                            ENV_SOURCE_PASSWORD,
-                            source.password_file.as_ref(),
-                            &lines,
-                            "[source]",
-                        ) {
-                            Ok(Some(pw)) => {
-                                pg.password(pw);
-                            }
-                            Ok(None) => {}
-                            Err(p) => problems.push(p),
-                        }
-                        Some(pg)
-                    }
-                    Err(e) => {
-                        problems.push(Problem::new(
-                        url_line,
-                        format!("[source] url is not a valid PostgreSQL connection string: {e}"),
-                        Some("use postgres://user:password@host:5432/dbname or host=... dbname=...".into()),
-                    ));
-                        None
-                    }
-                }
-            }
-        };
-        let standby_primary = source.standby_primary_url.as_ref().and_then(|url| {
-            let line = lines.line_of(&url.span());
-            match other_server(url.get_ref()) {
-                Ok(pg) => Some(pg),
-                Err(e) => {
-                    problems.push(Problem::new(
-                        line,
-                        format!("[source] standby_primary_url is not a valid PostgreSQL connection string: {e}"),
-                        Some("use postgres://user:password@primary:5432/dbname or host=... dbname=...".into()),
-                    ));
-                    None
-                }
-            }
-        });
-        let read_replicas = read_replicas(&replicas, &lines, &mut problems);
-        let work_mem = source.logical_decoding_work_mem.get_ref();
-        let decoding_work_mem_kb = match crate::replication::source::memory_kb(work_mem) {
-            _ if work_mem == "server" => None,
-            Some(kb) if kb >= 64 => Some(kb),
-            _ => {
-                problems.push(Problem::new(
-                    lines.line_of(&source.logical_decoding_work_mem.span()),
-                    format!("[source] logical_decoding_work_mem \"{work_mem}\" is not a size of 64kB or more"),
-                    Some("write a size like \"8MB\" or \"512kB\", or \"server\" for the server's own setting".into()),
-                ));
-                None
-            }
-        };
-        for (what, name) in [("slot", &source.slot), ("publication", &source.publication)] {
-            if !valid_identifier(name.get_ref()) {
-                problems.push(Problem::new(
-                    lines.line_of(&name.span()),
-                    format!("[source] {what} `{}` is not a valid name", name.get_ref()),
-                    Some("use 1 to 63 lower-case letters, digits and underscores".into()),
-                ));
-            }
-        }
-        let status_secs = *source.status_interval_secs.get_ref();
-        if status_secs == 0 || status_secs > 3600 {
-            problems.push(Problem::new(
-                lines.line_of(&source.status_interval_secs.span()),
-                "[source] status_interval_secs must be between 1 and 3600",
-                Some("the default, 10, suits the default wal_sender_timeout of 60 s".into()),
-            ));
-        }
-        let receive_secs = *source.receive_timeout_secs.get_ref();
-        if receive_secs != 0 && !(2..=3600).contains(&receive_secs) {
-            problems.push(Problem::new(
-                lines.line_of(&source.receive_timeout_secs.span()),
-                "[source] receive_timeout_secs must be 0 (off) or between 2 and 3600",
-                Some(
-                    "the default, 60, is PostgreSQL's wal_receiver_timeout; half of it passes before pginval asks the server for a keepalive"
-                        .into(),
-                ),
-            ));
-        }
-
-        let redis_url = env(ENV_REDIS_URL).unwrap_or_else(|| redis.url.get_ref().clone());
-        let redis_info = match redis::IntoConnectionInfo::into_connection_info(redis_url.as_str()) {
-            Ok(info) => {
-                match secret(
-                    &env,
-                    ENV_REDIS_PASSWORD,
-                    redis.password_file.as_ref(),
-                    &lines,
-                    "[redis]",
-                ) {
-                    Ok(Some(pw)) => {
-                        let settings = info.redis_settings().clone().set_password(pw);
-                        Some(info.set_redis_settings(settings))
-                    }
-                    Ok(None) => Some(info),
-                    Err(p) => {
-                        problems.push(p);
-                        None
-                    }
-                }
-            }
-            Err(e) => {
-                problems.push(Problem::new(
-                    lines.line_of(&redis.url.span()),
-                    format!(
-                        "[redis] url is not a valid Redis URL: {}",
-                        redact_redis_error(&e.to_string(), &redis_url)
-                    ),
-                    Some("use redis://[user:password@]host:6379/0".into()),
-                ));
-                None
-            }
-        };
-        let tls_config = if source_tls.mode == crate::replication::tls::SslMode::Disable {
-            None
-        } else {
-            match crate::replication::tls::client_config(&source_tls) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    problems.push(Problem::new(
-                        url_line,
-                        format!("[source] url: {e}"),
-                        Some("point sslrootcert at a readable PEM file of CA certificates".into()),
-                    ));
-                    None
-                }
-            }
-        };
-        let redis_ca = match &redis.ca_file {
-            None => None,
-            Some(file) => match std::fs::read(file.get_ref()) {
-                Ok(pem) => Some(pem),
-                Err(e) => {
-                    problems.push(Problem::new(
-                        lines.line_of(&file.span()),
-                        format!("[redis] ca_file {}: {e}", file.get_ref()),
-                        Some("point ca_file at a readable PEM file of CA certificates".into()),
-                    ));
-                    None
-                }
-            },
-        };
-        let on_slot_lost = match source.on_slot_lost.get_ref().as_str() {
-            "flush" => SlotLost::Flush,
-            "fail" => SlotLost::Fail,
-            other => {
-                problems.push(Problem::new(
-                    lines.line_of(&source.on_slot_lost.span()),
-                    format!("[source] on_slot_lost `{other}` is not known"),
-                    Some(
-                        "use \"flush\" (recreate the slot and over-invalidate) or \"fail\"".into(),
-                    ),
-                ));
-                SlotLost::Flush
-            }
-        };
-        let tag_layout = match tags.layout.get_ref().as_str() {
-            "set" => {
-                if tags.key.get_ref().matches("{tag}").count() != 1 {
-                    problems.push(Problem::new(
-                        lines.line_of(&tags.key.span()),
-                        format!(
-                            "[tags] key `{}` must contain `{{tag}}` exactly once",
-                            tags.key.get_ref()
-                        ),
-                        Some("for example key = \"cache_tag:{tag}\"".into()),
-                    ));
-                }
-                TagLayout::Set {
-                    key: tags.key.get_ref().clone(),
-                }
-            }
-            "laravel" => TagLayout::Laravel {
-                prefix: tags.prefix.clone(),
-            },
-            "symfony" | "symfony-legacy" => TagLayout::Symfony {
-                prefix: tags.prefix.clone(),
-                namespace: tags.namespace.clone(),
-                legacy: tags.layout.get_ref() == "symfony-legacy",
-            },
-            other => {
-                problems.push(Problem::new(
-                    lines.line_of(&tags.layout.span()),
-                    format!("[tags] layout `{other}` is not known"),
-                    Some("use \"set\", \"laravel\", \"symfony\" (symfony/cache 6.3+) or \"symfony-legacy\" (up to 6.2)".into()),
-                ));
-                TagLayout::Set {
-                    key: tags.key.get_ref().clone(),
-                }
-            }
-        };
+        let source = source::source(source, source_line, &env, &lines, &mut problems);
+        let read_replicas = source::read_replicas(&replicas, &lines, &mut problems);
+        let redis = cache::redis(&redis, &state, &env, &lines, &mut problems);
+        let tag_layout = cache::tag_layout(&tags, &lines, &mut problems);
         let metrics_listen = match &metrics.listen {
             None => None,
             Some(addr) => match addr.get_ref().parse::<std::net::SocketAddr>() {
@@ -580,57 +355,6 @@ impl Config {
                 hints_line,
                 "[hints] enabled = true but no key_prefixes or tag_prefixes: every hint would be refused",
                 Some("list what hints may name, like key_prefixes = [\"report:\"] (\"\" allows every key to every role that can log in)".into()),
-            ));
-        }
-        let redis_durability = durability(&redis, &lines, &mut problems);
-        let state_db = *state.redis_db.get_ref();
-        let cluster = *redis.cluster.get_ref();
-        let redis_nodes = cluster_seeds(&redis, redis_info.as_ref(), &lines, &mut problems);
-        let redis_sentinel = sentinel(&redis, &lines, &mut problems);
-        let state_redis = redis_info.as_ref().map(|info| {
-            if cluster {
-                return info.clone();
-            }
-            let settings = info.redis_settings().clone().set_db(state_db);
-            info.clone().set_redis_settings(settings)
-        });
-        if cluster {
-            if let Some(info) = &redis_info
-                && info.redis_settings().db() != 0
-            {
-                problems.push(Problem::new(
-                    lines.line_of(&redis.url.span()),
-                    format!(
-                        "[redis] url names database {}, but a Redis Cluster has database 0 only",
-                        info.redis_settings().db()
-                    ),
-                    Some("drop the database from the URL (redis://host:port)".into()),
-                ));
-            }
-            if !state.redis_db.span().is_empty() {
-                problems.push(Problem::new(
-                    lines.line_of(&state.redis_db.span()),
-                    "[state] redis_db does not apply to a Redis Cluster (it has database 0 only): pginval's state lives there, under pginval: keys",
-                    Some("remove redis_db from [state]".into()),
-                ));
-            }
-        } else if let Some(info) = &redis_info
-            && info.redis_settings().db() == state_db
-        {
-            problems.push(Problem::new(
-                lines.line_of(&state.redis_db.span()),
-                format!("[state] redis_db {state_db} is the cache's own database: flushing the cache would erase pginval's state (the record that tells a lost slot from a first start)"),
-                Some("give [state] redis_db another database number (default 15), or the cache another database in [redis] url".into()),
-            ));
-        }
-        if state_db < 0 {
-            problems.push(Problem::new(
-                lines.line_of(&state.redis_db.span()),
-                format!("[state] redis_db {state_db} is not a database number"),
-                Some(
-                    "use a number from 0 to 15 (the server's `databases` setting is the limit)"
-                        .into(),
-                ),
             ));
         }
         let defaults = compile::RuleDefaults {
@@ -676,36 +400,20 @@ impl Config {
             }
         }
         problems.sort_by_key(|p| p.line.unwrap_or(0));
-        match (problems.is_empty(), pg, redis_info, state_redis) {
-            (true, Some(pg), Some(redis), Some(state_redis)) => Ok(Config {
+        match (problems.is_empty(), source, redis.info, redis.state) {
+            (true, Some(source), Some(info), Some(state_redis)) => Ok(Config {
                 path: path.to_owned(),
-                source: Source {
-                    pg,
-                    slot: source.slot.into_inner(),
-                    publication: source.publication.into_inner(),
-                    status_interval: Duration::from_secs(status_secs),
-                    receive_timeout: (receive_secs > 0).then(|| Duration::from_secs(receive_secs)),
-                    on_slot_lost,
-                    heartbeat: (source.heartbeat_secs > 0)
-                        .then(|| Duration::from_secs(source.heartbeat_secs)),
-                    tls: source_tls,
-                    column_lists: source.column_lists,
-                    failover_slot: source.failover_slot,
-                    streaming: source.streaming,
-                    decoding_work_mem_kb,
-                    standby_primary,
-                    tls_config,
-                },
-                redis_ca,
-                redis,
+                source,
+                redis_ca: redis.ca,
+                redis: info,
                 tags: tag_layout,
                 events,
                 hints,
                 state_redis,
-                redis_cluster: cluster,
-                redis_nodes,
-                redis_sentinel,
-                redis_durability,
+                redis_cluster: redis.cluster,
+                redis_nodes: redis.nodes,
+                redis_sentinel: redis.sentinel,
+                redis_durability: redis.durability,
                 rules,
                 metrics_listen,
                 max_lag: Duration::from_secs(metrics.max_lag_secs.max(1)),
@@ -716,236 +424,6 @@ impl Config {
             _ => Err(fail(problems)),
         }
     }
-}
-
-/// Connection settings of another server of the source's cluster (a standby's
-/// primary, a read replica), its `sslmode` kept.
-fn other_server(url: &str) -> Result<tokio_postgres::Config, String> {
-    let (plain, tls) = split_tls_params(url).map_err(|e| e.to_string())?;
-    let mut pg = tokio_postgres::Config::from_str(&plain).map_err(|e| e.to_string())?;
-    pg.ssl_mode(tokio_postgres_mode(tls.mode));
-    Ok(pg)
-}
-
-/// `[replicas]`, with a problem for each URL that is not one and a bad give-up time.
-fn read_replicas(
-    section: &ReplicasConfig,
-    lines: &LineIndex,
-    problems: &mut Vec<Problem>,
-) -> ReadReplicas {
-    let mut replicas = Vec::new();
-    for url in &section.urls {
-        match other_server(url.get_ref()) {
-            Ok(pg) => replicas.push(pg),
-            Err(e) => problems.push(Problem::new(
-                lines.line_of(&url.span()),
-                format!("[replicas] urls: not a valid PostgreSQL connection string: {e}"),
-                Some(
-                    "use postgres://user:password@replica:5432/dbname or host=... dbname=..."
-                        .into(),
-                ),
-            )),
-        }
-    }
-    let give_up_after = match &section.give_up_after {
-        None => Duration::from_secs(30),
-        Some(value) => match humantime::parse_duration(value.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
-            _ => {
-                problems.push(Problem::new(
-                    lines.line_of(&value.span()),
-                    format!(
-                        "[replicas] give_up_after \"{}\" is not a positive duration",
-                        value.get_ref()
-                    ),
-                    Some("write a duration like \"30s\"".into()),
-                ));
-                Duration::from_secs(30)
-            }
-        },
-    };
-    ReadReplicas {
-        replicas,
-        give_up_after,
-    }
-}
-
-/// `[redis] replay_window`, `wait_replicas` and `wait_timeout`, with a problem for each
-/// that is not a duration.
-fn durability(redis: &RedisConfig, lines: &LineIndex, problems: &mut Vec<Problem>) -> Durability {
-    let mut duration = |field: &Option<Spanned<String>>, name: &str, default: Duration| {
-        let Some(value) = field else {
-            return default;
-        };
-        match humantime::parse_duration(value.get_ref()) {
-            Ok(d) => d,
-            Err(_) => {
-                problems.push(Problem::new(
-                    lines.line_of(&value.span()),
-                    format!("[redis] {name} \"{}\" is not a duration", value.get_ref()),
-                    Some("write a duration like \"10s\" or \"500ms\"".into()),
-                ));
-                default
-            }
-        }
-    };
-    let replay_window = duration(
-        &redis.replay_window,
-        "replay_window",
-        Duration::from_secs(30),
-    );
-    let wait_timeout = duration(&redis.wait_timeout, "wait_timeout", Duration::from_secs(1));
-    let fence_ttl = duration(&redis.fence_ttl, "fence_ttl", Duration::from_secs(60));
-    let span = redis
-        .wait_timeout
-        .as_ref()
-        .map(|v| v.span())
-        .unwrap_or(0..0);
-    if wait_timeout.is_zero() {
-        problems.push(Problem::new(
-            lines.line_of(&span),
-            "[redis] wait_timeout is 0, which makes WAIT block until the replicas answer, however long",
-            Some("give a bound like \"1s\"".into()),
-        ));
-    } else if wait_timeout >= Duration::from_secs(5) {
-        problems.push(Problem::new(
-            lines.line_of(&span),
-            format!(
-                "[redis] wait_timeout {} is not under 5 s, the longest pginval waits for any one Redis answer on a cluster",
-                humantime::format_duration(wait_timeout)
-            ),
-            Some("give a bound under 5 s, like \"1s\"".into()),
-        ));
-    }
-    if let Some(value) = &redis.fence_ttl
-        && fence_ttl < Duration::from_secs(2)
-    {
-        problems.push(Problem::new(
-            lines.line_of(&value.span()),
-            format!(
-                "[redis] fence_ttl {} is under 2 s: a fill may then come no later than {} after its read",
-                humantime::format_duration(fence_ttl),
-                humantime::format_duration(fence_ttl / 2)
-            ),
-            Some("give a duration well above your longest read-to-fill time, like \"60s\"".into()),
-        ));
-    }
-    Durability {
-        replay_window,
-        wait_replicas: redis.wait_replicas.as_ref().map_or(0, |n| *n.get_ref()),
-        wait_timeout,
-        fence_ttl,
-    }
-}
-
-/// `[redis] sentinel_master` and `sentinels`, with a problem for each address that is
-/// not one and for one without the other (or with `cluster`).
-fn sentinel(
-    redis: &RedisConfig,
-    lines: &LineIndex,
-    problems: &mut Vec<Problem>,
-) -> Option<SentinelConfig> {
-    let master = redis.sentinel_master.as_ref();
-    match (master, redis.sentinels.first()) {
-        (None, None) => return None,
-        (Some(m), None) => {
-            problems.push(Problem::new(
-                lines.line_of(&m.span()),
-                "[redis] sentinel_master is set but sentinels names no Sentinel",
-                Some(
-                    "list the Sentinels, like sentinels = [\"10.0.0.5:26379\", \"10.0.0.6:26379\"]"
-                        .into(),
-                ),
-            ));
-            return None;
-        }
-        (None, Some(first)) => {
-            problems.push(Problem::new(
-                lines.line_of(&first.span()),
-                "[redis] sentinels are listed but sentinel_master is not set",
-                Some("add the master's name, like sentinel_master = \"mymaster\"".into()),
-            ));
-            return None;
-        }
-        (Some(m), Some(_)) if *redis.cluster.get_ref() => {
-            problems.push(Problem::new(
-                lines.line_of(&m.span()),
-                "[redis] sentinel_master and cluster = true exclude each other",
-                Some("a Redis Cluster fails over by itself: remove sentinel_master and sentinels, or cluster".into()),
-            ));
-            return None;
-        }
-        (Some(_), Some(_)) => {}
-    }
-    let mut sentinels = Vec::new();
-    for node in &redis.sentinels {
-        let text = node.get_ref();
-        let full = if text.contains("://") {
-            text.clone()
-        } else {
-            format!("redis://{text}")
-        };
-        match redis::IntoConnectionInfo::into_connection_info(full.as_str()) {
-            Ok(info) => sentinels.push(info),
-            Err(e) => problems.push(Problem::new(
-                lines.line_of(&node.span()),
-                format!(
-                    "[redis] sentinels: `{text}` is not an address: {}",
-                    redact_redis_error(&e.to_string(), &full)
-                ),
-                Some("use host:port, like 10.0.0.5:26379".into()),
-            )),
-        }
-    }
-    Some(SentinelConfig {
-        master: master?.get_ref().clone(),
-        sentinels,
-    })
-}
-
-/// `[redis] nodes` as connection infos with `url`'s password and TLS; a problem for
-/// each that is not an address, and for nodes without `cluster = true`.
-fn cluster_seeds(
-    redis: &RedisConfig,
-    url: Option<&redis::ConnectionInfo>,
-    lines: &LineIndex,
-    problems: &mut Vec<Problem>,
-) -> Vec<redis::ConnectionInfo> {
-    if !redis.nodes.is_empty() && !*redis.cluster.get_ref() {
-        problems.push(Problem::new(
-            lines.line_of(&redis.nodes[0].span()),
-            "[redis] nodes are the seed nodes of a Redis Cluster, but cluster is not set",
-            Some("add cluster = true to [redis], or remove nodes".into()),
-        ));
-    }
-    let mut seeds = Vec::new();
-    for node in &redis.nodes {
-        let text = node.get_ref();
-        let tls = url.is_some_and(|u| matches!(u.addr(), redis::ConnectionAddr::TcpTls { .. }));
-        let full = if text.contains("://") {
-            text.clone()
-        } else {
-            format!("{}://{text}", if tls { "rediss" } else { "redis" })
-        };
-        match redis::IntoConnectionInfo::into_connection_info(full.as_str()) {
-            Ok(info) => {
-                let settings = match url {
-                    Some(u) => u.redis_settings().clone(),
-                    None => info.redis_settings().clone(),
-                };
-                seeds.push(info.set_redis_settings(settings));
-            }
-            Err(e) => problems.push(Problem::new(
-                lines.line_of(&node.span()),
-                format!(
-                    "[redis] nodes: `{text}` is not a Redis address: {}",
-                    redact_redis_error(&e.to_string(), &full)
-                ),
-                Some("use host:port or redis://host:port".into()),
-            )),
-        }
-    }
-    seeds
 }
 
 const RULE_FIELDS_HINT: &str = "a rule has `table` (\"schema.table\"), `keys` and `tags` (lists of templates like \"user:{id}\")";
@@ -1061,21 +539,6 @@ fn broker_secret(
         problems.push(p);
         None
     })
-}
-
-/// A Redis URL error message with the URL's password removed.
-fn redact_redis_error(message: &str, url: &str) -> String {
-    let redacted = redact(url);
-    message.replace(url, &redacted)
-}
-
-/// A Postgres name pginval creates: lower-case, digits, underscores, at most 63 bytes.
-fn valid_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !s.as_bytes()[0].is_ascii_digit()
 }
 
 /// A connection string with any password replaced by `***`, safe to print.
