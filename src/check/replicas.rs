@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use super::{CheckReport, system_identifier};
+use super::CheckReport;
+use super::standby::system_identifier;
 use crate::config::Config;
 use crate::diagnostics::Problem;
 use crate::replication::catalog;
