@@ -3,6 +3,7 @@
 //! Never talks to Redis (that is `sink/`) nor reads the wire (that is `replication/`).
 
 pub mod compile;
+pub mod entity;
 pub mod invalidation;
 pub mod model;
 pub mod template;
