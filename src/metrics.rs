@@ -43,6 +43,8 @@ pub const REPLICA_REDELETES: &str = "pginval_replica_redeletes";
 /// Times a read replica was given up: it had not replayed a batch within
 /// `[replicas] give_up_after`.
 pub const REPLICA_GIVEN_UP: &str = "pginval_replica_given_up";
+/// Read replicas given up now (not waited for until they catch up).
+pub const REPLICAS_GIVEN_UP_NOW: &str = "pginval_replicas_given_up";
 /// Failed Redis attempts.
 pub const REDIS_ERRORS: &str = "pginval_redis_errors";
 /// Redis failovers (or outages) after which the replay window was applied again.
@@ -157,6 +159,8 @@ pub struct Metrics {
     pub replica_redeletes: Counter,
     /// See [`REPLICA_GIVEN_UP`].
     pub replica_given_up: Counter,
+    /// See [`REPLICAS_GIVEN_UP_NOW`].
+    pub replicas_given_up_now: Gauge,
     /// See [`REDIS_ERRORS`].
     pub redis_errors: Counter,
     /// See [`REDIS_REPLAYS`].
@@ -235,6 +239,7 @@ impl Metrics {
             fences_skipped: Counter::default(),
             replica_redeletes: Counter::default(),
             replica_given_up: Counter::default(),
+            replicas_given_up_now: Gauge::default(),
             redis_errors: Counter::default(),
             redis_replays: Counter::default(),
             replay_dropped: Counter::default(),
@@ -304,6 +309,11 @@ impl Metrics {
             REPLICA_GIVEN_UP,
             "Times a read replica was given up: it had not replayed a batch within [replicas] give_up_after",
             m.replica_given_up.clone(),
+        );
+        r.register(
+            REPLICAS_GIVEN_UP_NOW,
+            "Read replicas given up now: not waited for until they replayed the batch they were given up at",
+            m.replicas_given_up_now.clone(),
         );
         r.register(
             REDIS_ERRORS,

@@ -134,6 +134,10 @@ struct Batch {
     events: Vec<Event>,
     /// End LSN of the last commit in the batch.
     end_lsn: Lsn,
+    /// A physical replica has everything of the batch once it replayed past this
+    /// position: its last commit's end, or, for a part of a transaction sent before
+    /// its commit, just past that commit record (`[replicas]`).
+    replay_lsn: Lsn,
     transactions: u64,
     /// Commit times (Postgres micros) of its transactions, and when pginval read
     /// each commit off the socket, for latency metrics.
@@ -296,7 +300,12 @@ pub async fn run(
     let replicas = if config.dry_run {
         None
     } else {
-        replicas::Replicas::new(&config.read_replicas, &config.source)
+        replicas::ReplicaWait::new(&config.read_replicas, &config.source).map(
+            |(wait, positions, watcher)| {
+                background.push(tokio::spawn(watcher));
+                (wait, positions)
+            },
+        )
     };
     let sink_task = tokio::spawn(apply_batches(
         sink,

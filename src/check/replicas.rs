@@ -35,7 +35,7 @@ pub(super) async fn check_replicas(
             Ok(Err(e)) => {
                 report.warnings.push(Problem::new(
                     None,
-                    format!("cannot connect to {name}: {}; run waits for it up to give_up_after per batch, then goes on without it", catalog::describe_error(&e)),
+                    format!("cannot connect to {name}: {}; run waits for it up to give_up_after, then goes on without it until it has caught up", catalog::describe_error(&e)),
                     Some("check the URL, the role and pg_hba.conf of the replica".into()),
                 ));
                 continue;
@@ -43,7 +43,7 @@ pub(super) async fn check_replicas(
             Err(_) => {
                 report.warnings.push(Problem::new(
                     None,
-                    format!("{name} did not answer within {TIMEOUT:?}; run waits for it up to give_up_after per batch, then goes on without it"),
+                    format!("{name} did not answer within {TIMEOUT:?}; run waits for it up to give_up_after, then goes on without it until it has caught up"),
                     None,
                 ));
                 continue;

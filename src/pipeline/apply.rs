@@ -8,7 +8,7 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 
-use super::replicas::{self, Replicas};
+use super::replicas::{self, Positions, ReplicaWait};
 use super::{Applied, Batch};
 use crate::metrics::{Metrics, TableLabel};
 use crate::replication::protocol::{self, format_lsn};
@@ -29,7 +29,7 @@ pub(super) async fn apply_batches<S: Sink>(
     mut rx: mpsc::Receiver<Batch>,
     acked: watch::Sender<Applied>,
     metrics: Arc<Metrics>,
-    replicas: Option<Replicas>,
+    replicas: Option<(ReplicaWait, watch::Receiver<Positions>)>,
 ) {
     let mut done = Done {
         redelete: Redelete::default(),
@@ -37,6 +37,7 @@ pub(super) async fn apply_batches<S: Sink>(
         acked,
         metrics,
         replicas,
+        next_poll: tokio::time::Instant::now(),
     };
     let mut flying = FuturesOrdered::new();
     let mut open = true;
@@ -46,6 +47,12 @@ pub(super) async fn apply_batches<S: Sink>(
         // postpone them.
         if due.is_some_and(|d| d <= tokio::time::Instant::now()) {
             done.second_deletes(&mut sink).await;
+            continue;
+        }
+        // So are the batches the read replicas have replayed.
+        let poll = done.next_replica_poll();
+        if poll.is_some_and(|p| p <= tokio::time::Instant::now()) {
+            done.poll_replicas(&mut sink).await;
             continue;
         }
         tokio::select! {
@@ -82,7 +89,7 @@ pub(super) async fn apply_batches<S: Sink>(
                 done.second_deletes(&mut sink).await;
             }
             // Batches wait for the read replicas: look again.
-            _ = tokio::time::sleep(replicas::POLL), if done.waiting_for_replicas() => {
+            _ = tokio::time::sleep_until(poll.unwrap_or_else(tokio::time::Instant::now)), if poll.is_some() => {
                 done.poll_replicas(&mut sink).await;
             }
         }
@@ -106,8 +113,11 @@ pub(super) struct Done {
     dropped_reported: u64,
     acked: watch::Sender<Applied>,
     metrics: Arc<Metrics>,
-    /// The read replicas each batch waits for before it counts (`[replicas]`).
-    replicas: Option<Replicas>,
+    /// The read replicas each batch waits for before it counts (`[replicas]`), and
+    /// their positions as the watcher last read them.
+    replicas: Option<(ReplicaWait, watch::Receiver<Positions>)>,
+    /// When the replicas' positions are looked at next.
+    next_poll: tokio::time::Instant,
 }
 
 impl Done {
@@ -157,7 +167,7 @@ impl Done {
             self.dropped_reported = self.redelete.dropped;
         }
         match &mut self.replicas {
-            Some(replicas) => replicas.push(batch, now),
+            Some((replicas, _)) => replicas.push(batch, now),
             None => self.acknowledge(&batch),
         }
     }
@@ -171,21 +181,33 @@ impl Done {
     }
 
     fn waiting_for_replicas(&self) -> bool {
-        self.replicas.as_ref().is_some_and(|r| !r.is_empty())
+        self.replicas.as_ref().is_some_and(|(r, _)| !r.is_empty())
+    }
+
+    /// When batches waiting for the read replicas are looked at next; `None` when none
+    /// wait.
+    fn next_replica_poll(&self) -> Option<tokio::time::Instant> {
+        self.waiting_for_replicas().then_some(self.next_poll)
     }
 
     fn replicas_full(&self) -> bool {
-        self.replicas.as_ref().is_some_and(Replicas::full)
+        self.replicas.as_ref().is_some_and(|(r, _)| r.full())
     }
 
-    /// Reads the read replicas' positions; applies again the batches they all
-    /// replayed (or that waited too long), then acknowledges them.
+    /// Looks at the read replicas' latest positions; applies again the batches they
+    /// all replayed (or that waited too long), then acknowledges them.
     async fn poll_replicas<S: Sink>(&mut self, sink: &mut S) {
-        let Some(replicas) = &mut self.replicas else {
+        self.next_poll = tokio::time::Instant::now() + replicas::POLL;
+        let Some((replicas, positions)) = &mut self.replicas else {
             return;
         };
-        replicas.poll().await;
-        let released = replicas.release(tokio::time::Instant::now());
+        let released = replicas.release(&positions.borrow(), tokio::time::Instant::now());
+        self.metrics
+            .replicas_given_up_now
+            .set(replicas.given_up() as i64);
+        for name in &released.back {
+            tracing::info!(replica = %name, "read replica caught up; waiting for it again");
+        }
         for name in &released.given_up {
             self.metrics.replica_given_up.inc();
             tracing::warn!(
@@ -325,6 +347,14 @@ mod tests {
 
     /// The sink task with `gates` commuting sends to hold.
     fn start(gates: usize) -> Harness {
+        start_with(gates, None)
+    }
+
+    /// [`start`], with read replicas.
+    fn start_with(
+        gates: usize,
+        replicas: Option<(ReplicaWait, watch::Receiver<Positions>)>,
+    ) -> Harness {
         let log = Log::default();
         let (senders, receivers): (Vec<_>, VecDeque<_>) =
             (0..gates).map(|_| oneshot::channel()).unzip();
@@ -340,7 +370,7 @@ mod tests {
             rx,
             acked_tx,
             Arc::new(Metrics::new()),
-            None,
+            replicas,
         ));
         Harness {
             log,
@@ -367,6 +397,55 @@ mod tests {
         async fn acked_up_to(&mut self, batches: u64) -> Applied {
             *self.acked.wait_for(|a| a.batches >= batches).await.unwrap()
         }
+    }
+
+    /// With a read replica: Redis' acknowledgement is not enough; the batch counts once
+    /// the replica replayed its commit, after it went to Redis again. A replica that
+    /// never answers is given up after `give_up_after`.
+    #[tokio::test(start_paused = true)]
+    async fn acknowledgements_wait_for_the_read_replicas_then_the_batch_goes_again() {
+        let (positions, watched) = watch::channel(vec![None]);
+        let wait = ReplicaWait::of(vec!["r".into()], Duration::from_secs(30));
+        let mut h = start_with(0, Some((wait, watched)));
+        let mut b1 = batch("b1", 10, false);
+        b1.replay_lsn = 10;
+        h.tx.send(b1).await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(h.log(), ["deliver b1"]);
+        assert_eq!(
+            *h.acked.borrow(),
+            Applied::default(),
+            "the replica lacks it"
+        );
+        positions.send(vec![Some(9)]).unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(*h.acked.borrow(), Applied::default(), "9 is short of 10");
+        positions.send(vec![Some(10)]).unwrap();
+        assert_eq!(
+            h.acked_up_to(1).await,
+            Applied {
+                batches: 1,
+                lsn: 10
+            }
+        );
+        assert_eq!(h.log(), ["deliver b1", "deliver b1"], "applied again");
+        // The replica stops answering: the next batch goes on after 30 s.
+        positions.send(vec![None]).unwrap();
+        let mut b2 = batch("b2", 20, false);
+        b2.replay_lsn = 20;
+        h.tx.send(b2).await.unwrap();
+        tokio::time::advance(Duration::from_secs(29)).await;
+        settle().await;
+        assert_eq!(h.acked.borrow().batches, 1);
+        assert_eq!(
+            h.acked_up_to(2).await,
+            Applied {
+                batches: 2,
+                lsn: 20
+            }
+        );
     }
 
     #[tokio::test]

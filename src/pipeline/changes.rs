@@ -159,7 +159,7 @@ impl Stream {
                 self.ready.push_back(Ready::Batch(batch));
             }
             for part in parts {
-                let ready = part.into_ready(|events| self.stamp(events));
+                let ready = part.into_ready(|events| self.stamp(events), commit.end_lsn);
                 self.ready.push_back(ready);
             }
         }
@@ -167,6 +167,7 @@ impl Stream {
         self.queue(inv.work, inv.events);
         let batch = self.pending.get_or_insert_with(Batch::default);
         batch.end_lsn = batch.end_lsn.max(commit.end_lsn);
+        batch.replay_lsn = batch.replay_lsn.max(commit.end_lsn);
         batch.transactions += 1;
         if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
             batch.commit_times.push((commit.commit_time, self.read_at));
@@ -239,6 +240,8 @@ impl Stream {
             self.queue(work, events);
             // Its commit time, so lag and readiness see a part waiting for Redis.
             let batch = self.pending.get_or_insert_with(Batch::default);
+            // Replicas have it once they replayed its commit record (BEGIN's final LSN).
+            batch.replay_lsn = batch.replay_lsn.max(self.tx_commit.0 + 1);
             if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
                 batch.commit_times.push((self.tx_commit.1, self.read_at));
             }
@@ -289,6 +292,7 @@ impl Stream {
             let batch = self.pending.get_or_insert_with(Batch::default);
             batch.work.add_hint(hint.keys, hint.tags);
             batch.end_lsn = batch.end_lsn.max(m.lsn);
+            batch.replay_lsn = batch.replay_lsn.max(m.lsn);
         }
     }
 
@@ -348,6 +352,7 @@ impl Stream {
             // Outside a transaction there is no commit to give events: fallbacks only.
             let batch = self.pending.get_or_insert_with(Batch::default);
             batch.end_lsn = batch.end_lsn.max(m.lsn);
+            batch.replay_lsn = batch.replay_lsn.max(m.lsn);
             let mut inv = Invalidation::default();
             for rule in rules {
                 inv.add_rule_fallback(&rule.effective_fallback(), FallbackReason::PartitionChanged);

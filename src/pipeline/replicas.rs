@@ -2,56 +2,59 @@
 //! acknowledged waits here until every replica has replayed its commit, is applied
 //! again (a reader there may have filled the cache from the old row after the first
 //! delete), and only then counts as acknowledged for the ack rule, so a crash before
-//! that sends it again. Owns the waiting batches and the replicas' replay positions;
-//! never talks to Redis.
+//! that sends it again. [`ReplicaWait`] is the bookkeeping (pure, no IO);
+//! [`watch_positions`] reads the replicas' replay positions on a task of its own, so a
+//! replica that does not answer never holds up the sink task.
 //!
-//! A replica that has not replayed a batch within `give_up_after` (down, or that far
-//! behind) is given up: logged, counted, and not waited for until it has replayed
-//! every batch released meanwhile. So a lost replica delays the slot by
-//! `give_up_after` once, not forever.
+//! A replica that has not replayed the oldest waiting batch within `give_up_after`
+//! (down, or that far behind) is given up: logged, counted, and not waited for until it
+//! has replayed that batch's commit. Batches released meanwhile are not applied again
+//! for its readers.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use futures_util::future::join_all;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
 use super::Batch;
-use crate::config::Source;
+use crate::config::{ReadReplicas, Source};
 use crate::replication::catalog;
 use crate::replication::pgoutput::Lsn;
-use crate::replication::protocol::format_lsn;
 use crate::rules::invalidation::Work;
 
 /// Most entries (keys, tags, patterns, events) waiting for the replicas; past it the
 /// sink task takes no new batch (the stream then stops reading, PostgreSQL keeps the
-/// WAL).
+/// WAL). The oldest batch still goes on after `give_up_after` at the latest.
 const MAX_WAITING: usize = 200_000;
-/// How often the replicas' positions are read while batches wait.
+/// How often the replicas' positions are read.
 pub(super) const POLL: Duration = Duration::from_millis(10);
 /// Bound of one connection attempt or position query.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a replica that did not answer is left alone before the next attempt.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The batches waiting for the replicas, and the replicas.
-pub(super) struct Replicas {
-    replicas: Vec<Replica>,
+/// Each replica's replay position as last read; `None` until read, or while it does
+/// not answer. `Lsn::MAX` for a server not in recovery (a promoted replica holds
+/// everything it will ever have).
+pub(super) type Positions = Vec<Option<Lsn>>;
+
+/// The batches waiting for the replicas, and what is known of the replicas.
+pub(super) struct ReplicaWait {
+    replicas: Vec<Waited>,
     waiting: VecDeque<Waiting>,
     entries: usize,
     give_up_after: Duration,
 }
 
-struct Replica {
+struct Waited {
     /// `host:port`, for the log.
     name: String,
-    source: Source,
-    client: Option<Client>,
-    /// Its replay position (`Lsn::MAX` when it is not in recovery: a promoted
-    /// replica holds everything it will ever have).
-    replayed: Lsn,
+    replayed: Option<Lsn>,
     /// Given up: not waited for until it has replayed this position.
     given_up: Option<Lsn>,
-    /// The log said it is unreachable.
-    told_unreachable: bool,
 }
 
 struct Waiting {
@@ -67,37 +70,57 @@ pub(super) struct Released {
     pub batches: Vec<Batch>,
     /// Replicas given up now, by name.
     pub given_up: Vec<String>,
+    /// Replicas waited for again, having caught up, by name.
+    pub back: Vec<String>,
 }
 
-impl Replicas {
-    /// The replicas of `settings` (reached with `source`'s TLS settings); `None` when
-    /// there are none.
-    pub(super) fn new(settings: &crate::config::ReadReplicas, source: &Source) -> Option<Replicas> {
+impl ReplicaWait {
+    /// The bookkeeping for `settings`' replicas, and the task that reads their
+    /// positions (reached with `source`'s TLS settings) into the channel the sink task
+    /// reads; `None` when there are none.
+    pub(super) fn new(
+        settings: &ReadReplicas,
+        source: &Source,
+    ) -> Option<(
+        ReplicaWait,
+        watch::Receiver<Positions>,
+        impl Future<Output = ()> + Send + 'static,
+    )> {
         if settings.replicas.is_empty() {
             return None;
         }
-        let replicas = settings
+        let sources: Vec<(String, Source)> = settings
             .replicas
             .iter()
             .map(|pg| {
                 let mut source = source.clone();
                 source.pg = pg.clone();
-                Replica {
-                    name: server_name(pg),
-                    source,
-                    client: None,
-                    replayed: 0,
-                    given_up: None,
-                    told_unreachable: false,
-                }
+                (server_name(pg), source)
             })
             .collect();
-        Some(Replicas {
-            replicas,
+        let wait = ReplicaWait::of(
+            sources.iter().map(|(name, _)| name.clone()).collect(),
+            settings.give_up_after,
+        );
+        let (tx, rx) = watch::channel(vec![None; sources.len()]);
+        Some((wait, rx, watch_positions(sources, tx)))
+    }
+
+    /// The bookkeeping for replicas named `names`.
+    pub(super) fn of(names: Vec<String>, give_up_after: Duration) -> ReplicaWait {
+        ReplicaWait {
+            replicas: names
+                .into_iter()
+                .map(|name| Waited {
+                    name,
+                    replayed: None,
+                    given_up: None,
+                })
+                .collect(),
             waiting: VecDeque::new(),
             entries: 0,
-            give_up_after: settings.give_up_after,
-        })
+            give_up_after,
+        }
     }
 
     /// A batch Redis acknowledged starts waiting for the replicas.
@@ -116,51 +139,24 @@ impl Replicas {
         self.entries >= MAX_WAITING
     }
 
-    /// Reads each replica's replay position (reconnecting as needed); one that does
-    /// not answer keeps its last position.
-    pub(super) async fn poll(&mut self) {
-        for r in &mut self.replicas {
-            match r.position().await {
-                Ok(lsn) => {
-                    if r.told_unreachable {
-                        tracing::info!(replica = %r.name, "read replica answers again");
-                        r.told_unreachable = false;
-                    }
-                    if lsn == Lsn::MAX && r.replayed != Lsn::MAX {
-                        tracing::warn!(replica = %r.name, "[replicas]: this server is not in recovery (promoted?); not waiting for it");
-                    }
-                    if r.observed(lsn) {
-                        tracing::info!(replica = %r.name, lsn = %format_lsn(lsn), "read replica caught up; waiting for it again");
-                    }
-                }
-                Err(e) => {
-                    r.client = None;
-                    if !r.told_unreachable {
-                        tracing::warn!(replica = %r.name, error = %e, "read replica unreachable; batches wait for it up to [replicas] give_up_after");
-                        r.told_unreachable = true;
-                    }
-                }
+    /// Takes the waiting batches that may go on at `now`, in order, given the
+    /// replicas' `positions`: those every replica not given up has replayed, or (the
+    /// oldest) that waited `give_up_after`, giving up the replicas still behind it.
+    pub(super) fn release(&mut self, positions: &[Option<Lsn>], now: Instant) -> Released {
+        let mut out = Released::default();
+        for (r, position) in self.replicas.iter_mut().zip(positions) {
+            r.replayed = *position;
+            if let (Some(at), Some(lsn)) = (r.given_up, r.replayed)
+                && lsn >= at
+            {
+                r.given_up = None;
+                out.back.push(r.name.clone());
             }
         }
-    }
-
-    /// Takes the waiting batches that may go on at `now`, in order: those whose commit
-    /// every replica not given up has replayed, or that waited `give_up_after` (giving
-    /// up the replicas still behind). A part of a transaction goes with the batch of
-    /// its commit.
-    pub(super) fn release(&mut self, now: Instant) -> Released {
-        let mut out = Released::default();
         while let Some(head) = self.waiting.front() {
-            // What the head waits for: its commit's end, or (parts) the next commit's.
-            let Some(target) = self
-                .waiting
-                .iter()
-                .map(|w| w.batch.end_lsn)
-                .find(|lsn| *lsn > 0)
-            else {
-                break;
-            };
-            let behind = |r: &Replica| r.given_up.is_none() && r.replayed < target;
+            let target = head.batch.replay_lsn;
+            let behind =
+                |r: &Waited| r.given_up.is_none() && r.replayed.is_none_or(|lsn| lsn < target);
             if self.replicas.iter().any(behind) {
                 if now.duration_since(head.since) < self.give_up_after {
                     break;
@@ -170,17 +166,19 @@ impl Replicas {
                     out.given_up.push(r.name.clone());
                 }
             }
-            // Given-up replicas wait for everything released.
-            for r in &mut self.replicas {
-                if let Some(at) = &mut r.given_up {
-                    *at = (*at).max(target);
-                }
-            }
             let w = self.waiting.pop_front().expect("the head");
             self.entries -= w.batch.len();
             out.batches.push(w.batch);
         }
         out
+    }
+
+    /// How many replicas are given up now.
+    pub(super) fn given_up(&self) -> usize {
+        self.replicas
+            .iter()
+            .filter(|r| r.given_up.is_some())
+            .count()
     }
 }
 
@@ -197,46 +195,103 @@ impl Released {
     }
 }
 
-impl Replica {
-    /// Its replay position is `lsn`; true when that ends its being given up.
-    fn observed(&mut self, lsn: Lsn) -> bool {
-        self.replayed = lsn;
-        let caught_up = self.given_up.is_some_and(|at| lsn >= at);
-        if caught_up {
-            self.given_up = None;
+/// Reads each replica's replay position every [`POLL`], all at once, and publishes
+/// them to `tx`; a replica that does not answer is `None` and asked again after
+/// [`RETRY_AFTER`]. Ends when the receiver is gone.
+pub(super) async fn watch_positions(replicas: Vec<(String, Source)>, tx: watch::Sender<Positions>) {
+    let mut readers: Vec<Reader> = replicas
+        .into_iter()
+        .map(|(name, source)| Reader {
+            name,
+            source,
+            client: None,
+            retry_at: Instant::now(),
+            told_unreachable: false,
+            told_primary: false,
+        })
+        .collect();
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let positions = join_all(readers.iter_mut().map(Reader::read)).await;
+        if tx.send(positions).is_err() {
+            return;
         }
-        caught_up
+    }
+}
+
+/// One replica's connection, for [`watch_positions`].
+struct Reader {
+    name: String,
+    source: Source,
+    client: Option<Client>,
+    retry_at: Instant,
+    told_unreachable: bool,
+    told_primary: bool,
+}
+
+impl Reader {
+    async fn read(&mut self) -> Option<Lsn> {
+        if self.client.is_none() && Instant::now() < self.retry_at {
+            return None;
+        }
+        match self.position().await {
+            Ok(lsn) => {
+                if self.told_unreachable {
+                    tracing::info!(replica = %self.name, "read replica answers again");
+                    self.told_unreachable = false;
+                }
+                if lsn == Lsn::MAX && !self.told_primary {
+                    tracing::warn!(replica = %self.name, "[replicas]: this server is not in recovery (promoted?); not waiting for it");
+                }
+                self.told_primary = lsn == Lsn::MAX;
+                Some(lsn)
+            }
+            Err(e) => {
+                self.client = None;
+                self.retry_at = Instant::now() + RETRY_AFTER;
+                if !self.told_unreachable {
+                    tracing::warn!(replica = %self.name, error = %e, "read replica unreachable; batches wait for it up to [replicas] give_up_after");
+                    self.told_unreachable = true;
+                }
+                None
+            }
+        }
     }
 
     async fn position(&mut self) -> Result<Lsn, String> {
+        let timed_out = || format!("no answer within {ANSWER_TIMEOUT:?}");
         if self.client.as_ref().is_none_or(Client::is_closed) {
             let connecting = tokio::time::timeout(ANSWER_TIMEOUT, catalog::connect(&self.source));
-            self.client = Some(
-                connecting
-                    .await
-                    .map_err(|_| format!("no answer within {ANSWER_TIMEOUT:?}"))?
-                    .map_err(|e| catalog::describe_error(&e))?,
-            );
+            let client = connecting
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| catalog::describe_error(&e))?;
+            self.client = Some(client);
         }
-        let client = self.client.as_ref().expect("connected");
+        let Some(client) = &self.client else {
+            return Err("not connected".into());
+        };
         let query = client.query_one(
             "SELECT (pg_last_wal_replay_lsn() - '0/0')::bigint, pg_is_in_recovery()",
             &[],
         );
         let row = tokio::time::timeout(ANSWER_TIMEOUT, query)
             .await
-            .map_err(|_| format!("no answer within {ANSWER_TIMEOUT:?}"))?
+            .map_err(|_| timed_out())?
             .map_err(|e| catalog::describe_error(&e))?;
-        let in_recovery: bool = row.get(1);
-        Ok(match (in_recovery, row.get::<_, Option<i64>>(0)) {
+        let in_recovery: bool = row.try_get(1).map_err(|e| e.to_string())?;
+        let replayed: Option<i64> = row.try_get(0).map_err(|e| e.to_string())?;
+        Ok(match (in_recovery, replayed) {
             (false, _) => Lsn::MAX,
-            (true, lsn) => lsn.unwrap_or(0) as Lsn,
+            (true, lsn) => lsn.map_or(0, |l| l.max(0) as Lsn),
         })
     }
 }
 
 /// `host:port` of a connection's first host, for the log.
-fn server_name(pg: &tokio_postgres::Config) -> String {
+pub fn server_name(pg: &tokio_postgres::Config) -> String {
     let host = match pg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
@@ -250,25 +305,17 @@ fn server_name(pg: &tokio_postgres::Config) -> String {
 mod tests {
     use super::*;
 
-    fn replicas(n: usize) -> Replicas {
-        let source = crate::config::Config::parse(
-            std::path::Path::new("t.toml"),
-            "[source]\nurl = \"postgres://u@db/app\"\n\n[[rules]]\ntable = \"t\"\nkeys = [\"k:{id}\"]\n",
-            |_| None,
+    fn wait(n: usize) -> ReplicaWait {
+        ReplicaWait::of(
+            (0..n).map(|i| format!("replica{i}")).collect(),
+            Duration::from_secs(30),
         )
-        .unwrap()
-        .source;
-        let pg: tokio_postgres::Config = "host=replica port=5433".parse().unwrap();
-        let settings = crate::config::ReadReplicas {
-            replicas: vec![pg; n],
-            give_up_after: Duration::from_secs(30),
-        };
-        Replicas::new(&settings, &source).unwrap()
     }
 
-    fn batch(key: &str, end_lsn: Lsn) -> Batch {
+    fn batch(key: &str, replay_lsn: Lsn) -> Batch {
         let mut batch = Batch {
-            end_lsn,
+            end_lsn: replay_lsn,
+            replay_lsn,
             ..Batch::default()
         };
         batch.work.keys.insert(key.into());
@@ -286,72 +333,71 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_goes_on_once_every_replica_replayed_its_commit() {
-        let mut r = replicas(2);
+        let mut w = wait(2);
         let t0 = Instant::now();
-        r.push(batch("a", 100), t0);
-        r.push(batch("b", 200), t0);
-        assert!(r.release(t0).batches.is_empty());
-        r.replicas[0].replayed = 250;
-        r.replicas[1].replayed = 150;
-        let released = r.release(t0);
+        w.push(batch("a", 100), t0);
+        w.push(batch("b", 200), t0);
+        assert!(w.release(&[None, None], t0).batches.is_empty());
+        assert!(w.release(&[Some(250), Some(99)], t0).batches.is_empty());
+        let released = w.release(&[Some(250), Some(150)], t0);
         assert_eq!(keys(&released), ["a"]);
         assert!(released.given_up.is_empty());
         // Again without second deletes or events.
         let work = released.work();
         assert!(work.keys.contains("a") && work.redelete.is_empty());
-        r.replicas[1].replayed = 200;
-        assert_eq!(keys(&r.release(t0)), ["b"]);
-        assert!(r.is_empty());
+        assert_eq!(keys(&w.release(&[Some(250), Some(200)], t0)), ["b"]);
+        assert!(w.is_empty());
     }
 
+    /// A part sent before its commit waits for that commit record (BEGIN's final LSN +
+    /// 1), even when the batch it joined also holds an earlier commit.
     #[tokio::test(start_paused = true)]
-    async fn parts_wait_for_their_commit_and_go_with_it() {
-        let mut r = replicas(1);
+    async fn a_part_waits_for_its_own_commit_not_an_earlier_one_in_its_batch() {
+        let mut w = wait(1);
         let t0 = Instant::now();
-        r.replicas[0].replayed = 1_000;
-        r.push(batch("part", 0), t0);
-        assert!(
-            r.release(t0).batches.is_empty(),
-            "its commit is not known yet"
-        );
-        r.push(batch("commit", 500), t0);
-        assert_eq!(keys(&r.release(t0)), ["part", "commit"]);
+        let mut part = batch("part", 501);
+        part.end_lsn = 100; // the earlier commit it shares the batch with
+        w.push(part, t0);
+        assert!(w.release(&[Some(100)], t0).batches.is_empty());
+        assert!(w.release(&[Some(500)], t0).batches.is_empty());
+        assert_eq!(keys(&w.release(&[Some(501)], t0)), ["part"]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_replica_behind_is_given_up_after_the_wait_then_waited_for_once_caught_up() {
-        let mut r = replicas(2);
+        let mut w = wait(2);
         let t0 = Instant::now();
-        r.replicas[0].replayed = 1_000;
-        r.push(batch("a", 100), t0);
+        w.push(batch("a", 100), t0);
         let later = t0 + Duration::from_secs(29);
-        r.push(batch("b", 200), later);
-        assert!(r.release(later).batches.is_empty());
+        w.push(batch("b", 200), later);
+        assert!(w.release(&[Some(1_000), None], later).batches.is_empty());
         let expired = t0 + Duration::from_secs(30);
-        let released = r.release(expired);
+        let released = w.release(&[Some(1_000), None], expired);
         // Given up at "a": "b" no longer waits for it.
         assert_eq!(keys(&released), ["a", "b"]);
-        assert_eq!(released.given_up.len(), 1);
-        assert_eq!(r.replicas[1].given_up, Some(200));
-        // Caught up with what was released: waited for again.
-        assert!(!r.replicas[1].observed(150));
-        assert!(r.replicas[1].observed(200));
-        r.push(batch("c", 300), expired);
-        assert!(r.release(expired).batches.is_empty());
+        assert_eq!(released.given_up, ["replica1"]);
+        assert_eq!(w.given_up(), 1);
+        // It replays the commit it was given up at (not every later one): waited for
+        // again.
+        w.push(batch("c", 300), expired);
+        let released = w.release(&[Some(1_000), Some(100)], expired);
+        assert_eq!(released.back, ["replica1"]);
+        assert!(released.batches.is_empty(), "c waits for it again");
+        assert_eq!(w.given_up(), 0);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn waiting_entries_are_bounded() {
-        let mut r = replicas(1);
+    async fn waiting_entries_are_bounded_and_the_oldest_goes_on_after_the_wait() {
+        let mut w = wait(1);
         let t0 = Instant::now();
         let mut big = batch("x", 100);
         big.work
             .keys
             .extend((0..MAX_WAITING).map(|i| format!("k{i}")));
-        r.push(big, t0);
-        assert!(r.full());
-        r.replicas[0].replayed = 100;
-        r.release(t0);
-        assert!(!r.full());
+        w.push(big, t0);
+        assert!(w.full());
+        let released = w.release(&[None], t0 + Duration::from_secs(30));
+        assert_eq!(released.batches.len(), 1);
+        assert!(!w.full());
     }
 }

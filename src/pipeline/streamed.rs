@@ -17,7 +17,7 @@
 use std::collections::HashSet;
 
 use super::{Batch, Stream, TX_PART_ENTRIES};
-use crate::replication::pgoutput::{StreamAbort, StreamCommit, StreamStart};
+use crate::replication::pgoutput::{Lsn, StreamAbort, StreamCommit, StreamStart};
 use crate::replication::protocol::format_lsn;
 use crate::rules::invalidation::{Event, FallbackReason, Invalidation, PendingEvent, Work};
 
@@ -87,11 +87,17 @@ impl Part {
     }
 
     /// The part once its transaction committed, its events stamped by `stamp`.
-    pub(super) fn into_ready(self, stamp: impl FnOnce(Vec<PendingEvent>) -> Vec<Event>) -> Ready {
+    /// The part of a transaction that committed at `commit_end`, ready for the sink.
+    pub(super) fn into_ready(
+        self,
+        stamp: impl FnOnce(Vec<PendingEvent>) -> Vec<Event>,
+        commit_end: Lsn,
+    ) -> Ready {
         Ready::Part {
             keys: self.keys,
             work: self.work,
             events: stamp(self.events),
+            replay_lsn: commit_end,
         }
     }
 }
@@ -106,6 +112,8 @@ pub(super) enum Ready {
         keys: PackedKeys,
         work: Work,
         events: Vec<Event>,
+        /// Its transaction's commit end, for `[replicas]`.
+        replay_lsn: Lsn,
     },
 }
 
@@ -114,7 +122,9 @@ impl Ready {
     pub(super) fn len(&self) -> usize {
         match self {
             Ready::Batch(batch) => batch.len(),
-            Ready::Part { keys, work, events } => keys.len() + work.len() + events.len(),
+            Ready::Part {
+                keys, work, events, ..
+            } => keys.len() + work.len() + events.len(),
         }
     }
 
@@ -135,11 +145,13 @@ impl Ready {
                 keys,
                 mut work,
                 events,
+                replay_lsn,
             } => {
                 work.keys = keys.unpack();
                 Batch {
                     work,
                     events,
+                    replay_lsn,
                     ..Batch::default()
                 }
             }

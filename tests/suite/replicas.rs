@@ -70,9 +70,50 @@ async fn name_on(client: &tokio_postgres::Client, id: i64) -> String {
         .get(0)
 }
 
-/// The race on a replica 3 s behind: without `[replicas]` the reader's fill from the
-/// replica stays stale after pginval's only delete; with it, pginval holds the slot
-/// until the replica replayed the commit, then deletes again.
+/// Waits until pginval has reported its position to the primary twice more: had it
+/// counted a batch, its position would be past that batch's commit by then.
+async fn reported_twice_more(primary: &tokio_postgres::Client, slot: &str) {
+    let since: String = primary
+        .query_one("SELECT now()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_until("pginval reported its position twice more", WAIT, || async {
+        primary
+            .query_opt(
+                "SELECT 1 FROM pg_stat_replication r
+                   JOIN pg_replication_slots s ON s.active_pid = r.pid
+                  WHERE s.slot_name = $1 AND r.reply_time > $2::text::timestamptz + interval '2 s'",
+                &[&slot, &since],
+            )
+            .await
+            .is_ok_and(|r| r.is_some())
+    })
+    .await;
+}
+
+/// Pauses the replica's replay (`pause`) or resumes it.
+async fn replay(replica: &tokio_postgres::Client, pause: bool) {
+    let call = if pause {
+        "SELECT pg_wal_replay_pause()"
+    } else {
+        "SELECT pg_wal_replay_resume()"
+    };
+    replica.batch_execute(call).await.unwrap();
+    if pause {
+        wait_until("the replica's replay is paused", WAIT, || async {
+            replica
+                .query_one("SELECT pg_get_wal_replay_pause_state()", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, String>(0) == "paused")
+        })
+        .await;
+    }
+}
+
+/// The race on a replica whose replay is paused: without `[replicas]` the reader's
+/// fill from the replica stays stale after pginval's only delete; with it, pginval
+/// holds the slot until the replica replayed the commit, then deletes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_read_replica_leaves_a_stale_key_unless_listed() {
     let primary = PrivatePostgres::start();
@@ -88,9 +129,7 @@ async fn a_lagging_read_replica_leaves_a_stale_key_unless_listed() {
     )
     .await
     .unwrap();
-    let replica = primary
-        .start_standby("recovery_min_apply_delay = '3s'")
-        .await;
+    let replica = primary.start_standby("").await;
     let reader = connect(&replica.url("app")).await;
     wait_until("the replica has the rows", WAIT, || async {
         reader
@@ -106,11 +145,13 @@ async fn a_lagging_read_replica_leaves_a_stale_key_unless_listed() {
     let daemon = Daemon::spawn(primary_config(&primary, &redis, ""));
     streaming(&app).await;
     let _: () = conn.set("user:1", "old").await.unwrap();
+    replay(&reader, true).await;
     let after = rename(&app, 1).await;
     wait_gone(&redis, &["user:1"]).await;
     let read = name_on(&reader, 1).await;
-    assert_eq!(read, "old", "the replica is still 3 s behind");
+    assert_eq!(read, "old", "the replica has not replayed the rename");
     let _: () = conn.set("user:1", &read).await.unwrap();
+    replay(&reader, false).await;
     wait_until("the replica replayed the rename", WAIT, || async {
         name_on(&reader, 1).await == "new"
     })
@@ -131,20 +172,28 @@ async fn a_lagging_read_replica_leaves_a_stale_key_unless_listed() {
     ));
     streaming(&app).await;
     let _: () = conn.set("user:2", "old").await.unwrap();
+    replay(&reader, true).await;
     let after = rename(&app, 2).await;
     wait_gone(&redis, &["user:2"]).await;
     let read = name_on(&reader, 2).await;
-    assert_eq!(read, "old", "the replica is still 3 s behind");
+    assert_eq!(read, "old", "the replica has not replayed the rename");
     let _: () = conn.set("user:2", &read).await.unwrap();
+    reported_twice_more(&app, "replica_race").await;
     assert!(
         confirmed(&app).await < after,
         "the slot waits for the replica"
     );
+    let cached: String = conn.get("user:2").await.unwrap();
+    assert_eq!(
+        cached, "old",
+        "not deleted again before the replica replayed"
+    );
+    replay(&reader, false).await;
     wait_gone(&redis, &["user:2"]).await;
     assert_eq!(
         name_on(&reader, 2).await,
         "new",
-        "deleted again only once replayed"
+        "deleted again once replayed"
     );
     wait_until("pginval confirmed the rename", WAIT, || async {
         confirmed(&app).await >= after
@@ -153,7 +202,7 @@ async fn a_lagging_read_replica_leaves_a_stale_key_unless_listed() {
     daemon.stop().await.unwrap();
 }
 
-/// A listed replica that is down holds the first batch `give_up_after` (here 3 s),
+/// A listed replica that is down holds the first batch `give_up_after` (here 5 s),
 /// is given up (counted), and later batches do not wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_replica_that_is_down_is_given_up_and_does_not_hold_the_slot() {
@@ -162,7 +211,7 @@ async fn a_read_replica_that_is_down_is_given_up_and_does_not_hold_the_slot() {
     let dead = crate::support::free_port();
     let text = crate::suite::ops::with_metrics(
         &format!(
-            "{}\n[replicas]\nurls = [\"postgres://postgres@127.0.0.1:{dead}/app\"]\ngive_up_after = \"3s\"\n",
+            "{}\n[replicas]\nurls = [\"postgres://postgres@127.0.0.1:{dead}/app\"]\ngive_up_after = \"5s\"\n",
             config_text(&db, &redis, crate::RULES)
         ),
         port,
@@ -181,6 +230,7 @@ async fn a_read_replica_that_is_down_is_given_up_and_does_not_hold_the_slot() {
     crate::cache(&redis, &["user:1"]).await;
     let after = rename(&client, 1).await;
     wait_gone(&redis, &["user:1"]).await;
+    reported_twice_more(&client, &db.name).await;
     assert!(
         crate::confirmed_lsn(&db).await < after,
         "the first batch waits for the replica"
@@ -192,6 +242,11 @@ async fn a_read_replica_that_is_down_is_given_up_and_does_not_hold_the_slot() {
     )
     .await;
     assert_eq!(given_up().await, 1.0);
+    let (_, metrics) = crate::suite::ops::get(port, "/metrics").await.unwrap();
+    assert_eq!(
+        crate::suite::ops::sample(&metrics, "pginval_replicas_given_up "),
+        1.0
+    );
     // Later batches do not wait for it: no second give-up.
     crate::cache(&redis, &["user:2"]).await;
     let after = rename(&client, 2).await;
