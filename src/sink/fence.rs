@@ -141,8 +141,9 @@ mod tests {
         assert_ne!(fence_key("a{b}c"), fence_key("a{b}d"));
     }
 
-    /// One step of the model: the reader's read (MGET), database read and fill, or
-    /// pginval's fence write and delete (or, to show the order matters, the reverse).
+    /// One step of the model: the reader's read (MGET), database read, time check and
+    /// fill (the script as Redis runs it, a delivery delay after the check), or
+    /// pginval's commit, fence write and delete.
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Step {
         Commit,
@@ -150,36 +151,44 @@ mod tests {
         Delete,
         Mget,
         ReadDb,
+        Check,
         Fill,
     }
 
-    /// How the model's fill decides; the real protocol is `Rule::Fence`.
+    /// How the model's reader decides; the real protocol is `FillRule::HalfTtl`.
     #[derive(Clone, Copy, PartialEq)]
     enum FillRule {
-        /// Fill if the fence did not change and less than half the TTL passed.
-        Fence,
+        /// Fill if less than half the TTL passed at the check, and the fence did not
+        /// change when the script runs.
+        HalfTtl,
+        /// The same with the whole TTL as the bound.
+        WholeTtl,
         /// Fill whatever happened (plain cache-aside).
         Always,
         /// Fill if the fence did not change, however long it took.
         NoTimeBound,
     }
 
-    /// Every interleaving of one writer (commit, then pginval's two steps in
-    /// `writer` order) with one reader (MGET, database read, fill), each step at a
-    /// time chosen from `gaps` after the one before, the fence TTL `TTL`, and an old
-    /// fence either absent or expiring at any of several times. Returns the first
-    /// schedule that leaves a stale value cached.
-    fn stale_schedule(writer: [Step; 3], fill: FillRule) -> Option<String> {
-        const TTL: u64 = 4;
+    /// The fence TTL of the model, in its time units.
+    const TTL: u64 = 4;
+
+    /// Every interleaving of one writer (commit, then pginval's two steps in `writer`
+    /// order) with one reader (MGET, database read, time check, fill), each step at a
+    /// time chosen from `gaps` after the one before, and an old fence either absent or
+    /// expiring at any of several times. Schedules whose fill reaches Redis more than
+    /// `max_delivery` after its check are left out (the protocol's assumption). Returns
+    /// the first schedule that leaves a stale value cached.
+    fn stale_schedule(writer: [Step; 3], fill: FillRule, max_delivery: u64) -> Option<String> {
         let gaps = [0u64, 1, 2, 3, 5];
-        let reader = [Step::Mget, Step::ReadDb, Step::Fill];
-        // Which of the 6 positions the writer's steps take: every 3-subset.
-        for mask in 0u32..64 {
+        let reader = [Step::Mget, Step::ReadDb, Step::Check, Step::Fill];
+        const STEPS: usize = 7;
+        // Which of the 7 positions the writer's steps take: every 3-subset.
+        for mask in 0u32..(1 << STEPS) {
             if mask.count_ones() != 3 {
                 continue;
             }
             let (mut w, mut r) = (0, 0);
-            let order: Vec<Step> = (0..6)
+            let order: Vec<Step> = (0..STEPS)
                 .map(|i| {
                     if mask & (1 << i) != 0 {
                         w += 1;
@@ -190,16 +199,20 @@ mod tests {
                     }
                 })
                 .collect();
-            for g in 0..gaps.len().pow(6) {
-                let mut times = [0u64; 6];
+            for g in 0..gaps.len().pow(STEPS as u32) {
+                let mut times = [0u64; STEPS];
                 let (mut t, mut g) = (0, g);
                 for time in &mut times {
                     t += gaps[g % gaps.len()];
                     g /= gaps.len();
                     *time = t;
                 }
+                let at = |step: Step| times[order.iter().position(|s| *s == step).unwrap()];
+                if at(Step::Fill) - at(Step::Check) > max_delivery {
+                    continue;
+                }
                 for old_fence_expiry in [None, Some(1), Some(3), Some(6), Some(100)] {
-                    if let Some(s) = run(&order, &times, old_fence_expiry, TTL, fill) {
+                    if let Some(s) = run(&order, &times, old_fence_expiry, fill) {
                         return Some(s);
                     }
                 }
@@ -213,7 +226,6 @@ mod tests {
         order: &[Step],
         times: &[u64],
         old_fence_expiry: Option<u64>,
-        ttl: u64,
         fill: FillRule,
     ) -> Option<String> {
         let mut db = 0u32; // the row's version; the commit makes it 1
@@ -222,13 +234,12 @@ mod tests {
         let mut fence: Option<(u32, u64)> = old_fence_expiry.map(|e| (0, e));
         let fence_at = |fence: Option<(u32, u64)>, t: u64| fence.filter(|(_, e)| t < *e);
         let mut next_fence = 1;
-        let (mut seen, mut missed_at, mut read): (Option<u32>, Option<u64>, Option<u32>) =
-            (None, None, None);
+        let (mut seen, mut missed_at, mut read, mut in_time) = (None, None, None, false);
         for (step, &t) in order.iter().zip(times) {
             match step {
                 Step::Commit => db = 1,
                 Step::Fence => {
-                    fence = Some((next_fence, t + ttl));
+                    fence = Some((next_fence, t + TTL));
                     next_fence += 1;
                 }
                 Step::Delete => cache = None,
@@ -239,17 +250,19 @@ mod tests {
                     }
                 }
                 Step::ReadDb => read = missed_at.map(|_| db),
+                Step::Check => {
+                    in_time = missed_at.is_some_and(|at| match fill {
+                        FillRule::HalfTtl => (t - at) * 2 < TTL,
+                        FillRule::WholeTtl => t - at < TTL,
+                        FillRule::Always | FillRule::NoTimeBound => true,
+                    })
+                }
                 Step::Fill => {
-                    let (Some(at), Some(v)) = (missed_at, read) else {
+                    let (true, Some(v)) = (in_time, read) else {
                         continue;
                     };
                     let unchanged = fence_at(fence, t).map(|(v, _)| v) == seen;
-                    let go = match fill {
-                        FillRule::Fence => unchanged && (t - at) * 2 < ttl,
-                        FillRule::Always => true,
-                        FillRule::NoTimeBound => unchanged,
-                    };
-                    if go {
+                    if unchanged || fill == FillRule::Always {
                         cache = Some(v);
                     }
                 }
@@ -259,22 +272,27 @@ mod tests {
             .then(|| format!("{order:?} at {times:?}, old fence expiring at {old_fence_expiry:?}"))
     }
 
+    /// The protocol's claim: with the fill reaching Redis at most half the TTL after
+    /// its time check, no schedule leaves a stale value.
     #[test]
     fn no_ordering_of_read_commit_fence_delete_fill_and_expiry_leaves_a_stale_value() {
-        let found = stale_schedule([Step::Commit, Step::Fence, Step::Delete], FillRule::Fence);
-        assert_eq!(found, None);
+        let pginval = [Step::Commit, Step::Fence, Step::Delete];
+        assert_eq!(stale_schedule(pginval, FillRule::HalfTtl, TTL / 2), None);
     }
 
     /// The model finds the races the protocol's parts are there for: without the
     /// fence, a plain fill after the delete; without the time bound, a fence expired
-    /// between the read and the fill; with the fence written after the delete, a fill
-    /// in between.
+    /// between the read and the fill; with the whole TTL as the bound, a fill delayed
+    /// on its way to Redis; a fill slower to arrive than half the TTL; the fence
+    /// written after the delete instead of before.
     #[test]
     fn the_model_finds_the_stale_fill_each_part_of_the_protocol_prevents() {
         let pginval = [Step::Commit, Step::Fence, Step::Delete];
-        assert!(stale_schedule(pginval, FillRule::Always).is_some());
-        assert!(stale_schedule(pginval, FillRule::NoTimeBound).is_some());
+        assert!(stale_schedule(pginval, FillRule::Always, 0).is_some());
+        assert!(stale_schedule(pginval, FillRule::NoTimeBound, 0).is_some());
+        assert!(stale_schedule(pginval, FillRule::WholeTtl, TTL / 2).is_some());
+        assert!(stale_schedule(pginval, FillRule::HalfTtl, TTL).is_some());
         let delete_first = [Step::Commit, Step::Delete, Step::Fence];
-        assert!(stale_schedule(delete_first, FillRule::Fence).is_some());
+        assert!(stale_schedule(delete_first, FillRule::HalfTtl, 0).is_some());
     }
 }
