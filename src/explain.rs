@@ -187,6 +187,13 @@ pub fn explain(config: &Config, change: &Change) -> Result<String, ExplainError>
     for key in sorted(&mut inv.work.keys.iter().cloned()) {
         let _ = writeln!(out, "delete key      {key}");
     }
+    for key in sorted(&mut inv.work.fenced.iter().cloned()) {
+        let _ = writeln!(
+            out,
+            "delete key      {key} (fenced: {} first)",
+            crate::sink::fence::fence_key(&key)
+        );
+    }
     let mut expire: Vec<_> = inv.work.expire_keys.iter().collect();
     expire.sort();
     for (key, ms) in expire {

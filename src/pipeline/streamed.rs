@@ -75,6 +75,8 @@ pub(super) struct Part {
     xid: u32,
     /// Its keys to delete.
     keys: PackedKeys,
+    /// Its keys to delete with their fence first.
+    fenced: PackedKeys,
     /// The rest of its work (its keys moved to `keys`).
     work: Work,
     /// Its entity events.
@@ -83,7 +85,7 @@ pub(super) struct Part {
 
 impl Part {
     fn len(&self) -> usize {
-        self.keys.len() + self.work.len() + self.events.len()
+        self.keys.len() + self.fenced.len() + self.work.len() + self.events.len()
     }
 
     /// The part once its transaction committed, its events stamped by `stamp`.
@@ -95,6 +97,7 @@ impl Part {
     ) -> Ready {
         Ready::Part {
             keys: self.keys,
+            fenced: self.fenced,
             work: self.work,
             events: stamp(self.events),
             replay_lsn: commit_end,
@@ -110,6 +113,7 @@ pub(super) enum Ready {
     /// A part of a committed streamed transaction, its events stamped.
     Part {
         keys: PackedKeys,
+        fenced: PackedKeys,
         work: Work,
         events: Vec<Event>,
         /// Its transaction's commit end, for `[replicas]`.
@@ -123,8 +127,12 @@ impl Ready {
         match self {
             Ready::Batch(batch) => batch.len(),
             Ready::Part {
-                keys, work, events, ..
-            } => keys.len() + work.len() + events.len(),
+                keys,
+                fenced,
+                work,
+                events,
+                ..
+            } => keys.len() + fenced.len() + work.len() + events.len(),
         }
     }
 
@@ -143,11 +151,13 @@ impl Ready {
             Ready::Batch(batch) => batch,
             Ready::Part {
                 keys,
+                fenced,
                 mut work,
                 events,
                 replay_lsn,
             } => {
                 work.keys = keys.unpack();
+                work.fenced = fenced.unpack();
                 Batch {
                     work,
                     events,
@@ -203,6 +213,7 @@ impl Streamed {
         let part = Part {
             xid: self.open_xid,
             keys: PackedKeys::pack(std::mem::take(&mut work.keys)),
+            fenced: PackedKeys::pack(std::mem::take(&mut work.fenced)),
             work,
             events,
         };
@@ -228,6 +239,7 @@ impl Streamed {
             match merged.last_mut() {
                 Some(last) if last.len() + part.len() <= TX_PART_ENTRIES => {
                     last.keys.append(part.keys);
+                    last.fenced.append(part.fenced);
                     last.work.merge(part.work);
                     last.events.extend(part.events);
                 }

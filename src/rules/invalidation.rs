@@ -83,8 +83,8 @@ pub struct Work {
     pub tag_patterns: HashSet<String>,
     /// Keys to delete a second time after this many milliseconds.
     pub redelete: HashMap<String, u64>,
-    /// Those of `keys` whose fence is written before they are deleted (`fence = true`).
-    /// Not counted in [`Work::len`]: each is one of `keys`.
+    /// Cache keys to delete with their fence written first (`fence = true`); never
+    /// also in `keys` (a key one rule fences and another deletes is fenced).
     pub fenced: HashSet<String>,
 }
 
@@ -97,6 +97,7 @@ impl Work {
     /// Number of distinct entries.
     pub fn len(&self) -> usize {
         self.keys.len()
+            + self.fenced.len()
             + self.expire_keys.len()
             + self.tags.len()
             + self.key_patterns.len()
@@ -107,12 +108,19 @@ impl Work {
     /// Adds everything of `other`, deduplicating. Deleting a key wins over expiring it;
     /// the lowest TTL and the latest second delete win.
     pub fn merge(&mut self, other: Work) {
-        // (A held part's keys are packed apart from its work, its fenced keys not.)
-        if self.is_empty() && self.fenced.is_empty() {
+        if self.is_empty() {
             *self = other;
             return;
         }
-        self.keys.extend(other.keys);
+        for key in other.fenced {
+            self.keys.remove(&key);
+            self.fenced.insert(key);
+        }
+        for key in other.keys {
+            if !self.fenced.contains(&key) {
+                self.keys.insert(key);
+            }
+        }
         for (k, ms) in other.expire_keys {
             let e = self.expire_keys.entry(k).or_insert(ms);
             *e = (*e).min(ms);
@@ -126,7 +134,6 @@ impl Work {
             let e = self.redelete.entry(k).or_insert(ms);
             *e = (*e).max(ms);
         }
-        self.fenced.extend(other.fenced);
     }
 
     /// Adds keys and tags an application named in a `pg_logical_emit_message` hint.
@@ -135,7 +142,11 @@ impl Work {
         keys: impl IntoIterator<Item = String>,
         tags: impl IntoIterator<Item = String>,
     ) {
-        self.keys.extend(keys);
+        for key in keys {
+            if !self.fenced.contains(&key) {
+                self.keys.insert(key);
+            }
+        }
         for t in tags {
             add_tag(&mut self.tags, t, TagAction::Delete);
         }
@@ -265,9 +276,11 @@ impl Invalidation {
                             *e = (*e).max(ms);
                         }
                         if rule.rule.fence {
-                            self.work.fenced.insert(key.clone());
+                            self.work.keys.remove(&key);
+                            self.work.fenced.insert(key);
+                        } else if !self.work.fenced.contains(&key) {
+                            self.work.keys.insert(key);
                         }
-                        self.work.keys.insert(key);
                     }),
                     Action::Expire(ttl) => {
                         let ms = ttl.as_millis() as u64;

@@ -91,11 +91,13 @@ return n
 /// a node (a cluster gets EVAL).
 fn key_commands(conn: &Conn, inv: &Work, fence: (&str, Duration, &str)) -> Vec<Cmd> {
     let cluster = conn.is_cluster();
-    let (fenced, plain): (Vec<&str>, Vec<&str>) = inv
-        .keys
+    // On a cluster, a key whose fence cannot share its slot is deleted unfenced.
+    let (fenced, unfenceable): (Vec<&str>, Vec<&str>) = inv
+        .fenced
         .iter()
         .map(String::as_str)
-        .partition(|k| inv.fenced.contains(*k) && (!cluster || fence::same_slot(k)));
+        .partition(|k| !cluster || fence::same_slot(k));
+    let plain = inv.keys.iter().map(String::as_str).chain(unfenceable);
     let mut cmds = conn.unlinks(plain);
     let (value, ttl, hash) = fence;
     for chunk in conn.by_slot(fenced) {
@@ -116,7 +118,7 @@ fn key_commands(conn: &Conn, inv: &Work, fence: (&str, Duration, &str)) -> Vec<C
         cmds.push(cmd);
     }
     for (key, ms) in &inv.expire_keys {
-        if !inv.keys.contains(key) {
+        if !inv.keys.contains(key) && !inv.fenced.contains(key) {
             let mut cmd = redis::cmd("PEXPIRE");
             cmd.arg(key).arg(*ms).arg("LT");
             cmds.push(cmd);
@@ -516,7 +518,7 @@ impl RedisSink {
     pub async fn apply(&mut self, inv: &Work, events: &[Event]) -> Result<(), SinkError> {
         if self.dry_run {
             tracing::info!(
-                keys = ?inv.keys, expire = ?inv.expire_keys, tags = ?inv.tags,
+                keys = ?inv.keys, fenced = ?inv.fenced, expire = ?inv.expire_keys, tags = ?inv.tags,
                 key_patterns = ?inv.key_patterns, tag_patterns = ?inv.tag_patterns,
                 events = ?events, "dry run: would invalidate"
             );
@@ -765,7 +767,11 @@ impl RedisSink {
             .iter()
             .map(|(tag, action)| (self.tags.tag_key(tag), *action))
             .collect();
-        if !inv.keys.is_empty() || !inv.expire_keys.is_empty() || !tags.is_empty() {
+        if !inv.keys.is_empty()
+            || !inv.fenced.is_empty()
+            || !inv.expire_keys.is_empty()
+            || !tags.is_empty()
+        {
             let value = self.fence_value(inv, cluster);
             let fence = (value.as_str(), self.fence_ttl, self.fence_script.get_hash());
             let mut cmds = key_commands(&conn, inv, fence);

@@ -470,3 +470,44 @@ fn entity_events_carry_id_and_changed_fields() {
     assert_eq!(json["table"], "public.posts");
     assert_eq!(json["lsn"], "0/1");
 }
+
+/// A key one rule fences and another deletes is fenced, once, whichever comes first,
+/// in a transaction and across merged work; entries count it once.
+#[test]
+fn a_key_both_fenced_and_deleted_is_fenced_once() {
+    let ev = update(
+        vec![text("1"), text("3"), text("b")],
+        vec![text("1"), text("3"), text("b")],
+    );
+    let mut fenced = rule(&["post:{id}"], &[]);
+    fenced.fence = true;
+    let mut plain = rule(&["post:{id}", "other:{id}"], &[]);
+    plain.number = 2;
+    for order in [[fenced.clone(), plain.clone()], [plain.clone(), fenced.clone()]] {
+        let bound = RuleSet {
+            rules: order.to_vec(),
+        }
+        .bind(&table());
+        let mut inv = Invalidation::default();
+        inv.add_row(&bound, &ev, &[0]);
+        assert_eq!(keys(&inv), ["other:1"]);
+        assert_eq!(
+            inv.work.fenced,
+            HashSet::from(["post:1".to_owned()]),
+            "fenced whatever the rules' order"
+        );
+        assert_eq!(inv.work.len(), 2);
+    }
+    let mut a = Work::default();
+    a.keys.insert("k".into());
+    a.keys.insert("x".into());
+    let mut b = Work::default();
+    b.fenced.insert("k".into());
+    a.merge(b);
+    let mut c = Work::default();
+    c.keys.insert("k".into());
+    a.merge(c);
+    assert_eq!(a.keys, HashSet::from(["x".to_owned()]));
+    assert_eq!(a.fenced, HashSet::from(["k".to_owned()]));
+    assert_eq!(a.len(), 2);
+}
