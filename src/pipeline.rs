@@ -977,7 +977,7 @@ impl Stream {
             .map(|r| r.is_ok());
         if drained != Ok(true) {
             tracing::warn!(
-                "shutdown: redis did not acknowledge everything in time; unacknowledged changes will be replayed on restart"
+                "shutdown: redis (or the read replicas) did not acknowledge everything in time; unacknowledged changes will be replayed on restart"
             );
         }
         if self.conn.is_some() {

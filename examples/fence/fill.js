@@ -52,7 +52,9 @@ async function getOrFill(redis, key, load, ttlMs, fenceTtlMs) {
 
 module.exports = { fenceKey, getOrFill, FILL_LUA };
 
-if (require.main === module) {
+if (require.main === module && process.argv[2] === "fence-key") {
+  for (const k of process.argv.slice(3)) process.stdout.write(fenceKey(k) + "\n");
+} else if (require.main === module) {
   const [url, key, fenceTtlMs] = process.argv.slice(2);
   const redis = new Redis(url);
   const lines = require("readline").createInterface({ input: process.stdin })[Symbol.asyncIterator]();

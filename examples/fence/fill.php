@@ -61,7 +61,11 @@ function pginval_get_or_fill(Redis $redis, string $key, callable $load, int $ttl
     return [$loaded, $stored === 1 ? 'stored' : 'not stored'];
 }
 
-if (PHP_SAPI === 'cli' && isset($argv[0]) && realpath($argv[0]) === __FILE__) {
+if (PHP_SAPI === 'cli' && isset($argv[1]) && $argv[1] === 'fence-key' && realpath($argv[0]) === __FILE__) {
+    foreach (array_slice($argv, 2) as $k) {
+        echo pginval_fence_key($k), "\n";
+    }
+} elseif (PHP_SAPI === 'cli' && isset($argv[0]) && realpath($argv[0]) === __FILE__) {
     [, $url, $key, $fenceTtlMs] = $argv;
     $at = parse_url($url);
     $redis = new Redis();

@@ -54,7 +54,10 @@ def get_or_fill(r, key, load, ttl_ms, fence_ttl_ms):
     return value, "stored" if stored == 1 else "not stored"
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] == ["fence-key"]:
+    for k in sys.argv[2:]:
+        print(fence_key(k))
+elif __name__ == "__main__":
     url, key, fence_ttl_ms = sys.argv[1], sys.argv[2], int(sys.argv[3])
     client = redis.Redis.from_url(url, decode_responses=True)
 

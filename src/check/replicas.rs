@@ -62,7 +62,7 @@ pub(super) async fn check_replicas(
         match client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await
-            .map(|row| row.get::<_, bool>(0))
+            .and_then(|row| row.try_get::<_, bool>(0))
         {
             Ok(true) => report.notes.push(format!(
                 "{name} is a replica of the source's cluster; each batch is applied again once it replayed it"

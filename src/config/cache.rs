@@ -234,6 +234,18 @@ fn durability(redis: &RedisConfig, lines: &LineIndex, problems: &mut Vec<Problem
         ));
     }
     if let Some(value) = &redis.fence_ttl
+        && fence_ttl > Duration::from_secs(86_400)
+    {
+        problems.push(Problem::new(
+            lines.line_of(&value.span()),
+            format!(
+                "[redis] fence_ttl {} is over a day: every fenced key's fence would stay that long",
+                humantime::format_duration(fence_ttl)
+            ),
+            Some("give a duration well above your longest read-to-fill time, like \"60s\"".into()),
+        ));
+    }
+    if let Some(value) = &redis.fence_ttl
         && fence_ttl < Duration::from_secs(2)
     {
         problems.push(Problem::new(

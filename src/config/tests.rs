@@ -251,6 +251,11 @@ fn fence_needs_deleted_keys_and_a_ttl_a_fill_can_live_with() {
     ))
     .unwrap();
     assert_eq!(ok.redis_durability.fence_ttl, Duration::from_secs(120));
+    let e = parse(&format!("[redis]\nfence_ttl = \"2days\"\n{GOOD}")).unwrap_err();
+    assert!(
+        e.problems[0].message.contains("is over a day") && e.problems[0].line == Some(2),
+        "{e}"
+    );
     assert!(ok.rules.rules.iter().any(|r| r.fence));
     assert!(!parse(GOOD).unwrap().rules.rules.iter().any(|r| r.fence));
 }

@@ -305,3 +305,75 @@ fn client_snippets_carry_the_fill_script() {
         );
     }
 }
+
+/// Every snippet names a key's fence as pginval does, for the keys where the rule has
+/// its edge cases: a hash tag, an empty tag, a `}` without a tag, a lone `{`, non-ASCII,
+/// the empty key.
+#[test]
+fn client_snippets_name_fences_as_pginval_does() {
+    let Ok(dir) = std::env::var("PGINVAL_TEST_CLIENTS") else {
+        crate::support::skipped(
+            "PGINVAL_TEST_CLIENTS is not set (scripts/install-clients.sh installs the clients)",
+        );
+        return;
+    };
+    let keys = [
+        "user:1", "a{b}c", "a}b", "x{}y{z}", "{", "{t}:u:1", "ключ", "",
+    ];
+    let expected: Vec<String> = keys
+        .iter()
+        .map(|k| pginval::sink::fence::fence_key(k))
+        .collect();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fence");
+    for client in [
+        vec![
+            format!("{dir}/venv/bin/python"),
+            format!("{examples}/fill.py"),
+        ],
+        vec!["node".into(), format!("{examples}/fill.js")],
+        vec!["php".into(), format!("{examples}/fill.php")],
+    ] {
+        let out = std::process::Command::new(&client[0])
+            .args(&client[1..])
+            .arg("fence-key")
+            .args(keys)
+            .env("NODE_PATH", format!("{dir}/node/node_modules"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{client:?}: {out:?}");
+        let names: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(names, expected, "{client:?}");
+    }
+}
+
+/// Redis forgets its scripts (`SCRIPT FLUSH`, as after a restart): pginval's next
+/// fenced delete still writes the fence and deletes the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_delete_survives_redis_forgetting_the_script() {
+    let (db, redis) = setup("fencenoscript").await;
+    let daemon = Daemon::start(&db, config(&db, &redis, FENCED)).await;
+    cache(&redis, &["user:3"]).await;
+    db.execute_batch("UPDATE users SET name = 'a' WHERE id = 3")
+        .await;
+    crate::wait_gone(&redis, &["user:3"]).await;
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    cache(&redis, &["user:4"]).await;
+    db.execute_batch("UPDATE users SET name = 'b' WHERE id = 4")
+        .await;
+    crate::wait_gone(&redis, &["user:4"]).await;
+    assert!(
+        conn.exists::<_, bool>("pginval-fence:{user:4}")
+            .await
+            .unwrap()
+    );
+    daemon.stop().await.unwrap();
+}

@@ -483,7 +483,10 @@ fn a_key_both_fenced_and_deleted_is_fenced_once() {
     fenced.fence = true;
     let mut plain = rule(&["post:{id}", "other:{id}"], &[]);
     plain.number = 2;
-    for order in [[fenced.clone(), plain.clone()], [plain.clone(), fenced.clone()]] {
+    for order in [
+        [fenced.clone(), plain.clone()],
+        [plain.clone(), fenced.clone()],
+    ] {
         let bound = RuleSet {
             rules: order.to_vec(),
         }
