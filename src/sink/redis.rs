@@ -8,11 +8,14 @@
 use std::future::Future;
 use std::time::Duration;
 
-use redis::{Cmd, ConnectionInfo, ErrorKind, RedisError, Script, Value};
+use redis::{Cmd, ConnectionInfo, ErrorKind, RedisError, Script};
 
 use std::sync::Arc;
 
 pub(super) mod conn;
+mod failover;
+mod flush;
+mod inspect;
 
 use conn::{Conn, Primary, Target};
 
@@ -25,65 +28,12 @@ use super::events::EventsConfig;
 use super::fence;
 use super::replay::{self, ReplayWindow};
 use super::tags::TagLayout;
+use flush::FLUSH_TAG_LUA;
 
-/// SCAN / SSCAN / ZSCAN COUNT hint.
-const SCAN_COUNT: usize = 1000;
-/// Tags with more members than this are flushed in chunks instead of in one script.
-const INLINE_TAG_MEMBERS: usize = 5000;
 /// First retry delay after a Redis error; doubles up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// Flushes one tag. Small tags: deletes (or expires) every member, then the tag,
-/// atomically. Big tags, or a tag whose earlier chunked flush was interrupted: moves
-/// the members into the spill key (atomically, so members added afterwards belong to
-/// a fresh tag; a RENAME, O(1), unless an interrupted flush left a spill key to merge
-/// into) and returns -1; the caller then deletes the spill key's members in
-/// chunks. KEYS: tag, spill. ARGV: member prefix, "set"|"zset", inline limit, expire
-/// milliseconds (0 = delete). Returns the member count, -1 (spilled), or -2 (the tag
-/// key holds another type: left alone).
-const FLUSH_TAG_LUA: &str = r#"
-local zset = ARGV[2] == 'zset'
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'none' and kind ~= (zset and 'zset' or 'set') then return -2 end
-local n = 0
-if kind ~= 'none' then
-  if zset then n = redis.call('ZCARD', KEYS[1]) else n = redis.call('SCARD', KEYS[1]) end
-end
-local spilled = redis.call('EXISTS', KEYS[2]) == 1
-if n == 0 and not spilled then return 0 end
-if spilled or n > tonumber(ARGV[3]) then
-  if n > 0 then
-    if not spilled then
-      redis.call('RENAME', KEYS[1], KEYS[2])
-      redis.call('PERSIST', KEYS[2])
-    elseif zset then
-      redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1])
-      redis.call('UNLINK', KEYS[1])
-    else
-      redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[1])
-      redis.call('UNLINK', KEYS[1])
-    end
-  end
-  return -1
-end
-if n == 0 then return 0 end
-local members
-if zset then members = redis.call('ZRANGE', KEYS[1], 0, -1) else members = redis.call('SMEMBERS', KEYS[1]) end
-local ms = tonumber(ARGV[4])
-for i = 1, #members, 500 do
-  local chunk = {}
-  for j = i, math.min(i + 499, #members) do chunk[#chunk + 1] = ARGV[1] .. members[j] end
-  if ms > 0 then
-    for _, k in ipairs(chunk) do redis.call('PEXPIRE', k, ms, 'LT') end
-  else
-    redis.call('UNLINK', unpack(chunk))
-  end
-end
-redis.call('UNLINK', KEYS[1])
-return n
-"#;
 
 /// The fence script for the fenced keys, UNLINK for the others (in chunks, per hash
 /// slot on a cluster), PEXPIRE ... LT for the keys to expire that are not deleted
@@ -125,37 +75,6 @@ fn key_commands(conn: &Conn, inv: &Work, fence: (&str, Duration, &str)) -> Vec<C
         }
     }
     cmds
-}
-
-/// Where a tag's members are moved while they are flushed in chunks. On a cluster it
-/// must share the tag key's hash slot (the flush script names both): a `{hash tag}`
-/// of that slot leads it.
-fn spill_key(tag_key: &str, cluster: bool) -> String {
-    if cluster {
-        let slot = conn::slot_of(tag_key);
-        format!("{{{}}}{CLUSTER_SPILL_MARK}{tag_key}", conn::slot_tag(slot))
-    } else {
-        format!("{tag_key}{SPILL_SUFFIX}")
-    }
-}
-
-/// The tag key a spill key belongs to, if `key` is one.
-fn spilled_tag(key: &str, cluster: bool) -> Option<&str> {
-    if cluster {
-        let (head, tag_key) = key.split_once(CLUSTER_SPILL_MARK)?;
-        (head.starts_with('{') && !head[1..].contains('{')).then_some(tag_key)
-    } else {
-        key.strip_suffix(SPILL_SUFFIX)
-    }
-}
-
-/// The glob of the spill keys of the tags whose keys match `tag_key_pattern`.
-fn spill_pattern(tag_key_pattern: &str, cluster: bool) -> String {
-    if cluster {
-        format!("{{*}}{CLUSTER_SPILL_MARK}{tag_key_pattern}")
-    } else {
-        format!("{tag_key_pattern}{SPILL_SUFFIX}")
-    }
 }
 
 /// An error talking to Redis.
@@ -264,13 +183,6 @@ impl std::fmt::Debug for RedisSink {
     }
 }
 
-/// What one tag flush found.
-enum Flushed {
-    Done,
-    Spilled,
-    WrongType,
-}
-
 impl RedisSink {
     /// A sink for the Redis at `seeds` (the URL, then a cluster's further seed nodes),
     /// reached as `topology` says; connects lazily. `ca_pem` replaces the public roots
@@ -316,26 +228,6 @@ impl RedisSink {
         })
     }
 
-    /// Redis' `keyspace_hits` and `keyspace_misses` (INFO stats); also tells whether
-    /// Redis answers at all.
-    pub async fn keyspace_stats(&mut self) -> Result<(u64, u64), SinkError> {
-        let mut conn = self.connection().await?;
-        let result = async {
-            let mut totals = (0, 0);
-            for primary in conn.primaries().await? {
-                let info: String = conn.on(&primary, redis::cmd("INFO").arg("stats")).await?;
-                totals.0 += info_field(&info, "keyspace_hits").unwrap_or(0);
-                totals.1 += info_field(&info, "keyspace_misses").unwrap_or(0);
-            }
-            Ok(totals)
-        }
-        .await;
-        if result.is_err() {
-            self.conn = None;
-        }
-        result
-    }
-
     async fn connection(&mut self) -> Result<Conn, SinkError> {
         let failovers = self.failovers.load(std::sync::atomic::Ordering::Acquire);
         if failovers != self.failovers_seen {
@@ -356,161 +248,6 @@ impl RedisSink {
         self.conn = Some(conn.clone());
         self.generation += 1;
         Ok(conn)
-    }
-
-    /// Reads a string key, retrying until Redis answers (used for pginval's own
-    /// slot-state marker, which decides whether changes were missed).
-    pub async fn get_until_ok(&mut self, key: &str) -> Option<String> {
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            let result: Result<Option<String>, SinkError> = async {
-                let mut conn = self.connection().await?;
-                Ok(redis::cmd("GET").arg(key).query_async(&mut conn).await?)
-            }
-            .await;
-            match result {
-                Ok(v) => return v,
-                Err(e) => {
-                    self.conn = None;
-                    tracing::warn!(error = %e, "waiting for redis to read pginval's slot state");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        }
-    }
-
-    /// Writes a string key, retrying until Redis acknowledges.
-    pub async fn set_until_ok(&mut self, key: &str, value: &str) {
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            let result: Result<(), SinkError> = async {
-                let mut conn = self.connection().await?;
-                Ok(redis::cmd("SET")
-                    .arg(key)
-                    .arg(value)
-                    .query_async(&mut conn)
-                    .await?)
-            }
-            .await;
-            match result {
-                Ok(()) => return,
-                Err(e) => {
-                    self.conn = None;
-                    tracing::warn!(error = %e, key, "waiting for redis to write pginval's state");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        }
-    }
-
-    /// Redis' major version (`INFO server`), e.g. 7; on a cluster the lowest of its
-    /// primaries'.
-    pub async fn major_version(&mut self) -> Result<u32, SinkError> {
-        let mut conn = self.connection().await?;
-        let mut lowest = None;
-        for primary in conn.primaries().await? {
-            let info: String = conn.on(&primary, redis::cmd("INFO").arg("server")).await?;
-            let major = info
-                .lines()
-                .find_map(|l| l.strip_prefix("redis_version:"))
-                .and_then(|v| v.split('.').next())
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            lowest = Some(lowest.map_or(major, |l: u32| l.min(major)));
-        }
-        Ok(lowest.unwrap_or(0))
-    }
-
-    /// Whether the server at the configured address runs in cluster mode (`INFO
-    /// cluster`), asked of that node alone whatever this sink was configured as.
-    pub async fn server_is_cluster(&self) -> Result<bool, SinkError> {
-        let info: String = self
-            .target
-            .ask_seed(redis::cmd("INFO").arg("cluster"))
-            .await?;
-        Ok(info_field(&info, "cluster_enabled") == Some(1))
-    }
-
-    /// Redis' major version, retrying until Redis answers.
-    pub async fn major_version_until_ok(&mut self) -> u32 {
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            match self.major_version().await {
-                Ok(v) => return v,
-                Err(e) => {
-                    self.conn = None;
-                    tracing::warn!(error = %e, "waiting for redis to read its version");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        }
-    }
-
-    /// A server setting (`CONFIG GET`) of each primary; `None` when the server does
-    /// not have it.
-    pub async fn config_get(&mut self, name: &str) -> Result<Vec<Option<String>>, SinkError> {
-        let mut conn = self.connection().await?;
-        let mut values = Vec::new();
-        for primary in conn.primaries().await? {
-            let pairs: Vec<String> = conn
-                .on(&primary, redis::cmd("CONFIG").arg("GET").arg(name))
-                .await?;
-            values.push(pairs.into_iter().nth(1));
-        }
-        Ok(values)
-    }
-
-    /// Whether some key matches `pattern`, looking at up to `budget` keys (SCAN).
-    pub async fn any_key_matches(
-        &mut self,
-        pattern: &str,
-        budget: usize,
-    ) -> Result<bool, SinkError> {
-        let mut conn = self.connection().await?;
-        for primary in conn.primaries().await? {
-            let mut cursor = 0u64;
-            let mut seen = 0;
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = conn
-                    .on(
-                        &primary,
-                        redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(pattern)
-                            .arg("COUNT")
-                            .arg(SCAN_COUNT),
-                    )
-                    .await?;
-                if !keys.is_empty() {
-                    return Ok(true);
-                }
-                seen += SCAN_COUNT;
-                cursor = next;
-                if cursor == 0 || seen >= budget {
-                    break;
-                }
-            }
-        }
-        Ok(false)
-    }
-
-    /// The metrics and health this sink reports to.
-    pub fn reporting(&self) -> (Arc<Metrics>, Arc<Health>) {
-        (self.metrics.clone(), self.health.clone())
-    }
-
-    /// Checks that Redis answers (PING).
-    pub async fn ping(&mut self) -> Result<(), SinkError> {
-        let mut conn = self.connection().await?;
-        let r: Result<(), _> = redis::cmd("PING").query_async(&mut conn).await;
-        if r.is_err() {
-            self.conn = None;
-        }
-        Ok(r?)
     }
 
     /// Applies `inv` and publishes `events` once. On error the connection is dropped
@@ -576,119 +313,6 @@ impl RedisSink {
                 "the replay window is full; its oldest invalidations went"
             );
         }
-    }
-
-    /// After a failure (or a changed cluster topology): applies everything of the
-    /// replay window again, until Redis acknowledges. The promoted replica may lack
-    /// deletes the old primary had acknowledged; deleting again is always safe.
-    async fn replay_after_failover(&mut self, why: &str) {
-        self.replay_owed = false;
-        let replay = self
-            .replay
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replay();
-        let Some(work) = replay else {
-            return;
-        };
-        self.metrics.redis_replays.inc();
-        tracing::warn!(
-            keys = work.keys.len(),
-            tags = work.tags.len(),
-            patterns = work.key_patterns.len() + work.tag_patterns.len(),
-            why,
-            "applying the replay window again: a failed-over Redis may have lost deletes its old primary acknowledged"
-        );
-        let mut backoff = MIN_BACKOFF;
-        // Without WAIT: a promoted primary may have no replica yet, and a repair that
-        // waited for one would stop the watcher.
-        while let Err(e) = self.apply_once(&work, &[], false).await {
-            self.conn = None;
-            self.metrics.redis_errors.inc();
-            tracing::debug!(error = %e, ?backoff, "replaying the window failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-
-    /// On a cluster or under Sentinel, a task that looks at the primaries (the master
-    /// the Sentinels name) every [`TOPOLOGY_CHECK`] and, when one appeared that was
-    /// not one before (a replica took over), makes the sink reconnect and applies the
-    /// replay window again on a connection of its own. `None` on a single node (its
-    /// failovers show as errors, after which the sink replays itself) or without a
-    /// replay window.
-    pub fn failover_watch(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
-        let watched = self.target.is_cluster() || matches!(self.target, Target::Sentinel(_));
-        if !watched || self.dry_run || self.replay_window.is_zero() {
-            return None;
-        }
-        let mut watcher = RedisSink {
-            target: self.target.clone(),
-            conn: None,
-            generation: 0,
-            tags: self.tags.clone(),
-            events: None,
-            flush_tag: Script::new(FLUSH_TAG_LUA),
-            fence_script: Script::new(fence::FENCE_LUA),
-            fence_ttl: self.fence_ttl,
-            fence_values: (fence_seed(), std::sync::atomic::AtomicU64::new(0)),
-            fence_skip_told: std::sync::atomic::AtomicBool::new(false),
-            dry_run: false,
-            metrics: self.metrics.clone(),
-            health: self.health.clone(),
-            replay: self.replay.clone(),
-            replay_window: self.replay_window,
-            replay_owed: false,
-            primaries_seen: None,
-            failovers: self.failovers.clone(),
-            failovers_seen: 0,
-            flusher: self.flusher.clone(),
-            wait_replicas: self.wait_replicas,
-            wait_timeout: self.wait_timeout,
-        };
-        Some(async move {
-            let mut tick = tokio::time::interval(TOPOLOGY_CHECK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if watcher.primaries_changed().await {
-                    watcher
-                        .failovers
-                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                    watcher
-                        .replay_after_failover("a replica took over from its primary")
-                        .await;
-                }
-            }
-        })
-    }
-
-    /// Whether a primary appeared that was not one at the last look (a replica took
-    /// over); the first look only remembers.
-    async fn primaries_changed(&mut self) -> bool {
-        let now = tokio::time::Instant::now();
-        let now_primaries: Result<Vec<Primary>, String> = match self.target.sentinel_master().await
-        {
-            Some(master) => master.map(|m| vec![Some(m)]).map_err(|e| e.to_string()),
-            None => match self.connection().await {
-                Ok(mut conn) => conn.primaries().await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-        };
-        let now_primaries = match now_primaries {
-            Ok(p) => p,
-            Err(e) => {
-                self.conn = None;
-                tracing::debug!(error = %e, "cannot read the primaries");
-                return false;
-            }
-        };
-        let changed = self
-            .primaries_seen
-            .as_ref()
-            .is_some_and(|(_, seen)| now_primaries.iter().any(|p| !seen.contains(p)));
-        self.primaries_seen = Some((now, now_primaries));
-        changed
     }
 
     /// Applies `inv` and publishes `events`, retrying with capped exponential backoff
@@ -842,221 +466,6 @@ impl RedisSink {
         }
         wait_for_replicas(&mut conn, self.wait_replicas, self.wait_timeout).await
     }
-
-    /// Deletes the keys of `inv`'s key patterns and flushes the tags of its tag
-    /// patterns, scanning each of `primaries`.
-    async fn scan_patterns(
-        &self,
-        conn: &mut Conn,
-        inv: &Work,
-        primaries: &[Primary],
-    ) -> Result<(), SinkError> {
-        let cluster = conn.is_cluster();
-        for pattern in &inv.key_patterns {
-            for primary in primaries {
-                self.scan_each(conn, primary, "SCAN", None, pattern, |key| {
-                    let mut cmd = redis::cmd("UNLINK");
-                    cmd.arg(key);
-                    cmd
-                })
-                .await?;
-            }
-        }
-        for tag_pattern in &inv.tag_patterns {
-            let pattern = self.tags.tag_key_pattern(tag_pattern);
-            // Tags whose chunked flush was interrupted exist only as spill keys now:
-            // those are flushed under their tag's name too (the script finishes them).
-            let spills = spill_pattern(&pattern, cluster);
-            for primary in primaries {
-                for (pattern, of_spill) in [(&pattern, false), (&spills, true)] {
-                    // Page by page: each SCAN page's tags are flushed at once before the
-                    // next page is read, so memory and round trips do not grow with the
-                    // number of tags.
-                    let mut cursor = 0;
-                    loop {
-                        let (next, page) = self.scan_page(conn, primary, cursor, pattern).await?;
-                        let tag_keys: Vec<&str> = page
-                            .iter()
-                            .filter_map(|key| match of_spill {
-                                true => spilled_tag(key, cluster),
-                                false => spilled_tag(key, cluster).is_none().then_some(key),
-                            })
-                            .collect();
-                        let cmds: Vec<Cmd> = tag_keys
-                            .iter()
-                            .map(|tag_key| self.flush_command(tag_key, TagAction::Delete, cluster))
-                            .collect();
-                        self.metrics.redis_commands.inc_by(cmds.len() as u64);
-                        let results = conn.run(cmds).await?;
-                        for (tag_key, result) in tag_keys.iter().zip(&results) {
-                            self.after_flush(conn, tag_key, TagAction::Delete, result)
-                                .await?;
-                        }
-                        if next == 0 {
-                            break;
-                        }
-                        cursor = next;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The script call flushing one tag. On a cluster the script only moves the
-    /// members to the spill key (the members live in other slots, which a script may
-    /// not touch); [`RedisSink::after_flush`] deletes them.
-    fn flush_command(&self, tag_key: &str, action: TagAction, cluster: bool) -> Cmd {
-        let ms = match action {
-            TagAction::Delete => 0,
-            TagAction::Expire(ms) => ms.max(1),
-        };
-        let mut cmd = if cluster {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(FLUSH_TAG_LUA);
-            cmd
-        } else {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.flush_tag.get_hash());
-            cmd
-        };
-        cmd.arg(2)
-            .arg(tag_key)
-            .arg(spill_key(tag_key, cluster))
-            .arg(self.tags.member_prefix())
-            .arg(if self.tags.is_zset() { "zset" } else { "set" })
-            .arg(if cluster {
-                -1
-            } else {
-                INLINE_TAG_MEMBERS as i64
-            })
-            .arg(ms);
-        cmd
-    }
-
-    /// Completes a tag flush the script could not do inline.
-    async fn after_flush(
-        &self,
-        conn: &mut Conn,
-        tag_key: &str,
-        action: TagAction,
-        result: &Value,
-    ) -> Result<Flushed, SinkError> {
-        match redis::from_redis_value_ref::<i64>(result).map_err(RedisError::from)? {
-            -2 => {
-                tracing::error!(
-                    tag_key = %tag_key.escape_debug(),
-                    "tag key holds a value of another type than the tag layout expects; left alone"
-                );
-                Ok(Flushed::WrongType)
-            }
-            -1 => {
-                let spill = spill_key(tag_key, conn.is_cluster());
-                let prefix = self.tags.member_prefix().to_owned();
-                let scan = if self.tags.is_zset() {
-                    "ZSCAN"
-                } else {
-                    "SSCAN"
-                };
-                self.scan_each(conn, &None, scan, Some(&spill), "*", |member| {
-                    let key = format!("{prefix}{member}");
-                    match action {
-                        TagAction::Delete => {
-                            let mut cmd = redis::cmd("UNLINK");
-                            cmd.arg(key);
-                            cmd
-                        }
-                        TagAction::Expire(ms) => {
-                            let mut cmd = redis::cmd("PEXPIRE");
-                            cmd.arg(key).arg(ms).arg("LT");
-                            cmd
-                        }
-                    }
-                })
-                .await?;
-                conn.run(vec![redis::cmd("UNLINK").arg(&spill).to_owned()])
-                    .await?;
-                Ok(Flushed::Spilled)
-            }
-            _ => Ok(Flushed::Done),
-        }
-    }
-
-    /// One `SCAN` page of `primary`'s keys matching `pattern` whose type is the tag
-    /// layout's.
-    async fn scan_page(
-        &self,
-        conn: &mut Conn,
-        primary: &Primary,
-        cursor: u64,
-        pattern: &str,
-    ) -> Result<(u64, Vec<String>), SinkError> {
-        let kind = if self.tags.is_zset() { "zset" } else { "set" };
-        self.metrics.redis_commands.inc();
-        Ok(conn
-            .on(
-                primary,
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT)
-                    .arg("TYPE")
-                    .arg(kind),
-            )
-            .await?)
-    }
-
-    /// Iterates `SCAN` over `primary`'s keys (or `SSCAN`/`ZSCAN` over `key`) matching
-    /// `pattern` and runs the command `each` makes of every element, page by page.
-    /// ZSCAN's scores are skipped.
-    async fn scan_each(
-        &self,
-        conn: &mut Conn,
-        primary: &Primary,
-        command: &str,
-        key: Option<&str>,
-        pattern: &str,
-        mut each: impl FnMut(&str) -> Cmd,
-    ) -> Result<u64, SinkError> {
-        let mut cursor: u64 = 0;
-        let mut found = 0;
-        let step = if command == "ZSCAN" { 2 } else { 1 };
-        loop {
-            let mut scan = redis::cmd(command);
-            if let Some(k) = key {
-                scan.arg(k);
-            }
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT);
-            let (next, items): (u64, Vec<String>) = match key {
-                // A key's elements: routed by the key.
-                Some(_) => scan.query_async(conn).await?,
-                None => conn.on(primary, &scan).await?,
-            };
-            // A fence a keyspace pattern matched stays: deleting it would let a fill
-            // that raced the delete through.
-            let cmds: Vec<Cmd> = items
-                .iter()
-                .step_by(step)
-                .filter(|item| key.is_some() || !fence::is_fence(item.as_bytes()))
-                .map(|item| each(item))
-                .collect();
-            found += cmds.len() as u64;
-            if !cmds.is_empty() {
-                self.metrics.redis_commands.inc_by(cmds.len() as u64 + 1);
-                conn.run(cmds).await?;
-            }
-            if next == 0 {
-                return Ok(found);
-            }
-            cursor = next;
-        }
-    }
 }
 
 /// With `replicas` > 0: on every primary, a write to pginval's own key (so that what
@@ -1100,12 +509,6 @@ fn info_field(info: &str, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse::<u64>().ok())
 }
-/// Suffix of the key a big tag's members are moved to while they are flushed.
-pub const SPILL_SUFFIX: &str = ":pginval-flushing";
-
-/// On a cluster, what follows the `{hash tag}` of a spill key, before its tag key.
-const CLUSTER_SPILL_MARK: &str = "pginval-flushing:";
-
 impl Sink for RedisSink {
     type Error = SinkError;
 
