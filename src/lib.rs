@@ -11,10 +11,13 @@
 //! - [`replication`]: wire → domain: the replication connection ([`replication::conn`]),
 //!   its frames ([`replication::protocol`]), the pgoutput decoder
 //!   ([`replication::pgoutput`]), the relation cache, `RowEvent`, and catalog queries.
-//! - [`rules`]: domain → intent: templates, compiled rules, invalidation sets.
-//! - [`sink`]: intent → effect: Redis pipelines and tag flushes.
+//! - [`rules`]: domain → intent: templates, compiled rules, invalidation sets, entity
+//!   events.
+//! - [`sink`]: intent → effect: the `Sink` seam; Redis pipelines, tag flushes and
+//!   fences; event brokers.
 //! - [`pipeline`]: wires the stages: the streaming loop, with start-up, the sink
-//!   task, background jobs and the pure acknowledgement rule in submodules.
+//!   task, the read-replica wait, background jobs and the pure acknowledgement rule in
+//!   submodules.
 //! - [`metrics`]: metric names, `/metrics`, `/healthz`, `/readyz`.
 //! - [`publication`]: the publication policy: what the managed publication should be,
 //!   its drift, the DDL (used by `check`, `setup` and start-up).
