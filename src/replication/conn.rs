@@ -24,6 +24,11 @@ use super::tls::{self, SslMode};
 
 /// How much the read buffer grows by at least: big reads keep the walsender from
 /// being woken per message.
+mod error;
+
+pub use error::ReplicationError;
+use error::server_error;
+
 const READ_CHUNK: usize = 256 * 1024;
 /// Largest backend message accepted; a bigger length is a corrupt stream, not a
 /// reason to allocate gigabytes. (A walsender message holds at most one WAL record's
@@ -38,91 +43,6 @@ const BIG_MESSAGE: usize = 4 * READ_CHUNK;
 const PACED_READ_BYTES: usize = 64 * 1024;
 /// A paced read that has waited this long takes whatever has arrived.
 const PACED_READ_WAIT: Duration = Duration::from_millis(2);
-
-/// An error on the replication connection.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplicationError {
-    /// The socket failed or closed.
-    #[error("replication connection to {target}: {source}")]
-    Io {
-        /// Where to.
-        target: String,
-        /// The IO error.
-        source: io::Error,
-    },
-    /// The server answered with an error.
-    #[error("server error {code}: {message}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
-    Server {
-        /// SQLSTATE.
-        code: String,
-        /// Primary message.
-        message: String,
-        /// Detail, when given.
-        detail: Option<String>,
-    },
-    /// The server asked for something pginval does not do.
-    #[error("replication connection: {0}")]
-    Unsupported(String),
-    /// The server broke the protocol.
-    #[error("replication protocol error: {0}")]
-    Protocol(String),
-    /// The server ended the stream (CopyDone) without being asked to.
-    #[error("the server ended the replication stream")]
-    StreamEnded,
-    /// Every host takes only read-only transactions while target_session_attrs asks
-    /// for read-write: during a failover, until a standby is promoted.
-    #[error(
-        "replication connection to {0}: the server is read-only (target_session_attrs=read-write); waiting for a primary"
-    )]
-    ReadOnly(String),
-}
-
-impl ReplicationError {
-    /// Whether another process streams from the slot (55006): the warm-standby case.
-    pub fn is_slot_busy(&self) -> bool {
-        matches!(self, ReplicationError::Server { code, .. } if code == "55006")
-    }
-
-    /// Whether the server says the slot is gone: dropped (42704) or invalidated
-    /// because it exceeded `max_slot_wal_keep_size` (55000, "can no longer get changes";
-    /// PostgreSQL 18 says "can no longer access replication slot").
-    pub fn is_slot_lost(&self) -> bool {
-        match self {
-            ReplicationError::Server { code, message, .. } => {
-                // Only the slot's own absence: a missing publication is also 42704.
-                (code == "42704" && message.contains("replication slot"))
-                    || (code == "55000"
-                        && (message.contains("can no longer get changes")
-                            // PostgreSQL 18: "can no longer access replication slot
-                            // \"x\"", detail "...invalidated due to \"wal_removed\"".
-                            || message.contains("can no longer access replication slot")
-                            || message.contains("cannot read from logical replication slot")))
-                    || (code == "58P01" && message.contains("has already been removed"))
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether reconnecting may help: connection loss, server shutdown or start-up, a
-    /// slot still held by another process. Authentication, permission and
-    /// configuration errors are final.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            ReplicationError::Io { .. }
-            | ReplicationError::StreamEnded
-            | ReplicationError::ReadOnly(_) => true,
-            ReplicationError::Server { code, .. } => {
-                code.starts_with("08")
-                    || code.starts_with("57P")
-                    || matches!(
-                        code.as_str(),
-                        "55006" | "53300" | "53100" | "40001" | "XX000"
-                    )
-            }
-            ReplicationError::Unsupported(_) | ReplicationError::Protocol(_) => false,
-        }
-    }
-}
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -693,126 +613,5 @@ fn version_num(version: &str) -> Option<u32> {
     Some(major? * 10_000 + minor)
 }
 
-fn server_error(body: &backend::ErrorResponseBody) -> ReplicationError {
-    let mut code = String::new();
-    let mut message = String::new();
-    let mut detail = None;
-    let mut fields = body.fields();
-    while let Ok(Some(f)) = fields.next() {
-        let value = || String::from_utf8_lossy(f.value_bytes()).into_owned();
-        match f.type_() {
-            b'C' => code = value(),
-            b'M' => message = value(),
-            b'D' => detail = Some(value()),
-            _ => {}
-        }
-    }
-    ReplicationError::Server {
-        code,
-        message,
-        detail,
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn server(code: &str, message: &str) -> ReplicationError {
-        ReplicationError::Server {
-            code: code.into(),
-            message: message.into(),
-            detail: None,
-        }
-    }
-
-    #[test]
-    fn server_version_reads_like_server_version_num() {
-        assert_eq!(version_num("17.2"), Some(170002));
-        assert_eq!(version_num("16.4 (Debian 16.4-1.pgdg120+1)"), Some(160004));
-        assert_eq!(version_num("18beta1"), Some(180000));
-        assert_eq!(version_num("devel"), None);
-    }
-
-    #[test]
-    fn every_majors_wording_of_a_lost_slot_is_recognised() {
-        for (code, message) in [
-            // Dropped.
-            ("42704", "replication slot \"s\" does not exist"),
-            // PostgreSQL 14-17, invalidated by max_slot_wal_keep_size.
-            (
-                "55000",
-                "can no longer get changes from replication slot \"s\"",
-            ),
-            ("55000", "cannot read from logical replication slot \"s\""),
-            // PostgreSQL 18 (detail: invalidated due to "wal_removed" / "rows_removed").
-            ("55000", "can no longer access replication slot \"s\""),
-            (
-                "58P01",
-                "requested WAL segment 000000010000000000000001 has already been removed",
-            ),
-        ] {
-            assert!(server(code, message).is_slot_lost(), "{code} {message}");
-        }
-        // A missing publication is also 42704, and not a lost slot.
-        assert!(!server("42704", "publication \"p\" does not exist").is_slot_lost());
-        assert!(!server("55006", "replication slot \"s\" is active for PID 7").is_slot_lost());
-    }
-
-    /// A connection over a loopback TCP pair, without a server behind it.
-    async fn pair() -> (ReplicationConnection, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (peer, _) = listener.accept().await.unwrap();
-        let fd = Some(client.as_raw_fd());
-        let conn = ReplicationConnection {
-            io: Box::new(client),
-            target: "test".into(),
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
-            tcp_fd: fd,
-            low_water: 1,
-            backend_pid: None,
-            server_version: None,
-        };
-        (conn, peer)
-    }
-
-    #[tokio::test]
-    async fn a_paced_read_takes_a_short_tail_after_its_wait() {
-        let (mut conn, mut peer) = pair().await;
-        conn.pace_reads(true);
-        assert_eq!(conn.low_water, PACED_READ_BYTES);
-        peer.write_all(b"tail").await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), conn.fill())
-            .await
-            .expect("the paced read gives up waiting for 64 KiB")
-            .unwrap();
-        assert_eq!(&conn.rbuf[..], b"tail");
-        // Pacing lapses with the wait; live reads wake per byte again.
-        assert_eq!(conn.low_water, 1);
-    }
-
-    #[tokio::test]
-    async fn a_paced_read_wakes_for_a_full_chunk() {
-        let (mut conn, mut peer) = pair().await;
-        conn.pace_reads(true);
-        peer.write_all(&vec![7u8; 2 * PACED_READ_BYTES])
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(5), conn.fill())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            conn.rbuf.len() >= PACED_READ_BYTES,
-            "read {} bytes",
-            conn.rbuf.len()
-        );
-        assert_eq!(conn.low_water, PACED_READ_BYTES);
-        conn.pace_reads(false);
-        assert_eq!(conn.low_water, 1);
-    }
-}
+mod tests;
