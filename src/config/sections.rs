@@ -4,6 +4,8 @@
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::STATE_KEY_PREFIX;
+
 /// `[source]`: the PostgreSQL database to follow.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -258,9 +260,6 @@ pub struct ReplicasConfig {
     #[serde(default)]
     pub give_up_after: Option<Spanned<String>>,
 }
-
-/// What every key of pginval's own state starts with.
-pub const STATE_KEY_PREFIX: &str = "pginval:";
 
 /// `[state]`: where pginval keeps its own state — the markers that tell a lost slot
 /// from a first start and that owe fallbacks across a crash. Apart from the cache, so

@@ -13,13 +13,18 @@ use redis::{Cmd, ConnectionInfo, ErrorKind, RedisError, Script};
 use std::sync::Arc;
 
 pub(super) mod conn;
+mod settings;
+
+pub use settings::{Durability, SentinelConfig, Topology};
+
+/// What every key of pginval's own state starts with.
+pub const STATE_KEY_PREFIX: &str = "pginval:";
 mod failover;
 mod flush;
 mod inspect;
 
 use conn::{Conn, Primary, Target};
 
-use crate::config::{Durability, STATE_KEY_PREFIX, Topology};
 use crate::metrics::{Health, Metrics};
 use crate::rules::invalidation::{Event, TagAction, Work};
 

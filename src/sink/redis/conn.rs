@@ -17,8 +17,6 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionInfo, RedisFuture, RedisResult, Value};
 
-use crate::config;
-
 /// Keys per UNLINK command.
 const KEYS_PER_UNLINK: usize = 256;
 /// Hash slots of a Redis Cluster.
@@ -71,7 +69,7 @@ impl Target {
     /// connects lazily. `ca_pem` replaces the public roots for `rediss://`.
     pub fn new(
         seeds: Vec<ConnectionInfo>,
-        topology: config::Topology,
+        topology: super::Topology,
         ca_pem: Option<&[u8]>,
     ) -> RedisResult<Target> {
         // Pipelines are written as soon as a batch is ready: Nagle's algorithm would
@@ -92,7 +90,7 @@ impl Target {
             Some(certs) => Client::build_with_tls(info, certs.clone()),
             None => Client::open(info),
         };
-        if let config::Topology::Sentinel(sentinel) = topology {
+        if let super::Topology::Sentinel(sentinel) = topology {
             let url = seeds.first().expect("a target has a URL");
             let settings = url.redis_settings();
             let addrs = sentinel.sentinels.iter().map(|s| s.addr().clone());
@@ -116,7 +114,7 @@ impl Target {
                 builder.build()?,
             ))));
         }
-        if matches!(topology, config::Topology::Cluster) {
+        if matches!(topology, super::Topology::Cluster) {
             let seed = open(seeds.first().expect("a target has a URL").clone())?;
             let mut builder = ClusterClient::builder(seeds)
                 .connection_timeout(Duration::from_secs(5))
