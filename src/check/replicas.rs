@@ -49,7 +49,11 @@ pub(super) async fn check_replicas(
                 continue;
             }
         };
-        if let (Some(ours), Some(theirs)) = (source_id, system_identifier(&client).await)
+        let theirs = tokio::time::timeout(TIMEOUT, system_identifier(&client))
+            .await
+            .ok()
+            .flatten();
+        if let (Some(ours), Some(theirs)) = (source_id, theirs)
             && ours != theirs
         {
             report.problems.push(Problem::new(
@@ -59,11 +63,16 @@ pub(super) async fn check_replicas(
             ));
             continue;
         }
-        match client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .and_then(|row| row.try_get::<_, bool>(0))
-        {
+        let asked = client.query_one("SELECT pg_is_in_recovery()", &[]);
+        let Ok(answer) = tokio::time::timeout(TIMEOUT, asked).await else {
+            report.warnings.push(Problem::new(
+                None,
+                format!("{name} did not answer within {TIMEOUT:?} whether it is in recovery"),
+                None,
+            ));
+            continue;
+        };
+        match answer.and_then(|row| row.try_get::<_, bool>(0)) {
             Ok(true) => report.notes.push(format!(
                 "{name} is a replica of the source's cluster; each batch is applied again once it replayed it"
             )),

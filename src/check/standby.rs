@@ -69,13 +69,13 @@ pub(super) async fn system_identifier(client: &Client) -> Option<i64> {
         .query_one("SELECT system_identifier FROM pg_control_system()", &[])
         .await
         .ok()
-        .map(|row| row.get(0))
+        .and_then(|row| row.try_get(0).ok())
 }
 
 /// `standby_primary_url`: reachable, this standby's cluster (its system identifier), a
 /// primary, with `wal_level = logical` (which the standby cannot tell), and a role that
 /// may run `pg_log_standby_snapshot()`.
-pub(super) async fn check_standby_primary(
+async fn check_standby_primary(
     config: &Config,
     primary: &tokio_postgres::Config,
     standby_id: Option<i64>,

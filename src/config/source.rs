@@ -237,6 +237,7 @@ pub(super) fn read_replicas(
     }
 }
 
+/// A Postgres name pginval creates: lower-case, digits, underscores, at most 63 bytes.
 fn valid_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63

@@ -187,7 +187,13 @@ impl Done {
     /// When batches waiting for the read replicas are looked at next; `None` when none
     /// wait.
     fn next_replica_poll(&self) -> Option<tokio::time::Instant> {
-        self.waiting_for_replicas().then_some(self.next_poll)
+        // While a replica is given up too, so its return is seen (and logged) when
+        // nothing waits.
+        let watching = self
+            .replicas
+            .as_ref()
+            .is_some_and(|(r, _)| !r.is_empty() || r.given_up() > 0);
+        watching.then_some(self.next_poll)
     }
 
     fn replicas_full(&self) -> bool {

@@ -241,7 +241,7 @@ impl Stream {
             // Its commit time, so lag and readiness see a part waiting for Redis.
             let batch = self.pending.get_or_insert_with(Batch::default);
             // Replicas have it once they replayed its commit record (BEGIN's final LSN).
-            batch.replay_lsn = batch.replay_lsn.max(self.tx_commit.0 + 1);
+            batch.replay_lsn = batch.replay_lsn.max(self.tx_commit.0.saturating_add(1));
             if batch.commit_times.len() < MAX_COMMIT_SAMPLES {
                 batch.commit_times.push((self.tx_commit.1, self.read_at));
             }

@@ -195,30 +195,32 @@ impl Released {
     }
 }
 
-/// Reads each replica's replay position every [`POLL`], all at once, and publishes
-/// them to `tx`; a replica that does not answer is `None` and asked again after
-/// [`RETRY_AFTER`]. Ends when the receiver is gone.
+/// Reads each replica's replay position every [`POLL`], each on its own (a replica
+/// that does not answer delays no other), and publishes it to its place in `tx`; a
+/// replica that does not answer is `None` and asked again after [`RETRY_AFTER`].
+/// Ends when the receiver is gone.
 pub(super) async fn watch_positions(replicas: Vec<(String, Source)>, tx: watch::Sender<Positions>) {
-    let mut readers: Vec<Reader> = replicas
-        .into_iter()
-        .map(|(name, source)| Reader {
+    let readers = replicas.into_iter().enumerate().map(|(i, (name, source))| {
+        let tx = tx.clone();
+        let mut reader = Reader {
             name,
             source,
             client: None,
             retry_at: Instant::now(),
             told_unreachable: false,
             told_primary: false,
-        })
-        .collect();
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let positions = join_all(readers.iter_mut().map(Reader::read)).await;
-        if tx.send(positions).is_err() {
-            return;
+        };
+        async move {
+            let mut tick = tokio::time::interval(POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !tx.is_closed() {
+                tick.tick().await;
+                let position = reader.read().await;
+                tx.send_modify(|positions| positions[i] = position);
+            }
         }
-    }
+    });
+    join_all(readers).await;
 }
 
 /// One replica's connection, for [`watch_positions`].

@@ -18,7 +18,7 @@ pub(super) struct TableRules {
 }
 
 /// What woke the streaming loop.
-pub(super) enum Wake {
+enum Wake {
     Shutdown,
     Unpublished,
     StatusTimer,

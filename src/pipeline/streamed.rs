@@ -88,8 +88,8 @@ impl Part {
         self.keys.len() + self.fenced.len() + self.work.len() + self.events.len()
     }
 
-    /// The part once its transaction committed, its events stamped by `stamp`.
-    /// The part of a transaction that committed at `commit_end`, ready for the sink.
+    /// The part once its transaction committed at `commit_end`, its events stamped by
+    /// `stamp`.
     pub(super) fn into_ready(
         self,
         stamp: impl FnOnce(Vec<PendingEvent>) -> Vec<Event>,
@@ -156,8 +156,11 @@ impl Ready {
                 events,
                 replay_lsn,
             } => {
-                work.keys = keys.unpack();
+                // Parts merged across subtransactions may name a key both plain and
+                // fenced: it is fenced, once.
                 work.fenced = fenced.unpack();
+                work.keys = keys.unpack();
+                work.keys.retain(|k| !work.fenced.contains(k));
                 Batch {
                     work,
                     events,
@@ -433,6 +436,28 @@ mod tests {
         assert!(streams.start(8, true).is_some());
         assert_eq!(streams.open[&8].len(), 1, "the held part stays");
         assert!(!streams.open[&8].incomplete);
+    }
+
+    /// One subtransaction deletes a key plainly, another fences it: merged into one
+    /// part, the key goes to the sink fenced, once.
+    #[test]
+    fn a_key_plain_in_one_subtransaction_and_fenced_in_another_is_fenced_once() {
+        let mut s = Streamed::default();
+        hint(&mut s, 10, "k");
+        s.switch_to(11);
+        s.inv.work.fenced.insert("k".to_owned());
+        s.inv.work.fenced.insert("f".to_owned());
+        let (_, parts) = s.into_parts();
+        assert_eq!(parts.len(), 1);
+        let Batch { work, .. } = parts
+            .into_iter()
+            .next()
+            .unwrap()
+            .into_ready(|_| Vec::new(), 100)
+            .into_batch();
+        assert!(work.keys.is_empty(), "{work:?}");
+        assert_eq!(work.fenced.len(), 2);
+        assert_eq!(work.len(), 2);
     }
 
     #[test]

@@ -22,13 +22,13 @@ use tokio_postgres::config::{Host, TargetSessionAttrs};
 use super::source::Source;
 use super::tls::{self, SslMode};
 
-/// How much the read buffer grows by at least: big reads keep the walsender from
-/// being woken per message.
 mod error;
 
 pub use error::ReplicationError;
 use error::server_error;
 
+/// How much the read buffer grows by at least: big reads keep the walsender from
+/// being woken per message.
 const READ_CHUNK: usize = 256 * 1024;
 /// Largest backend message accepted; a bigger length is a corrupt stream, not a
 /// reason to allocate gigabytes. (A walsender message holds at most one WAL record's

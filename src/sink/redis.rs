@@ -6,22 +6,18 @@
 //! success, and `pipeline` decides what that lets it confirm.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{Cmd, ConnectionInfo, ErrorKind, RedisError, Script};
 
-use std::sync::Arc;
-
 pub(super) mod conn;
-mod settings;
-
-pub use settings::{Durability, SentinelConfig, Topology};
-
-/// What every key of pginval's own state starts with.
-pub const STATE_KEY_PREFIX: &str = "pginval:";
 mod failover;
 mod flush;
 mod inspect;
+mod settings;
+
+pub use settings::{Durability, SentinelConfig, Topology};
 
 use conn::{Conn, Primary, Target};
 
@@ -34,6 +30,9 @@ use super::fence;
 use super::replay::{self, ReplayWindow};
 use super::tags::TagLayout;
 use flush::FLUSH_TAG_LUA;
+
+/// What every key of pginval's own state starts with.
+pub const STATE_KEY_PREFIX: &str = "pginval:";
 
 /// First retry delay after a Redis error; doubles up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);

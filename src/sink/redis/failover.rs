@@ -99,7 +99,7 @@ impl RedisSink {
 
     /// Whether a primary appeared that was not one at the last look (a replica took
     /// over); the first look only remembers.
-    pub(super) async fn primaries_changed(&mut self) -> bool {
+    async fn primaries_changed(&mut self) -> bool {
         let now = tokio::time::Instant::now();
         let now_primaries: Result<Vec<Primary>, String> = match self.target.sentinel_master().await
         {

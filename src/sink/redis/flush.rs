@@ -209,7 +209,7 @@ impl RedisSink {
 
     /// One `SCAN` page of `primary`'s keys matching `pattern` whose type is the tag
     /// layout's.
-    pub(super) async fn scan_page(
+    async fn scan_page(
         &self,
         conn: &mut Conn,
         primary: &Primary,
@@ -236,7 +236,7 @@ impl RedisSink {
     /// Iterates `SCAN` over `primary`'s keys (or `SSCAN`/`ZSCAN` over `key`) matching
     /// `pattern` and runs the command `each` makes of every element, page by page.
     /// ZSCAN's scores are skipped.
-    pub(super) async fn scan_each(
+    async fn scan_each(
         &self,
         conn: &mut Conn,
         primary: &Primary,
