@@ -74,13 +74,15 @@ impl CheckReport {
 /// Connects with the configuration's source settings and checks everything.
 pub async fn check(config: &Config) -> Result<CheckReport, CheckError> {
     let client = catalog::connect(&config.source).await?;
-    Ok(check_with(&client, config).await?)
+    let snapshot = catalog::Snapshot::read(&client, config.rules.tables()).await?;
+    Ok(check_with(&client, config, &snapshot).await?)
 }
 
 /// Checks the configuration against the database behind `client`.
 pub async fn check_with(
     client: &Client,
     config: &Config,
+    snapshot: &catalog::Snapshot,
 ) -> Result<CheckReport, tokio_postgres::Error> {
     let mut report = CheckReport::default();
     let problems = &mut report.problems;
@@ -104,7 +106,7 @@ pub async fn check_with(
             Some(wal_level_fix(service).into()),
         ));
     }
-    let server_version = catalog::server_version(client).await?;
+    let server_version = snapshot.server_version;
     let standby = catalog::in_recovery(client).await?;
     if standby {
         check_standby(client, config, server_version, &mut report).await?;
@@ -145,7 +147,7 @@ pub async fn check_with(
     for rule in &config.rules.rules {
         let line = Some(rule.line);
         let qualified = quote_table(&rule.schema, &rule.table);
-        let Some(info) = catalog::table_info(client, &rule.schema, &rule.table).await? else {
+        let Some(info) = snapshot.table(&rule.schema, &rule.table) else {
             problems.push(Problem::new(
                 line,
                 format!("{rule}: table {} does not exist", rule.qualified_table()),
@@ -175,7 +177,7 @@ pub async fn check_with(
                 ));
             }
         }
-        let generated = catalog::generated_columns(client, info.oid).await?;
+        let generated = snapshot.generated(&rule.schema, &rule.table);
         for column in rule.columns() {
             let Some((_, kind)) = generated.iter().find(|(g, _)| g == column) else {
                 continue;
@@ -232,12 +234,12 @@ pub async fn check_with(
                     format!(
                         "{rule}: templates read {} but REPLICA IDENTITY {} of {} sends only ({}) in old rows, so an UPDATE that changes {} or a DELETE could not invalidate the old key",
                         join_ticked(&missing),
-                        identity_label(&info),
+                        identity_label(info),
                         rule.qualified_table(),
                         info.identity_columns.join(", "),
                         if missing.len() == 1 { "it" } else { "them" },
                     ),
-                    Some(identity_fix(&info)),
+                    Some(identity_fix(info)),
                 ));
                 continue;
             }
@@ -256,13 +258,13 @@ pub async fn check_with(
                         "{rule}: without the old row Postgres cannot tell whether {} changed, so every UPDATE fires the rule",
                         blind.join(", ")
                     ),
-                    Some(identity_fix(&info)),
+                    Some(identity_fix(info)),
                 ));
             }
         }
         report.notes.push(format!(
             "{rule}: table found, REPLICA IDENTITY {} covers every template",
-            identity_label(&info)
+            identity_label(info)
         ));
         if info.partitioned && info.partition_changes_sent {
             report.notes.push(format!(
@@ -289,7 +291,7 @@ pub async fn check_with(
         }
     }
 
-    check_row_filters(client, config, &mut report).await?;
+    check_row_filters(client, config, snapshot, &mut report).await?;
     check_redis(config, &mut report).await;
     check_brokers(config, &mut report).await;
     let problems = &mut report.problems;

@@ -217,7 +217,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let control = catalog::connect(&config.source).await?;
-    let report = check::check_with(&control, &config).await?;
+    // What the catalog says of the rule tables, read once for the check and the
+    // publication policy.
+    let snapshot = catalog::Snapshot::read(&control, config.rules.tables()).await?;
+    let report = check::check_with(&control, &config, &snapshot).await?;
     if !report.problems.is_empty() {
         return Err(RunError::Check(Box::new(report)));
     }
@@ -277,7 +280,7 @@ pub async fn run(
             }
             return Ok(());
         }
-        start = prepare(&control, &config, &mut sink, &mut own) => start?,
+        start = prepare(&control, &config, &snapshot, &mut sink, &mut own) => start?,
     };
     if let Some(every) = config.source.heartbeat {
         background.push(tokio::spawn(heartbeat(
@@ -395,14 +398,16 @@ pub async fn run(
                 own.set_until_ok(&owed, &lines.join("\n")).await;
                 health.set_streaming(false);
                 let control = catalog::connect(&state.config.source).await?;
-                let report = check::check_with(&control, &state.config).await?;
+                let snapshot =
+                    catalog::Snapshot::read(&control, state.config.rules.tables()).await?;
+                let report = check::check_with(&control, &state.config, &snapshot).await?;
                 if !report.problems.is_empty() {
                     break Err(RunError::Check(Box::new(report)));
                 }
                 let restarted = tokio::select! {
                     biased;
                     _ = &mut shutdown => break Ok(()),
-                    r = prepare(&control, &state.config, &mut cache, &mut own) => r,
+                    r = prepare(&control, &state.config, &snapshot, &mut cache, &mut own) => r,
                 };
                 if let Err(e) = restarted {
                     break Err(e);

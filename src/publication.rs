@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::replication::catalog::{self, PublishedTable, quote_ident};
+use crate::replication::catalog::{self, PublishedTable, Snapshot, quote_ident};
 use crate::replication::relation::ReplicaIdentity;
 
 /// Comment that marks a publication pginval created and keeps up to date.
@@ -29,27 +29,14 @@ pub fn create_publication_sql(name: &str, tables: &[PublishedTable]) -> String {
 
 /// Whether the rules read a stored generated column on PostgreSQL 18+, which the
 /// publication then has to publish (`publish_generated_columns = stored`).
-pub async fn needs_generated_columns(
-    client: &Client,
-    config: &Config,
-) -> Result<bool, tokio_postgres::Error> {
-    if catalog::server_version(client).await? < 180000 {
-        return Ok(false);
-    }
-    for rule in &config.rules.rules {
-        let Some(info) = catalog::table_info(client, &rule.schema, &rule.table).await? else {
-            continue;
-        };
-        let generated = catalog::generated_columns(client, info.oid).await?;
-        if rule
-            .columns()
-            .into_iter()
-            .any(|c| generated.iter().any(|(g, kind)| g == c && kind == "s"))
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+pub fn needs_generated_columns(catalog: &Snapshot, config: &Config) -> bool {
+    catalog.server_version >= 180000
+        && config.rules.rules.iter().any(|rule| {
+            let generated = catalog.generated(&rule.schema, &rule.table);
+            rule.columns()
+                .into_iter()
+                .any(|c| generated.iter().any(|(g, kind)| g == c && kind == "s"))
+        })
 }
 
 /// The SQL that makes a publication publish stored generated columns (PostgreSQL 18+).
@@ -75,15 +62,12 @@ pub fn set_publication_tables_sql(name: &str, tables: &[PublishedTable]) -> Stri
 /// identity columns (PostgreSQL 15+). A table with REPLICA IDENTITY FULL is published
 /// whole: Postgres requires a column list to cover the identity, which for FULL is
 /// every column.
-pub async fn desired_publication(
-    client: &Client,
-    config: &Config,
-) -> Result<Vec<PublishedTable>, tokio_postgres::Error> {
-    let pg15 = catalog::server_version(client).await? >= 150000;
+pub fn desired_publication(catalog: &Snapshot, config: &Config) -> Vec<PublishedTable> {
+    let pg15 = catalog.server_version >= 150000;
     let lists = config.source.column_lists && pg15;
     let mut out = Vec::new();
     for (schema, table) in config.rules.tables() {
-        let Some(info) = catalog::table_info(client, &schema, &table).await? else {
+        let Some(info) = catalog.table(&schema, &table) else {
             continue;
         };
         if !info.replicates_updates {
@@ -115,7 +99,7 @@ pub async fn desired_publication(
             row_filter,
         });
     }
-    Ok(out)
+    out
 }
 
 /// How a managed publication differs from the rules' (PostgreSQL 15+).
@@ -129,9 +113,11 @@ pub struct PublicationDrift {
     pub widened: Vec<(String, String)>,
 }
 
-/// Compares publication `name` with `desired`.
+/// Compares publication `name` with `desired` (`snapshot`: the catalog's facts about
+/// its tables).
 pub async fn publication_drift(
     client: &Client,
+    snapshot: &Snapshot,
     name: &str,
     desired: &[PublishedTable],
 ) -> Result<PublicationDrift, tokio_postgres::Error> {
@@ -163,28 +149,29 @@ pub async fn publication_drift(
             // A whole table: the columns pg_publication_tables lists for it, which leave
             // out virtual generated columns, and from 16 on stored ones unless the
             // publication publishes them.
-            None => match catalog::table_info(client, &want.schema, &want.table).await? {
+            None => match snapshot.table(&want.schema, &want.table) {
                 None => None,
                 Some(info) => {
-                    let generated = catalog::generated_columns(client, info.oid).await?;
+                    let generated = snapshot.generated(&want.schema, &want.table);
                     if publishes_generated.is_none() {
                         // pg_publication_tables lists stored generated columns on 15
                         // (though it sends none), not on 16 and 17, and on 18 only when
                         // the publication publishes them.
                         publishes_generated = Some(
-                            catalog::server_version(client).await? < 160000
+                            snapshot.server_version < 160000
                                 || catalog::publishes_generated_columns(client, name).await?,
                         );
                     }
                     let stored_published = publishes_generated == Some(true);
                     Some(
                         info.columns
-                            .into_iter()
+                            .iter()
                             .filter(|c| {
                                 !generated
                                     .iter()
-                                    .any(|(g, kind)| g == c && (kind == "v" || !stored_published))
+                                    .any(|(g, kind)| g == *c && (kind == "v" || !stored_published))
                             })
+                            .cloned()
                             .collect(),
                     )
                 }

@@ -50,14 +50,15 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
             "wal_level is {wal_level}: run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL (setup does not restart servers)"
         ));
     }
-    let pg15 = catalog::server_version(client).await? >= 150000;
+    let snapshot = catalog::Snapshot::read(client, config.rules.tables()).await?;
+    let pg15 = snapshot.server_version >= 150000;
     let mut refused = BTreeSet::new();
     let mut publishable = Vec::new();
     let mut partitioned = false;
     let mut full = BTreeSet::new();
     let mut full_sql = Vec::new();
     for (schema, table) in config.rules.tables() {
-        let Some(info) = catalog::table_info(client, &schema, &table).await? else {
+        let Some(info) = snapshot.table(&schema, &table) else {
             plan.notes.push(format!(
                 "table {schema}.{table} does not exist: create it first"
             ));
@@ -110,7 +111,7 @@ pub async fn plan(client: &Client, config: &Config) -> Result<Plan, tokio_postgr
         );
     }
     let pub_name = &config.source.publication;
-    let desired = desired_publication(client, config).await?;
+    let desired = desired_publication(&snapshot, config);
     match catalog::publication(client, pub_name).await? {
         None if !publishable.is_empty() => {
             // Tables whose identity setup changes to FULL are published whole (and

@@ -70,7 +70,8 @@ pub async fn status(client: &Client, config: &Config) -> Result<Status, tokio_po
     let slot = catalog::slot(client, slot_name).await?;
     let retained = catalog::slot_retained_wal(client, slot_name).await?;
     let publ = catalog::publication(client, &config.source.publication).await?;
-    let report = check::check_with(client, config).await?;
+    let snapshot = catalog::Snapshot::read(client, config.rules.tables()).await?;
+    let report = check::check_with(client, config, &snapshot).await?;
     let rules = config
         .rules
         .rules

@@ -17,6 +17,7 @@ use crate::replication::relation::ReplicaIdentity;
 pub(super) async fn check_row_filters(
     client: &Client,
     config: &Config,
+    snapshot: &catalog::Snapshot,
     report: &mut CheckReport,
 ) -> Result<(), tokio_postgres::Error> {
     let filtered: Vec<_> = config
@@ -38,7 +39,7 @@ pub(super) async fn check_row_filters(
     let pub_name = &config.source.publication;
     let unmanaged = catalog::publication(client, pub_name).await?.is_some()
         && !catalog::publication_is_managed(client, pub_name).await?;
-    let pg15 = catalog::server_version(client).await? >= 150000;
+    let pg15 = snapshot.server_version >= 150000;
     for (rule, filter) in filtered {
         let line = Some(rule.line);
         let qualified = quote_table(&rule.schema, &rule.table);
@@ -71,7 +72,7 @@ pub(super) async fn check_row_filters(
             ));
         }
         let enforced = applied.is_some() && !unmanaged;
-        let Some(info) = catalog::table_info(client, &rule.schema, &rule.table).await? else {
+        let Some(info) = snapshot.table(&rule.schema, &rule.table) else {
             continue;
         };
         match catalog::probe_row_filter(client, &rule.schema, &rule.table, filter).await? {

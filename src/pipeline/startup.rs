@@ -58,13 +58,15 @@ pub(super) fn publication_marker(config: &Config) -> String {
 pub(super) async fn sync_publication(
     control: &tokio_postgres::Client,
     config: &Config,
+    snapshot: &catalog::Snapshot,
     sink: &mut RedisSink,
     own: &mut RedisSink,
     desired: &[catalog::PublishedTable],
 ) -> Result<(), RunError> {
     let source = &config.source;
     let drift =
-        crate::publication::publication_drift(control, &source.publication, desired).await?;
+        crate::publication::publication_drift(control, snapshot, &source.publication, desired)
+            .await?;
     if !drift.differs || desired.is_empty() {
         return Ok(());
     }
@@ -275,6 +277,7 @@ async fn tell_event_consumers<'a>(
 pub(super) async fn prepare(
     control: &tokio_postgres::Client,
     config: &Config,
+    snapshot: &catalog::Snapshot,
     sink: &mut RedisSink,
     own: &mut RedisSink,
 ) -> Result<Lsn, RunError> {
@@ -312,7 +315,7 @@ pub(super) async fn prepare(
         }
         return Ok(0);
     }
-    let desired = crate::publication::desired_publication(control, config).await?;
+    let desired = crate::publication::desired_publication(snapshot, config);
     if catalog::publication(control, &source.publication)
         .await?
         .is_none()
@@ -333,14 +336,14 @@ pub(super) async fn prepare(
             // A standby's catalog is the primary's: the publication changes there.
             tracing::info!(publication = %source.publication, "standby: the managed publication is kept up to date by a pginval on the primary");
         } else {
-            sync_publication(control, config, sink, own, &desired).await?;
+            sync_publication(control, config, snapshot, sink, own, &desired).await?;
         }
     }
     // Rules reading stored generated columns (PostgreSQL 18+): the managed publication
     // publishes them.
     if catalog::publication_is_managed(control, &source.publication).await?
         && !catalog::in_recovery(control).await?
-        && crate::publication::needs_generated_columns(control, config).await?
+        && crate::publication::needs_generated_columns(snapshot, config)
         && !catalog::publishes_generated_columns(control, &source.publication).await?
     {
         catalog::execute(

@@ -12,9 +12,11 @@ use super::relation::ReplicaIdentity;
 
 mod publication;
 mod slots;
+mod snapshot;
 
 pub use publication::*;
 pub use slots::*;
+pub use snapshot::Snapshot;
 
 /// A table as the catalog describes it.
 #[derive(Debug, Clone)]
