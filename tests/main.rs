@@ -377,6 +377,29 @@ async fn truncate_over_invalidates_by_pattern() {
     daemon.stop().await.unwrap();
 }
 
+/// Waits until pginval (status_interval_secs = 1) has reported its position on slot
+/// `slot` twice more to the server of `primary`: had it counted a batch, its position
+/// would be past that batch's commit by then.
+pub(crate) async fn reported_twice_more(primary: &tokio_postgres::Client, slot: &str) {
+    let since: String = primary
+        .query_one("SELECT now()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_until("pginval reported its position twice more", WAIT, || async {
+        primary
+            .query_opt(
+                "SELECT 1 FROM pg_stat_replication r
+                   JOIN pg_replication_slots s ON s.active_pid = r.pid
+                  WHERE s.slot_name = $1 AND r.reply_time > $2::text::timestamptz + interval '2 s'",
+                &[&slot, &since],
+            )
+            .await
+            .is_ok_and(|r| r.is_some())
+    })
+    .await;
+}
+
 /// The slot's confirmed flush position.
 async fn confirmed_lsn(db: &TestDb) -> u64 {
     let client = db.client().await;

@@ -21,15 +21,7 @@ pub(super) async fn check_replicas(
     for pg in &config.read_replicas.replicas {
         let mut source = config.source.clone();
         source.pg = pg.clone();
-        let name = format!(
-            "[replicas] {}:{}",
-            match pg.get_hosts().first() {
-                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-                None => "localhost".into(),
-            },
-            pg.get_ports().first().copied().unwrap_or(5432)
-        );
+        let name = format!("[replicas] {}", catalog::server_name(pg));
         let client = match tokio::time::timeout(TIMEOUT, catalog::connect(&source)).await {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => {

@@ -95,7 +95,7 @@ impl ReplicaWait {
             .map(|pg| {
                 let mut source = source.clone();
                 source.pg = pg.clone();
-                (server_name(pg), source)
+                (catalog::server_name(pg), source)
             })
             .collect();
         let wait = ReplicaWait::of(
@@ -290,17 +290,6 @@ impl Reader {
             (true, lsn) => lsn.map_or(0, |l| l.max(0) as Lsn),
         })
     }
-}
-
-/// `host:port` of a connection's first host, for the log.
-pub fn server_name(pg: &tokio_postgres::Config) -> String {
-    let host = match pg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}")
 }
 
 #[cfg(test)]

@@ -91,6 +91,17 @@ async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>
     }
 }
 
+/// `host:port` of a connection's first host, for messages.
+pub fn server_name(pg: &tokio_postgres::Config) -> String {
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
 /// A database error with the server's message, detail and hint (the `Display` of
 /// `tokio_postgres::Error` alone often says just "db error").
 pub fn describe_error(e: &tokio_postgres::Error) -> String {

@@ -416,30 +416,7 @@ async fn wait_replicas_holds_the_flush_position_until_a_replica_has_the_delete()
         },
     )
     .await;
-    // pginval reports its position every second (status_interval_secs = 1): once it
-    // has reported twice more, its position would have passed the commit if it had
-    // counted the batch.
-    let since: String = db
-        .client()
-        .await
-        .query_one("SELECT now()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    wait_until("pginval reported its position twice more", WAIT, || async {
-        db.client()
-            .await
-            .query_opt(
-                "SELECT 1 FROM pg_stat_replication r
-                   JOIN pg_replication_slots s ON s.active_pid = r.pid
-                  WHERE s.slot_name = $1 AND r.reply_time > $2::text::timestamptz + interval '2 s'",
-                &[&db.name, &since],
-            )
-            .await
-            .map(|r| r.is_some())
-            .unwrap_or(false)
-    })
-    .await;
+    crate::reported_twice_more(&db.client().await, &db.name).await;
     assert!(
         crate::confirmed_lsn(&db).await < after_commit,
         "the flush position stays before a delete that only the primary has"

@@ -70,28 +70,6 @@ async fn name_on(client: &tokio_postgres::Client, id: i64) -> String {
         .get(0)
 }
 
-/// Waits until pginval has reported its position to the primary twice more: had it
-/// counted a batch, its position would be past that batch's commit by then.
-async fn reported_twice_more(primary: &tokio_postgres::Client, slot: &str) {
-    let since: String = primary
-        .query_one("SELECT now()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    wait_until("pginval reported its position twice more", WAIT, || async {
-        primary
-            .query_opt(
-                "SELECT 1 FROM pg_stat_replication r
-                   JOIN pg_replication_slots s ON s.active_pid = r.pid
-                  WHERE s.slot_name = $1 AND r.reply_time > $2::text::timestamptz + interval '2 s'",
-                &[&slot, &since],
-            )
-            .await
-            .is_ok_and(|r| r.is_some())
-    })
-    .await;
-}
-
 /// Pauses the replica's replay (`pause`) or resumes it.
 async fn replay(replica: &tokio_postgres::Client, pause: bool) {
     let call = if pause {
@@ -178,7 +156,7 @@ async fn a_lagging_read_replica_leaves_a_stale_key_unless_listed() {
     let read = name_on(&reader, 2).await;
     assert_eq!(read, "old", "the replica has not replayed the rename");
     let _: () = conn.set("user:2", &read).await.unwrap();
-    reported_twice_more(&app, "replica_race").await;
+    crate::reported_twice_more(&app, "replica_race").await;
     assert!(
         confirmed(&app).await < after,
         "the slot waits for the replica"
@@ -230,7 +208,7 @@ async fn a_read_replica_that_is_down_is_given_up_and_does_not_hold_the_slot() {
     crate::cache(&redis, &["user:1"]).await;
     let after = rename(&client, 1).await;
     wait_gone(&redis, &["user:1"]).await;
-    reported_twice_more(&client, &db.name).await;
+    crate::reported_twice_more(&client, &db.name).await;
     assert!(
         crate::confirmed_lsn(&db).await < after,
         "the first batch waits for the replica"
