@@ -184,8 +184,8 @@ impl Done {
         self.replicas.as_ref().is_some_and(|(r, _)| !r.is_empty())
     }
 
-    /// When batches waiting for the read replicas are looked at next; `None` when none
-    /// wait.
+    /// When the read replicas' positions are looked at next; `None` when no batch waits
+    /// and no replica is given up.
     fn next_replica_poll(&self) -> Option<tokio::time::Instant> {
         // While a replica is given up too, so its return is seen (and logged) when
         // nothing waits.
